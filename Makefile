@@ -1,0 +1,37 @@
+# Quick start: `make demo` runs the example DAG end to end against the local sandbox;
+# `make test` runs lint, format check, types and the tests. Both build what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# Extra requirement given to the installer, e.g. AIRFLOW_SPEC='apache-airflow==2.11.*'.
+AIRFLOW_SPEC ?= apache-airflow>=2.11.0
+BIN := $(VENV)/bin
+AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW_HOME
+
+.PHONY: install test lint demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' '$(AIRFLOW_SPEC)'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .airflow .airflow-test .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,65 @@
+"""Errors raised by the LeadSquared provider.
+
+Every error carries what LeadSquared said (``status_code``, ``exception_type``, ``message``) and says
+what to do about it. Messages are built from redacted text only: no key, token or password ever
+reaches one.
+"""
+
+from __future__ import annotations
+
+from airflow.providers.common.compat.sdk import AirflowException
+
+
+class LeadSquaredError(AirflowException):
+    """Base class: a call to LeadSquared, or the data for one, went wrong."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        exception_type: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code  # type: ignore[assignment]  # AirflowException's is an HTTPStatus
+        self.exception_type = exception_type
+        self.attempts = attempts
+
+    @property
+    def error_type(self) -> str:
+        """Short name for outcome records: LeadSquared's own type when it gave one."""
+        return self.exception_type or type(self).__name__
+
+
+class LeadSquaredAuthenticationError(LeadSquaredError):
+    """401: wrong keys, a non-admin user's keys, or the wrong regional host (the message names it)."""
+
+
+class LeadSquaredValidationError(LeadSquaredError):
+    """A lead failed the client-side checks before any call was made; ``field`` names the culprit."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message, exception_type="ValidationError")
+        self.field = field
+
+
+class LeadSquaredAPIError(LeadSquaredError):
+    """A permanent refusal: 400, 404, 403 or an ``MX...`` application error. Retrying will not help."""
+
+
+class LeadSquaredLeadExistsError(LeadSquaredAPIError):
+    """``RegisterOnlyNewLead`` was set and the lead already exists (or a lost response registered it)."""
+
+
+class LeadSquaredRateLimitError(LeadSquaredError):
+    """The account's rate limit (or daily cap) kept refusing until the retry budget was spent."""
+
+
+class LeadSquaredDailyLimitError(LeadSquaredRateLimitError):
+    """The daily call cap set in the connection is spent: no call is made until it frees up."""
+
+
+class LeadSquaredTransientError(LeadSquaredError):
+    """Connection errors, timeouts or gateway failures persisted through every retry."""

@@ -1,0 +1,427 @@
+"""LeadSquaredHook: the one way this provider talks to LeadSquared's portal API.
+
+It owns the connection, the auth flow (public auth key and registration token, each fetched once),
+the account's rate limit, retries and the mapping of answers to errors a person can act on.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import requests
+import tenacity
+from airflow.providers.common.compat.sdk import BaseHook, mask_secret
+from requests.adapters import HTTPAdapter
+
+from airflow_provider_lsq import __version__
+from airflow_provider_lsq.connection_form import CONN_FIELDS, UI_FIELD_BEHAVIOUR
+from airflow_provider_lsq.exceptions import (
+    LeadSquaredAPIError,
+    LeadSquaredAuthenticationError,
+    LeadSquaredDailyLimitError,
+    LeadSquaredError,
+    LeadSquaredLeadExistsError,
+    LeadSquaredRateLimitError,
+    LeadSquaredTransientError,
+    LeadSquaredValidationError,
+)
+from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url
+from airflow_provider_lsq.hooks.payload import build_lead_fields
+from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter
+from airflow_provider_lsq.hooks.responses import parse_response, redact, secret_forms
+from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationResult, RegistrationStatus
+from airflow_provider_lsq.passwords import generate_password
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping
+
+PUBLIC_TOKEN_PATH = "/api/Access/PublicToken"
+REGISTER_TOKEN_PATH = "/api/Access/GetRegisterToken"
+REGISTER_PATH = "/api/Authentication/v2/Register"
+_RETRYABLE = (LeadSquaredRateLimitError, LeadSquaredTransientError)
+
+
+def _should_retry(error: BaseException) -> bool:
+    """Refusals and transient failures retry; a spent daily cap will not lift within the retries."""
+    return isinstance(error, _RETRYABLE) and not isinstance(error, LeadSquaredDailyLimitError)
+
+
+class LeadSquaredHook(BaseHook):
+    """Talk to LeadSquared's portal API through a ``leadsquared`` connection.
+
+    No network I/O happens until the first call. One pooled ``requests`` session serves every thread
+    of the hook, and every call passes the account's rate limit.
+
+    :param leadsquared_conn_id: the Airflow connection holding host, keys and extras.
+    """
+
+    conn_name_attr = "leadsquared_conn_id"
+    default_conn_name = "leadsquared_default"
+    conn_type = "leadsquared"
+    hook_name = "LeadSquared"
+
+    def __init__(self, leadsquared_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.leadsquared_conn_id = leadsquared_conn_id
+        self._token_lock = threading.Lock()
+        self._public_auth_key: str | None = None
+        self._registration_token: str | None = None
+        self._secrets: set[str] = set()
+
+    # -- connection form -------------------------------------------------------------------------
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Extra fields of the connection form (Airflow 2.11 to 3.1; 3.2+ reads the provider info)."""
+        from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
+        from flask_babel import lazy_gettext
+        from wtforms import IntegerField, PasswordField, StringField
+        from wtforms.validators import NumberRange, Optional
+
+        widgets: dict[str, Any] = {}
+        for name, spec in CONN_FIELDS.items():
+            label = lazy_gettext(spec["label"])
+            schema = spec["schema"]
+            kinds = schema["type"]
+            if schema.get("format") == "password":
+                widgets[name] = PasswordField(label, widget=BS3PasswordFieldWidget())
+            elif "integer" in kinds:
+                widgets[name] = IntegerField(
+                    label,
+                    validators=[Optional(), NumberRange(min=schema.get("minimum"))],
+                    widget=BS3TextFieldWidget(),
+                    default=schema.get("default"),
+                )
+            else:
+                widgets[name] = StringField(
+                    label, widget=BS3TextFieldWidget(), default=schema.get("default"), description=""
+                )
+        return widgets
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Labels in LeadSquared's words and the fields that mean nothing here hidden."""
+        return UI_FIELD_BEHAVIOUR
+
+    # -- configuration and session ---------------------------------------------------------------
+
+    @cached_property
+    def config(self) -> LeadSquaredConfig:
+        """The connection, read once; its secrets are registered with Airflow's masker."""
+        config = LeadSquaredConfig.from_connection(self.get_connection(self.leadsquared_conn_id))
+        self._add_secrets(config.access_key, config.secret_key)
+        if config.rate_limit_storage:
+            self._add_secrets(config.rate_limit_storage)
+        return config
+
+    def _add_secrets(self, *secrets: str) -> None:
+        for secret in secrets:
+            if secret and secret not in self._secrets:
+                self._secrets.add(secret)
+                for form in secret_forms(secret):  # URL-encoded forms are what a logged URL would show
+                    mask_secret(form)
+
+    @cached_property
+    def rate_limiter(self) -> AccountRateLimiter:
+        return AccountRateLimiter.for_account(self.config)
+
+    def get_conn(self) -> requests.Session:
+        """The hook's pooled session (created once)."""
+        return self._session
+
+    @cached_property
+    def _session(self) -> requests.Session:
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        session.headers["User-Agent"] = f"airflow-provider-leadsquared/{__version__}"
+        return session
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret this hook knows replaced by ``***``."""
+        return redact(text, self._secrets)
+
+    # -- the one path every call takes -----------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        host: str | None = None,
+    ) -> Any:
+        """Call any LeadSquared endpoint with the keys, rate limit, retries and error mapping.
+
+        ``host`` targets another host (e.g. the connection's ``api_host`` for the lead APIs); by default
+        the portal API host. Returns the decoded JSON body; raises a ``LeadSquaredError`` subclass.
+        """
+        return self._call(method, path, params=params, json=json, headers=headers, host=host)[0]
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        host: str | None = None,
+        secrets: Iterable[str] = (),
+    ) -> tuple[Any, int]:
+        """:meth:`request`, also returning how many attempts it took. ``secrets`` are redacted too."""
+        config = self.config
+        url = (base_url(host) if host else config.base_url) + "/" + path.lstrip("/")
+        query = {"accessKey": config.access_key, "secretKey": config.secret_key, **(params or {})}
+        extra_secrets = [*self._secrets, *secrets]
+        backoff = tenacity.wait_exponential_jitter(initial=config.retry_wait_seconds, max=60)
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, LeadSquaredRateLimitError):
+                # The API refuses every call until its window has passed: wait it out, all threads.
+                self.rate_limiter.pause(self.rate_limiter.window_seconds)
+                return 0.0
+            return backoff(state)
+
+        def log_retry(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            self.log.warning(
+                "LeadSquared %s %s: attempt %d of %d failed (%s); retrying.",
+                method,
+                path,
+                state.attempt_number,
+                config.max_retries + 1,
+                error,
+            )
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(config.max_retries + 1),
+            retry=tenacity.retry_if_exception(_should_retry),
+            wait=wait,
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        attempts = 0
+        try:
+            for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    self.rate_limiter.acquire()
+                    response = self._send(method, url, query, json, headers, extra_secrets)
+                    return parse_response(response, extra_secrets), attempts
+        except LeadSquaredError as error:
+            error.attempts = attempts
+            if isinstance(error, _RETRYABLE) and attempts > 1:
+                error.message = f"{error.message} Gave up after {attempts} attempts."
+                error.args = (error.message,)
+            raise
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        query: Mapping[str, Any],
+        json: Any,
+        headers: Mapping[str, str] | None,
+        secrets: Iterable[str],
+    ) -> requests.Response:
+        """One HTTP exchange. requests puts the URL (and so the keys) in its errors: redact them."""
+        try:
+            return self._session.request(
+                method, url, params=query, json=json, headers=headers, timeout=self.config.timeout_seconds
+            )
+        except requests.RequestException as error:
+            message = redact(f"{type(error).__name__}: {error}", secrets)
+            raise LeadSquaredTransientError(
+                f"Could not reach LeadSquared at {self.config.base_url}: {message}"
+            ) from None
+
+    # -- the auth flow ---------------------------------------------------------------------------
+
+    def get_public_auth_key(self) -> str:
+        """The account's public auth key (it never expires: fetched once per hook)."""
+        with self._token_lock:
+            if self._public_auth_key is None:
+                body = self.request("GET", PUBLIC_TOKEN_PATH)
+                key = body.get("PublicAuthKey") if isinstance(body, dict) else None
+                if not key:
+                    raise LeadSquaredAPIError("LeadSquared's PublicToken answer held no PublicAuthKey.")
+                self._add_secrets(key)
+                self._public_auth_key = key
+            return self._public_auth_key
+
+    def get_registration_token(self) -> str:
+        """The portal registration token (it never expires: fetched once per hook)."""
+        with self._token_lock:
+            if self._registration_token is None:
+                body = self.request("GET", REGISTER_TOKEN_PATH)
+                if not isinstance(body, str) or not body:
+                    raise LeadSquaredAPIError("LeadSquared's GetRegisterToken answer was not a token string.")
+                self._add_secrets(body)
+                self._registration_token = body
+            return self._registration_token
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Fetch the public auth key: cheap, and it proves the host and the keys."""
+        try:
+            self.get_public_auth_key()
+        except (LeadSquaredError, ValueError) as error:
+            return False, self.redact(str(error))
+        return True, "Connection to LeadSquared works: the keys were accepted."
+
+    # -- registration ----------------------------------------------------------------------------
+
+    def register_portal_user(
+        self,
+        lead: Mapping[str, Any],
+        password: str,
+        *,
+        only_new_leads: bool = False,
+        identifier_attribute: str | None = None,
+    ) -> RegistrationResult:
+        """Register one lead as a portal user (an upsert, unless ``only_new_leads``).
+
+        ``lead`` maps attribute schema names to values, in the caller's order: LeadSquared finds the
+        lead by the first unique identifier (``identifier_attribute`` is moved first when given).
+        Raises ``LeadSquaredValidationError`` before any call when the lead cannot be sent.
+        """
+        if isinstance(password, str) and password:
+            self._add_secrets(password)
+        return self._register(lead, password, only_new_leads, identifier_attribute)
+
+    def _register(
+        self,
+        lead: Mapping[str, Any],
+        password: str,
+        only_new_leads: bool,
+        identifier_attribute: str | None,
+    ) -> RegistrationResult:
+        fields = build_lead_fields(lead, password, identifier_attribute=identifier_attribute)
+        portal_id = self.config.portal_id
+        if not portal_id:
+            raise LeadSquaredValidationError(
+                f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: registration "
+                "needs it (Workflow > Manage Portals in LeadSquared, in the page URL).",
+                field="portal_id",
+            )
+        headers = {
+            "Authorization": self.get_public_auth_key(),
+            "x-lsq-registertoken": self.get_registration_token(),
+            "x-lsq-portalid": portal_id,
+        }
+        body, attempts = self._call(
+            "POST",
+            REGISTER_PATH,
+            json={"RegisterOnlyNewLead": only_new_leads, "LeadFields": fields},
+            headers=headers,
+            secrets=(password,),
+        )
+        lead_id = body.get("LeadId") if isinstance(body, dict) else None
+        if not lead_id:
+            raise LeadSquaredAPIError(
+                "LeadSquared answered the registration without a LeadId.", attempts=attempts
+            )
+        return RegistrationResult(
+            lead_id=str(lead_id), message=str(body.get("Message", "")), attempts=attempts
+        )
+
+    def register_portal_users(
+        self,
+        leads: Iterable[tuple[str, Mapping[str, Any]]],
+        *,
+        password_callable: Callable[[Mapping[str, Any]], str] | None = None,
+        only_new_leads: bool = False,
+        identifier_attribute: str | None = None,
+        max_workers: int | None = None,
+    ) -> Iterator[RegistrationOutcome]:
+        """Register many ``(key, lead)`` pairs concurrently; yield one outcome per lead as each ends.
+
+        A small thread pool shares this hook's session and its one rate-limit budget, so slow answers
+        do not cap throughput. Leads are read lazily (at most two per worker are in flight). A row's
+        failure never stops the others; only an authentication failure, which no row can survive,
+        stops the run.
+        """
+        make_password = password_callable or (lambda _lead: generate_password())
+        workers = max_workers or self.default_max_workers
+        self.get_public_auth_key()  # fail fast on bad keys or host, before any row is taken
+        self.get_registration_token()
+
+        def register_one(key: str, lead: Mapping[str, Any]) -> RegistrationOutcome:
+            return self._register_outcome(key, lead, make_password, only_new_leads, identifier_attribute)
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lsq-register") as pool:
+            pending: set[Future[RegistrationOutcome]] = set()
+            for key, lead in leads:
+                if len(pending) >= 2 * workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (future.result() for future in done)
+                pending.add(pool.submit(register_one, key, lead))
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (future.result() for future in done)
+
+    @property
+    def default_max_workers(self) -> int:
+        """Enough threads to keep the window busy with answers up to ~2 s slow, within reason."""
+        per_second = self.config.rate_limit_calls / self.config.rate_limit_period_seconds
+        return max(4, min(32, round(per_second * 2)))
+
+    def _register_outcome(
+        self,
+        key: str,
+        lead: Mapping[str, Any],
+        make_password: Callable[[Mapping[str, Any]], str],
+        only_new_leads: bool,
+        identifier_attribute: str | None,
+    ) -> RegistrationOutcome:
+        """One row's registration, with every error but a bad login turned into its outcome."""
+        try:
+            password = make_password(lead)
+        except Exception as error:  # a user's callable: its message could hold anything, so leave it out
+            return RegistrationOutcome(
+                key=key,
+                status=RegistrationStatus.INVALID,
+                error_type="PasswordCallableError",
+                error_message=f"field 'mx_Portal_Password': password_callable raised {type(error).__name__}",
+            )
+        try:
+            result = self._register(lead, password, only_new_leads, identifier_attribute)
+        except LeadSquaredValidationError as error:
+            status = RegistrationStatus.INVALID
+            return RegistrationOutcome(key, status, error_type=error.error_type, error_message=error.message)
+        except LeadSquaredAuthenticationError:
+            raise
+        except LeadSquaredLeadExistsError as error:
+            if only_new_leads:
+                return RegistrationOutcome(
+                    key,
+                    RegistrationStatus.ALREADY_REGISTERED,
+                    error_type=error.error_type,
+                    error_message=error.message,
+                    attempts=error.attempts,
+                )
+            return self._failed(key, error)
+        except LeadSquaredError as error:
+            return self._failed(key, error)
+        return RegistrationOutcome(
+            key, RegistrationStatus.REGISTERED, lead_id=result.lead_id, attempts=result.attempts
+        )
+
+    @staticmethod
+    def _failed(key: str, error: LeadSquaredError) -> RegistrationOutcome:
+        return RegistrationOutcome(
+            key,
+            RegistrationStatus.FAILED,
+            error_type=error.error_type,
+            error_message=error.message,
+            attempts=error.attempts,
+            retryable=isinstance(error, _RETRYABLE),
+        )

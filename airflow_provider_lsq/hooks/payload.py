@@ -1,0 +1,122 @@
+"""Turn a lead (a mapping of attribute schema names to values) into the Register call's ``LeadFields``.
+
+All client-side checks live here, so that a bad row is caught before it costs an API call, and its
+error names the field at fault.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from airflow_provider_lsq.exceptions import LeadSquaredValidationError
+
+# The standard fields LeadSquared accepts as a lead's unique identifier; accounts may mark custom
+# fields unique too (pass ``identifier_attribute`` for those).
+UNIQUE_IDENTIFIERS = ("EmailAddress", "Phone", "Mobile")
+PASSWORD_FIELD = "mx_Portal_Password"
+CONFIRM_PASSWORD_FIELD = "mx_Portal_Confirm_Password"
+_ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def format_value(attribute: str, value: Any) -> str | None:
+    """The string LeadSquared gets for ``value``; None means "leave the field out".
+
+    None and empty strings are left out: sending an empty value would blank that field on an existing
+    lead. Datetimes go as UTC ``YYYY-MM-DD HH:MM:SS`` (naive ones are taken as UTC).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if _CONTROL_CHARS.search(value):
+            raise LeadSquaredValidationError(
+                f"field {attribute!r}: the value holds control characters that cannot be sent",
+                field=attribute,
+            )
+        return value if value.strip() else None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float | Decimal):
+        if not math.isfinite(value):
+            raise LeadSquaredValidationError(
+                f"field {attribute!r}: {value} is not a number LeadSquared can store", field=attribute
+            )
+        if isinstance(value, float):
+            return str(int(value)) if value.is_integer() else repr(value)
+        return format(value, "f")
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.timezone.utc)
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, dt.date):
+        return value.strftime("%Y-%m-%d 00:00:00")
+    if isinstance(value, UUID):
+        return str(value)
+    raise LeadSquaredValidationError(
+        f"field {attribute!r}: a value of type {type(value).__name__} cannot be sent "
+        "(use text, numbers, booleans, dates or datetimes)",
+        field=attribute,
+    )
+
+
+def build_lead_fields(
+    lead: Mapping[str, Any],
+    password: str,
+    *,
+    identifier_attribute: str | None = None,
+) -> list[dict[str, str]]:
+    """Validate ``lead`` and build ``LeadFields`` in the caller's order, the identifier first.
+
+    LeadSquared finds the lead by the first unique identifier in the list, so ``identifier_attribute``
+    (when given) is moved to the front; otherwise the caller's order stands.
+    """
+    if not isinstance(lead, Mapping):
+        raise LeadSquaredValidationError(
+            f"a lead must be a mapping of attribute names, got {type(lead).__name__}"
+        )
+    fields: list[dict[str, str]] = []
+    for attribute, raw in lead.items():
+        if not isinstance(attribute, str) or not _ATTRIBUTE_NAME.fullmatch(attribute):
+            raise LeadSquaredValidationError(
+                f"field {attribute!r}: not an attribute schema name (letters, digits and underscores)",
+                field=str(attribute),
+            )
+        if attribute in (PASSWORD_FIELD, CONFIRM_PASSWORD_FIELD):
+            raise LeadSquaredValidationError(
+                f"field {attribute!r}: pass the portal password separately, never inside the lead",
+                field=attribute,
+            )
+        value = format_value(attribute, raw)
+        if value is not None:
+            fields.append({"Attribute": attribute, "Value": value})
+
+    present = {f["Attribute"] for f in fields}
+    if identifier_attribute is not None:
+        if identifier_attribute not in present:
+            raise LeadSquaredValidationError(
+                f"field {identifier_attribute!r}: the unique identifier is missing or empty",
+                field=identifier_attribute,
+            )
+        fields.sort(key=lambda f: f["Attribute"] != identifier_attribute)  # stable: only moves it first
+    elif not present.intersection(UNIQUE_IDENTIFIERS):
+        raise LeadSquaredValidationError(
+            "field 'EmailAddress': the lead has no unique identifier; set EmailAddress, Phone or Mobile, "
+            "or name a custom unique field with identifier_attribute",
+            field="EmailAddress",
+        )
+
+    if not isinstance(password, str) or not password.strip():
+        raise LeadSquaredValidationError(
+            f"field {PASSWORD_FIELD!r}: the portal password is empty", field=PASSWORD_FIELD
+        )
+    fields.append({"Attribute": PASSWORD_FIELD, "Value": password})
+    fields.append({"Attribute": CONFIRM_PASSWORD_FIELD, "Value": password})
+    return fields

@@ -1,0 +1,106 @@
+"""Read a LeadSquared answer: the data on success, the right exception otherwise.
+
+The API's error envelope can come with any status code (a rate-limit refusal has been seen as 429,
+403 and even 200), so every answer is checked for it first. Gateways answer HTML or nothing at all.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, quote_plus
+
+from airflow_provider_lsq.exceptions import (
+    LeadSquaredAPIError,
+    LeadSquaredAuthenticationError,
+    LeadSquaredError,
+    LeadSquaredLeadExistsError,
+    LeadSquaredRateLimitError,
+    LeadSquaredTransientError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import requests
+
+RATE_LIMIT_TYPE = "MXAPIRateLimitExceededException"
+DUPLICATE_TYPE = "MXDuplicateEntryException"
+_KEY_PARAMS = re.compile(r"((?:access|secret)Key=)[^&\s'\"]*", re.IGNORECASE)
+_MAX_MESSAGE = 500
+
+
+def secret_forms(secret: str) -> set[str]:
+    """A secret as it may appear in text: raw and in both URL encodings."""
+    return {secret, quote(secret, safe=""), quote_plus(secret, safe="")} - {""}
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Remove every known secret, in any of its forms, and any key query parameter from ``text``."""
+    for secret in sorted({form for s in secrets if s for form in secret_forms(s)}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _KEY_PARAMS.sub(r"\1***", text)
+
+
+def _json_body(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _envelope(body: Any) -> tuple[str, str] | None:
+    """``(ExceptionType, ExceptionMessage)`` when the body is LeadSquared's error envelope."""
+    if isinstance(body, dict) and (body.get("Status") == "Error" or "ExceptionType" in body):
+        return str(body.get("ExceptionType") or "MXUnknownException"), str(
+            body.get("ExceptionMessage") or body.get("Message") or ""
+        )
+    return None
+
+
+def parse_response(response: requests.Response, secrets: Iterable[str]) -> Any:
+    """Return the decoded body of a successful answer, or raise the mapped ``LeadSquaredError``."""
+    status = response.status_code
+    body = _json_body(response)
+    envelope = _envelope(body)
+    if envelope is None and 200 <= status < 300:
+        if body is None and response.content:
+            raise LeadSquaredTransientError(
+                f"LeadSquared answered {status} with a body that is not JSON; a gateway may be in the way.",
+                status_code=status,
+            )
+        return body
+
+    exception_type, server_message = envelope or (None, "")
+    if not server_message:
+        server_message = (body if isinstance(body, str) else response.text or "").strip()
+    server_message = redact(server_message[:_MAX_MESSAGE], secrets)
+    said = f"LeadSquared answered {status}" + (f" {exception_type}" if exception_type else "")
+    said += f": {server_message}" if server_message else " with no message"
+    kwargs: dict[str, Any] = {"status_code": status, "exception_type": exception_type}
+
+    error: LeadSquaredError
+    if exception_type == RATE_LIMIT_TYPE or (status == 429 and envelope is None):
+        error = LeadSquaredRateLimitError(
+            f"{said}. The account's rate limit was exceeded; it is shared by every integration using "
+            "this account, so lower rate_limit_calls in the connection extra if this keeps happening.",
+            **kwargs,
+        )
+    elif status == 401:
+        error = LeadSquaredAuthenticationError(
+            f"{said}. Check the connection's Access Key and Secret Key (an admin user's) and its host: "
+            "a wrong regional host answers 401 and names the right one.",
+            **kwargs,
+        )
+    elif exception_type == DUPLICATE_TYPE or "already exists" in server_message.lower():
+        error = LeadSquaredLeadExistsError(f"{said}.", **kwargs)
+    elif envelope is not None or 400 <= status < 500:
+        hint = {
+            400: " The request did not match the API's format.",
+            403: " The keys may belong to a user who is not an admin.",
+            404: " The path is wrong, or the host is not a LeadSquared portal API host.",
+        }.get(status, "")
+        error = LeadSquaredAPIError(f"{said}.{hint} Retrying will not help.", **kwargs)
+    else:
+        error = LeadSquaredTransientError(f"{said}.", **kwargs)
+    raise error

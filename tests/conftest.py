@@ -1,0 +1,94 @@
+"""Shared test setup: an Airflow home under the repo, and real PostgreSQL and Redis when present.
+
+Airflow reads its configuration at import time, so the environment is set here, before any test
+module imports it. Each Airflow version gets its own home: their metadata schemas differ.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+AIRFLOW_VERSION = version("apache-airflow")
+AIRFLOW_HOME = ROOT / ".airflow-test" / AIRFLOW_VERSION
+AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
+os.environ["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{AIRFLOW_HOME / 'airflow.db'}"
+os.environ.pop("AIRFLOW_CONN_LEADSQUARED_DEFAULT", None)
+
+REQUIRE_SERVICES = os.environ.get("LSQ_REQUIRE_SERVICES") == "1"
+POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def _service_missing(name: str, detail: str) -> None:
+    message = f"{name} is not reachable ({detail}); start it to run this test"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message}. LSQ_REQUIRE_SERVICES=1 makes a missing service an error.", pytrace=False)
+    pytest.skip(message)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite metadata database for this Airflow version (migrated once, then reused)."""
+    marker = AIRFLOW_HOME / ".migrated"
+    if not marker.exists():
+        subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"],
+            check=True,
+            env=os.environ.copy(),
+            stdout=subprocess.DEVNULL,
+        )
+        marker.touch()
+    return AIRFLOW_HOME
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A real Redis server's URL (database 15, flushed for the session)."""
+    if not _port_open(REDIS_HOST, REDIS_PORT):
+        _service_missing("Redis", f"{REDIS_HOST}:{REDIS_PORT}")
+    import redis
+
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/15"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A fresh database on the real PostgreSQL server, dropped after the session; yields its URI."""
+    if not _port_open(POSTGRES_HOST, POSTGRES_PORT):
+        _service_missing("PostgreSQL", f"{POSTGRES_HOST}:{POSTGRES_PORT}")
+    import psycopg2
+
+    name = f"lsq_test_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(host=POSTGRES_HOST, port=POSTGRES_PORT, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
