@@ -11,11 +11,14 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW_VERSION = version("apache-airflow")

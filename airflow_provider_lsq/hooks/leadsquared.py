@@ -180,7 +180,8 @@ class LeadSquaredHook(BaseHook):
         url = (base_url(host) if host else config.base_url) + "/" + path.lstrip("/")
         query = {"accessKey": config.access_key, "secretKey": config.secret_key, **(params or {})}
         extra_secrets = [*self._secrets, *secrets]
-        backoff = tenacity.wait_exponential_jitter(initial=config.retry_wait_seconds, max=60)
+        step = config.retry_wait_seconds
+        backoff = tenacity.wait_exponential(multiplier=step, max=60) + tenacity.wait_random(0, step)
 
         def wait(state: tenacity.RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
