@@ -7,6 +7,7 @@ by every hook on the same account in the process) or in Redis (shared by every p
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ class AccountRateLimiter:
         self._window = Limiter(self._bucket([window], f"{key}:window"))
         self._daily = Limiter(self._bucket([daily], f"{key}:daily")) if daily else None
         self._daily_limit = config.daily_call_limit
+        # How often a waiting caller asks again: a fraction of the spacing between calls, within reason.
+        self._poll_seconds = min(0.05, max(0.01, self.window_seconds / self.calls / 2))
         self._paused_until = 0.0
         self._pause_lock = threading.Lock()
 
@@ -86,4 +89,8 @@ class AccountRateLimiter:
                 "24 hours; the remaining rows are left for a later run.",
                 exception_type="DailyCallLimitReached",
             )
-        self._window.try_acquire("window", blocking=True)
+        # Ask without blocking and poll: each try is stamped with the clock's time at that moment. The
+        # library's own blocking wait stamps a retried call with its planned time instead, and a shared
+        # Redis window then misses calls other processes stamped later, admitting one call too many.
+        while not self._window.try_acquire("window", blocking=False):
+            time.sleep(self._poll_seconds * random.uniform(0.5, 1.0))

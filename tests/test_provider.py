@@ -1,0 +1,116 @@
+"""The provider as Airflow sees it: discovery, the connection type and its form, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from airflow_provider_lsq.connection_form import CONN_FIELDS, UI_FIELD_BEHAVIOUR
+from airflow_provider_lsq.get_provider_info import get_provider_info
+from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+
+
+def test_providers_manager_knows_the_package_and_the_connection_type() -> None:
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    assert "airflow-provider-leadsquared" in manager.providers
+    hook_info = manager.hooks["leadsquared"]
+    assert hook_info is not None
+    assert hook_info.hook_class_name == "airflow_provider_lsq.hooks.leadsquared.LeadSquaredHook"
+    assert hook_info.connection_type == "leadsquared"
+    widgets = manager.connection_form_widgets
+    assert set(CONN_FIELDS) <= {
+        name.split("__")[-1] for name in widgets if name.startswith("extra__leadsquared")
+    }
+    behaviour = manager.field_behaviours["leadsquared"]
+    assert behaviour["relabeling"]["login"] == "Access Key"
+    assert "schema" in behaviour["hidden_fields"]
+
+
+def test_provider_info_and_hook_form_declare_the_same_fields() -> None:
+    pytest.importorskip("wtforms", reason="the hook-declared form (Airflow 2.11 to 3.1) needs wtforms")
+    pytest.importorskip("flask_appbuilder", reason="the hook-declared form needs Flask-AppBuilder")
+    info = get_provider_info()["connection-types"][0]
+    assert set(info["conn-fields"]) == set(LeadSquaredHook.get_connection_form_widgets())
+    behaviour = LeadSquaredHook.get_ui_field_behaviour()
+    assert info["ui-field-behaviour"]["hidden-fields"] == behaviour["hidden_fields"]
+    assert info["ui-field-behaviour"]["relabeling"] == behaviour["relabeling"]
+    assert CONN_FIELDS["rate_limit_storage"]["schema"]["format"] == "password"  # may hold a Redis password
+    assert UI_FIELD_BEHAVIOUR["relabeling"]["password"] == "Secret Key"
+
+
+def _airflow(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "airflow", *args], capture_output=True, text=True, env=os.environ.copy()
+    )
+
+
+@pytest.mark.airflow_db
+def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: object) -> None:
+    listed = _airflow("providers", "list", "--output", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert "airflow-provider-leadsquared" in listed.stdout
+
+    _airflow("connections", "delete", "lsq_cli")
+    added = _airflow(
+        "connections",
+        "add",
+        "lsq_cli",
+        "--conn-type",
+        "leadsquared",
+        "--conn-host",
+        "portalapi-us11.leadsquared.com",
+        "--conn-login",
+        "u$r+AK/9=x",
+        "--conn-password",
+        "s3cr$t&+",
+        "--conn-extra",
+        json.dumps({"portal_id": "p-123", "rate_limit_calls": 10}),
+    )
+    assert added.returncode == 0, added.stderr
+    try:
+        shown = _airflow("connections", "get", "lsq_cli", "--output", "json")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)[0]["conn_type"] == "leadsquared"
+        # The metadata DB as the scheduler's side reads it (outside a task, the task SDK reads no DB).
+        from airflow.models.connection import Connection
+
+        conn = Connection.get_connection_from_secrets("lsq_cli")
+        config = LeadSquaredConfig.from_connection(conn)
+        assert config.base_url == "https://portalapi-us11.leadsquared.com"
+        assert (config.access_key, config.secret_key) == ("u$r+AK/9=x", "s3cr$t&+")
+        assert (config.portal_id, config.rate_limit_calls, config.rate_limit_period_seconds) == (
+            "p-123",
+            10,
+            5,
+        )
+        assert "s3cr$t" not in repr(config)
+    finally:
+        _airflow("connections", "delete", "lsq_cli")
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        (None, "https://portalapi.leadsquared.com"),
+        ("portalapi-in21.leadsquared.com", "https://portalapi-in21.leadsquared.com"),
+        ("http://127.0.0.1:8765/", "http://127.0.0.1:8765"),
+    ],
+)
+def test_host_forms(host: str | None, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = {"conn_type": "leadsquared", "host": host, "login": "a", "password": "b"}
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_HOSTS", json.dumps(conn))
+    assert LeadSquaredHook("lsq_hosts").config.base_url == url
+
+
+def test_bad_extras_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = {"conn_type": "leadsquared", "login": "a", "password": "b", "extra": {"rate_limit_calls": "lots"}}
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_BAD_EXTRA", json.dumps(conn))
+    with pytest.raises(ValueError, match="rate_limit_calls"):
+        LeadSquaredHook("lsq_bad_extra").config  # noqa: B018
