@@ -1,0 +1,92 @@
+"""Client-side checks and value formatting, and the redaction of secrets from text."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from uuid import UUID
+
+import pendulum
+import pytest
+
+from airflow_provider_lsq.exceptions import LeadSquaredValidationError
+from airflow_provider_lsq.hooks.payload import build_lead_fields, format_value
+from airflow_provider_lsq.hooks.responses import redact
+from airflow_provider_lsq.passwords import generate_password
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        ("Zoë", "Zoë"),
+        ("", None),
+        ("   ", None),
+        (None, None),
+        (True, "true"),
+        (42, "42"),
+        (3.0, "3"),
+        (2.5, "2.5"),
+        (Decimal("1E+2"), "100"),
+        (dt.date(2026, 1, 2), "2026-01-02 00:00:00"),
+        (dt.datetime(2026, 1, 2, 3, 4, 5), "2026-01-02 03:04:05"),
+        (pendulum.datetime(2026, 1, 2, 8, 34, 5, tz="Asia/Kolkata"), "2026-01-02 03:04:05"),
+        (UUID("12345678-1234-5678-1234-567812345678"), "12345678-1234-5678-1234-567812345678"),
+    ],
+)
+def test_format_value(value: object, sent: str | None) -> None:
+    assert format_value("Field", value) == sent
+
+
+@pytest.mark.parametrize("value", [b"bytes", [1], {"a": 1}, float("inf"), Decimal("NaN"), "bad\x00nul"])
+def test_values_that_cannot_be_sent_name_the_field(value: object) -> None:
+    with pytest.raises(LeadSquaredValidationError) as err:
+        format_value("mx_Field", value)
+    assert err.value.field == "mx_Field"
+    assert "'mx_Field'" in err.value.message
+
+
+def test_fields_keep_the_callers_order_with_the_identifier_moved_first() -> None:
+    lead = {"FirstName": "Asha", "Mobile": "98", "mx_PAN_Number": "P1", "EmailAddress": "a@x.org"}
+    names = [
+        f["Attribute"] for f in build_lead_fields(lead, "Pw@123456789", identifier_attribute="mx_PAN_Number")
+    ]
+    assert names == [
+        "mx_PAN_Number",
+        "FirstName",
+        "Mobile",
+        "EmailAddress",
+        "mx_Portal_Password",
+        "mx_Portal_Confirm_Password",
+    ]
+    names = [f["Attribute"] for f in build_lead_fields(lead, "Pw@123456789")]
+    assert names[:4] == ["FirstName", "Mobile", "mx_PAN_Number", "EmailAddress"]
+
+
+def test_custom_identifier_must_have_a_value() -> None:
+    with pytest.raises(LeadSquaredValidationError) as err:
+        build_lead_fields(
+            {"EmailAddress": "a@x.org", "mx_PAN_Number": ""}, "pw", identifier_attribute="mx_PAN_Number"
+        )
+    assert err.value.field == "mx_PAN_Number"
+
+
+def test_redact_removes_every_form_of_a_secret_and_key_parameters() -> None:
+    secret = "s3c$+/=&"
+    text = (
+        f"raw {secret} quoted s3c%24%2B%2F%3D%26 plus-quoted s3c%24%2B%2F%3D%26 "
+        "url http://h/api?accessKey=unknown%24&secretKey=other&x=1"
+    )
+    cleaned = redact(text, [secret])
+    assert "s3c" not in cleaned
+    assert "accessKey=***&secretKey=***&x=1" in cleaned
+
+
+def test_generated_passwords_are_strong_and_fresh() -> None:
+    passwords = {generate_password() for _ in range(200)}
+    assert len(passwords) == 200
+    for password in passwords:
+        assert len(password) >= 12
+        assert any(c.isupper() for c in password) and any(c.islower() for c in password)
+        assert any(c.isdigit() for c in password) and any(not c.isalnum() for c in password)
+    with pytest.raises(ValueError):
+        generate_password(8)
