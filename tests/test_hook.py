@@ -283,3 +283,22 @@ def test_no_secret_reaches_logs_or_errors(
         _assert_no_secret(text, secrets)
     assert re.search(r"attempt 1 of 4 failed", ours)
     assert repr(hook.config).count("***") == 0 and NASTY_SECRET_KEY not in repr(hook.config)
+
+
+def test_a_bad_login_midway_stops_the_run_but_every_call_made_has_its_outcome(
+    hook: LeadSquaredHook, sandbox: Sandbox
+) -> None:
+    def password(lead: dict) -> str:
+        if lead["EmailAddress"] == "m10@example.com":
+            sandbox.set_wrong_region("portalapi-us11.leadsquared.com")  # from now on every call is 401
+        return PASSWORD
+
+    seen = []
+    with pytest.raises(LeadSquaredAuthenticationError):
+        leads = ((str(i), {"EmailAddress": f"m{i}@example.com"}) for i in range(200))
+        for outcome in hook.register_portal_users(leads, password_callable=password, max_workers=4):
+            seen.append(outcome)
+    registered = {lead.lead_id for lead in sandbox.leads if lead.portal_user}
+    assert len(registered) >= 5
+    assert {o.lead_id for o in seen if o.status is RegistrationStatus.REGISTERED} == registered
+    assert calls_to(sandbox, REGISTER_PATH) < 200  # it stopped taking rows

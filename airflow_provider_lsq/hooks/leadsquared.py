@@ -348,7 +348,7 @@ class LeadSquaredHook(BaseHook):
         A small thread pool shares this hook's session and its one rate-limit budget, so slow answers
         do not cap throughput. Leads are read lazily (at most two per worker are in flight). A row's
         failure never stops the others; only an authentication failure, which no row can survive,
-        stops the run.
+        stops the run: it is raised after the outcomes of every call already made are yielded.
         """
         make_password = password_callable or (lambda _lead: generate_password())
         workers = max_workers or self.default_max_workers
@@ -358,16 +358,30 @@ class LeadSquaredHook(BaseHook):
         def register_one(key: str, lead: Mapping[str, Any]) -> RegistrationOutcome:
             return self._register_outcome(key, lead, make_password, only_new_leads, identifier_attribute)
 
+        errors: list[BaseException] = []  # what stops the run (a bad login), raised once all is yielded
+
+        def finished(done: set[Future[RegistrationOutcome]]) -> Iterator[RegistrationOutcome]:
+            for future in done:
+                error = future.exception()
+                if error is None:
+                    yield future.result()
+                else:
+                    errors.append(error)
+
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lsq-register") as pool:
             pending: set[Future[RegistrationOutcome]] = set()
             for key, lead in leads:
                 if len(pending) >= 2 * workers:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    yield from (future.result() for future in done)
+                    yield from finished(done)
+                    if errors:
+                        break
                 pending.add(pool.submit(register_one, key, lead))
-            while pending:
+            while pending:  # every call already made ends in an outcome, even when the run stops
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (future.result() for future in done)
+                yield from finished(done)
+        if errors:
+            raise errors[0]
 
     @property
     def default_max_workers(self) -> int:
