@@ -1,0 +1,308 @@
+"""RegisterPortalUserOperator against the sandbox over real HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+import uuid
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, quote_plus
+
+import pytest
+from airflow.providers.common.compat.sdk import AirflowException
+
+from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+from airflow_provider_lsq.passwords import generate_password
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from airflow_provider_lsq.sandbox import Sandbox
+
+AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
+FAST = {"rate_limit_calls": 100, "rate_limit_period": 1.0}
+
+
+class FakeTI:
+    dag_id = "lsq_operator_test"
+
+    def __init__(self) -> None:
+        self.xcom: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+
+def run(op: RegisterPortalUserOperator) -> tuple[dict[str, Any], dict[str, dict[str, Any]], FakeTI]:
+    """Execute; return the summary, the outcomes by key, and the fake task instance."""
+    ti = FakeTI()
+    summary = op.execute({"ti": ti, "run_id": "manual__1"})  # type: ignore[arg-type]
+    return summary, {o["key"]: o for o in ti.xcom["outcomes"]}, ti
+
+
+def lead(i: int, **extra: Any) -> dict[str, Any]:
+    return {"EmailAddress": f"student{i}@example.edu", "FirstName": f"Student{i}", **extra}
+
+
+@pytest.fixture
+def sb(leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch) -> Sandbox:
+    sandbox = leadsquared_sandbox_factory(**FAST)
+    conn = json.loads(sandbox.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+    return sandbox
+
+
+class TaskLog:
+    """The task's log output: stdlib records (caplog) and console lines (structlog on Airflow 3)."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+        self.caplog = caplog
+        self.capsys = capsys
+        self.console = ""
+
+    def sources(self) -> list[str]:
+        out = self.capsys.readouterr()
+        self.console += out.out + out.err
+        return [self.caplog.text, self.console]
+
+    def __call__(self) -> str:
+        return "\n".join(self.sources())
+
+    def count(self, text: str) -> int:
+        """Occurrences of ``text`` in the log (Airflow 2 writes each line to both sources)."""
+        return max(source.count(text) for source in self.sources())
+
+
+@pytest.fixture
+def task_log(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> TaskLog:
+    caplog.set_level("INFO")
+    return TaskLog(caplog, capsys)
+
+
+def test_registers_each_lead_and_pushes_outcomes(sb: Sandbox) -> None:
+    leads = [lead(i) for i in range(1, 9)]
+    summary, outcomes, _ = run(RegisterPortalUserOperator(task_id="register", leads=leads))
+
+    assert summary["registered"] == 8
+    assert summary["total"] == 8
+    assert summary["dry_run"] is False
+    assert set(summary) == {
+        "total", "registered", "already_registered", "invalid", "failed", "dry_run", "duration_s"
+    }  # fmt: skip
+    for i in range(1, 9):
+        key = f"student{i}@example.edu"  # the default key: the identifier attribute
+        found = sb.find_lead("EmailAddress", key)
+        assert found is not None and found.portal_user
+        assert outcomes[key]["status"] == "registered"
+        assert outcomes[key]["lead_id"] == found.lead_id
+
+
+def test_invalid_rows_name_their_field(sb: Sandbox) -> None:
+    leads = [
+        lead(1),
+        {"FirstName": "NoEmail", "mx_Application_Number": "A-2"},
+        lead(3, **{"First Name": "x"}),
+        lead(4, mx_Portal_Password="nope"),
+        "not a dict",
+    ]
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=leads, key_field="FirstName", max_failure_ratio=1.0
+    )
+    summary, outcomes, _ = run(op)
+
+    assert summary["registered"] == 1
+    assert summary["invalid"] == 4
+    assert "'EmailAddress'" in outcomes["NoEmail"]["error_message"]
+    assert "'First Name'" in outcomes["Student3"]["error_message"]
+    assert "'mx_Portal_Password'" in outcomes["Student4"]["error_message"]
+    assert outcomes["#5"]["status"] == "invalid"
+    assert sb.register_calls == 1
+
+
+def test_a_row_without_its_key_field_is_invalid_naming_the_field(sb: Sandbox) -> None:
+    leads = [lead(1, mx_Application_Number="A-1"), lead(2)]
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=leads, key_field="mx_Application_Number", max_failure_ratio=1.0
+    )
+    summary, outcomes, _ = run(op)
+
+    assert outcomes["A-1"]["status"] == "registered"
+    assert outcomes["#2"]["status"] == "invalid"
+    assert "'mx_Application_Number'" in outcomes["#2"]["error_message"]
+    assert summary["invalid"] == 1
+    assert sb.register_calls == 1
+
+
+def test_only_new_leads_reports_existing_leads_as_already_registered(sb: Sandbox) -> None:
+    sb.add_lead({"EmailAddress": "student2@example.edu"})
+    op = RegisterPortalUserOperator(task_id="register", leads=[lead(1), lead(2)], only_new_leads=True)
+    summary, outcomes, _ = run(op)
+
+    assert summary["already_registered"] == 1 and summary["registered"] == 1
+    assert outcomes["student2@example.edu"]["status"] == "already_registered"
+    existing = sb.find_lead("EmailAddress", "student2@example.edu")
+    assert existing is not None and not existing.portal_user
+
+
+def test_dry_run_validates_every_row_and_makes_no_call(sb: Sandbox) -> None:
+    leads = [lead(1), {"FirstName": "NoEmail"}, lead(3)]
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=leads, key_field="FirstName", dry_run=True, max_failure_ratio=0.5
+    )
+    summary, outcomes, _ = run(op)
+
+    assert sb.calls == []
+    assert summary["valid"] == 2 and summary["invalid"] == 1 and summary["registered"] == 0
+    assert summary["dry_run"] is True
+    assert outcomes["Student1"]["status"] == "valid"
+    assert outcomes["NoEmail"]["status"] == "invalid"
+    assert "'EmailAddress'" in outcomes["NoEmail"]["error_message"]
+
+
+def test_dry_run_needs_no_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", raising=False)
+    summary, _, _ = run(RegisterPortalUserOperator(task_id="register", leads=[lead(1)], dry_run=True))
+    assert summary["valid"] == 1
+
+
+def test_too_many_failures_fail_the_task_after_pushing_outcomes(sb: Sandbox) -> None:
+    leads = [lead(1), lead(2, mx_Favourite_Colour="teal"), {"FirstName": "x", "Phone": None}]
+    op = RegisterPortalUserOperator(task_id="register", leads=leads, key_field="FirstName")
+    ti = FakeTI()
+    with pytest.raises(AirflowException) as info:
+        op.execute({"ti": ti, "run_id": "manual__1"})  # type: ignore[arg-type]
+
+    message = str(info.value)
+    assert "2 of 3 rows failed" in message
+    assert "row Student2: MXInvalidAttributeException:" in message
+    assert "row x: ValidationError: field 'EmailAddress'" in message
+    statuses = {o["key"]: o["status"] for o in ti.xcom["outcomes"]}
+    assert statuses == {"Student1": "registered", "Student2": "failed", "x": "invalid"}
+
+
+def test_empty_input_makes_no_call(sb: Sandbox) -> None:
+    summary, outcomes, _ = run(RegisterPortalUserOperator(task_id="register", leads=[]))
+    assert summary["total"] == 0 and outcomes == {}
+    assert sb.calls == []
+
+
+def test_leads_may_come_as_json_text(sb: Sandbox) -> None:
+    summary, _, _ = run(RegisterPortalUserOperator(task_id="register", leads=json.dumps([lead(1)])))
+    assert summary["registered"] == 1
+    with pytest.raises(AirflowException, match="not JSON"):
+        run(RegisterPortalUserOperator(task_id="register", leads="{{ not rendered"))
+    with pytest.raises(AirflowException, match="list of dicts"):
+        run(RegisterPortalUserOperator(task_id="register", leads=42))
+
+
+def test_template_fields_never_hold_passwords() -> None:
+    assert RegisterPortalUserOperator.template_fields == ("leads", "leadsquared_conn_id")
+
+
+def test_password_callable_sets_each_password(sb: Sandbox) -> None:
+    op = RegisterPortalUserOperator(
+        task_id="register",
+        leads=[lead(1), lead(2)],
+        password_callable=lambda row: f"Pw-{row['FirstName']}-2026!",
+    )
+    run(op)
+    for i in (1, 2):
+        found = sb.find_lead("EmailAddress", f"student{i}@example.edu")
+        assert found is not None
+        assert found.password_sha256 == hashlib.sha256(f"Pw-Student{i}-2026!".encode()).hexdigest()
+
+
+def test_default_passwords_are_fresh_per_lead(sb: Sandbox) -> None:
+    run(RegisterPortalUserOperator(task_id="register", leads=[lead(i) for i in range(1, 6)]))
+    hashes = {found.password_sha256 for found in sb.leads}
+    assert len(hashes) == 5 and None not in hashes
+
+
+def test_no_secret_in_logs_xcom_or_template_fields_and_progress_is_logged(
+    sb: Sandbox, task_log: TaskLog
+) -> None:
+    sb.inject(503, "lost", 502)
+    passwords: list[str] = []
+    lock = threading.Lock()
+
+    def password(row: Any) -> str:
+        made = generate_password()
+        with lock:
+            passwords.append(made)
+        return made
+
+    leads = [lead(i) for i in range(1, 13)] + [lead(13, mx_Favourite_Colour="teal")]
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=leads, password_callable=password, max_failure_ratio=0.5
+    )
+    op.progress_interval = 0.01
+    summary, _, ti = run(op)
+
+    assert summary["registered"] == 12 and summary["failed"] == 1
+    secrets = {
+        form
+        for s in [sb.access_key, sb.secret_key, sb.public_auth_key, sb.registration_token, *passwords]
+        for form in (s, quote(s, safe=""), quote_plus(s, safe=""))
+    }
+    log = task_log()
+    for place, text in {
+        "task log": log,
+        "XCom": json.dumps([summary, ti.xcom]),
+        "template fields": json.dumps({f: getattr(op, f) for f in op.template_fields}),
+    }.items():
+        assert not [s for s in secrets if s in text], f"a secret reached the {place}"
+    assert "Student7" not in log  # lead data other than the key stays out of the log
+    assert "LeadSquared registration: done in" in log
+    assert "row student13@example.edu: MXInvalidAttributeException" in log
+
+
+# -- an upstream task's output, in a real DAG run --------------------------------------------------------
+
+DAG_FILE = """
+import pendulum
+from airflow.providers.common.compat.sdk import DAG, task
+from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+
+    @task
+    def collect():
+        return [{{"EmailAddress": f"upstream{{i}}@example.edu", "FirstName": "Up"}} for i in range(3)]
+
+    RegisterPortalUserOperator(task_id="register", leads=collect())
+"""
+
+
+@pytest.mark.airflow_db
+def test_leads_from_an_upstream_task_in_a_dag_run(
+    airflow_db: Path, sb: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.models import DagBag
+
+    dag_id = f"lsq_operator_{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    (folder / f"{dag_id}.py").write_text(DAG_FILE.format(dag_id=dag_id))
+    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    bundles = [
+        {"name": "dags-folder", "classpath": local, "kwargs": {}},
+        {"name": "lsq-operator-tests", "classpath": local, "kwargs": {"path": str(folder)}},
+    ]
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundles))
+    dag = DagBag(dag_folder=str(folder)).dags[dag_id]
+    logical_date = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    dag_run = dag.test(logical_date=logical_date) if AIRFLOW_3 else dag.test(execution_date=logical_date)
+
+    assert str(dag_run.state) == "success"
+    ti = dag_run.get_task_instance("register")
+    outcomes = ti.xcom_pull(task_ids="register", key="outcomes")
+    assert sorted(o["status"] for o in outcomes) == ["registered"] * 3
+    assert ti.xcom_pull(task_ids="register")["registered"] == 3
+    for i in range(3):
+        found = sb.find_lead("EmailAddress", f"upstream{i}@example.edu")
+        assert found is not None and found.portal_user
