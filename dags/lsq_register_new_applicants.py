@@ -1,0 +1,111 @@
+"""Register each day's new applicants from the warehouse as LeadSquared portal users.
+
+One task: :class:`SqlToLeadSquaredPortalOperator` runs the query below against the warehouse and
+registers every row it returns, at the account's rate limit, recording each row's outcome in a ledger
+table next to the applicants. The query leaves out applicants the ledger already holds as registered, so
+a re-run (or an overlapping ``lookback_days``) never registers anyone twice, and a row that failed is
+picked up again by a later run.
+
+The window is ``[data_interval_end - lookback_days, data_interval_end)``: with ``lookback_days=1`` it
+is exactly the daily interval; larger values re-scan earlier days for applicants still missing from the
+ledger (a late-loaded row, a day the DAG was paused). Trigger with ``{"lookback_days": 7}`` to catch up
+a week.
+
+The SQL runs unchanged on SQLite and PostgreSQL: ``created_at`` is UTC (text ``YYYY-MM-DD HH:MM:SS`` in
+SQLite, ``TIMESTAMP`` in PostgreSQL) and is compared with literals rendered in that same format.
+Columns are aliased to LeadSquared attribute schema names, quoted so PostgreSQL keeps their case; NULLs
+are left out of the call, so an empty column never blanks a field on an existing lead.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.providers.common.compat.sdk import DAG, Param
+
+from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+
+# Table names and connection ids go into SQL and templates: accept plain identifiers only.
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$"
+CONN_ID = r"^[A-Za-z0-9_.-]+$"
+
+# The window's end: the data interval's end; a run without a logical date (Airflow 3) has no data
+# interval, so it uses the time it was allowed to run. Airflow hands both over in UTC.
+# The ledger is keyed by portal: the anti-join only trusts registrations on this connection's portal.
+# (The operator checks the ledger again before each call; the anti-join just saves reading the rows.)
+NEW_APPLICANTS_SQL = """
+{%- set window_end = data_interval_end
+      if data_interval_end is defined and data_interval_end else dag_run.run_after -%}
+{%- set window_start = window_end - macros.timedelta(days=params.lookback_days | int) -%}
+{%- set lsq = conn.get(params.leadsquared_conn_id).extra_dejson -%}
+{%- set portal_id = lsq.get("portal_id") or lsq.get("extra__leadsquared__portal_id") or "" -%}
+-- Applicants created in [{{ window_start }}, {{ window_end }}) not yet registered on the portal.
+SELECT
+    CAST(a.applicant_id AS TEXT) AS applicant_id,
+    a.email AS "EmailAddress",
+    a.first_name AS "FirstName",
+    a.last_name AS "LastName",
+    a.mobile AS "Mobile",
+    a.program AS "mx_Program",
+    a.intake AS "mx_Intake",
+    a.city AS "mx_City",
+    a.application_number AS "mx_Application_Number",
+    a.extra_attribute AS "mx_Favourite_Colour"
+FROM {{ params.applicants_table }} AS a
+WHERE a.created_at >= '{{ window_start.strftime("%Y-%m-%d %H:%M:%S") }}'
+  AND a.created_at < '{{ window_end.strftime("%Y-%m-%d %H:%M:%S") }}'
+  AND NOT EXISTS (
+      SELECT 1
+      FROM {{ params.ledger_table }} AS l
+      WHERE l.portal_id = '{{ portal_id | string | replace("'", "''") }}'
+        AND l.row_key = CAST(a.applicant_id AS TEXT)
+        AND l.status IN ('registered', 'already_registered')
+  )
+ORDER BY a.applicant_id
+"""
+
+with DAG(
+    dag_id="lsq_register_new_applicants",
+    description="Register the day's new applicants from the warehouse as LeadSquared portal users.",
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,  # runs share the account's rate limit and the ledger: one at a time
+    tags=["leadsquared", "portal", "example"],
+    doc_md=__doc__,
+    params={
+        "warehouse_conn_id": Param(
+            "lsq_warehouse", type="string", pattern=CONN_ID, description="SQL connection of the warehouse."
+        ),
+        "applicants_table": Param(
+            "applicants", type="string", pattern=IDENTIFIER, description="Table of applicants to register."
+        ),
+        "ledger_table": Param(
+            "lsq_portal_registrations",
+            type="string",
+            pattern=IDENTIFIER,
+            description="Ledger of registrations, created in the warehouse on the first run.",
+        ),
+        "leadsquared_conn_id": Param(
+            "leadsquared_default", type="string", pattern=CONN_ID, description="LeadSquared connection."
+        ),
+        "lookback_days": Param(
+            1,
+            type="integer",
+            minimum=1,
+            maximum=366,
+            description="Days before the interval's end to scan; 1 is exactly the daily interval.",
+        ),
+    },
+) as dag:
+    SqlToLeadSquaredPortalOperator(
+        task_id="register_new_applicants",
+        sql=NEW_APPLICANTS_SQL,
+        sql_conn_id="{{ params.warehouse_conn_id }}",
+        key_column="applicant_id",
+        identifier_attribute="EmailAddress",
+        leadsquared_conn_id="{{ params.leadsquared_conn_id }}",
+        ledger_table="{{ params.ledger_table }}",
+        # A few bad rows (no email, an attribute the account lacks) must not fail the day: they stay in
+        # the ledger with their reasons. A systemic failure (more than 1 row in 10) fails the task.
+        max_failure_ratio=0.1,
+    )

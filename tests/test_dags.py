@@ -1,0 +1,354 @@
+"""The example DAGs, end to end: parsed by a DagBag, run with ``dag.test()`` against a sandbox.
+
+``lsq_register_new_applicants`` runs on a seeded SQLite warehouse and on a PostgreSQL one, with the
+same SQL. The ledger it writes is checked row by row against what the sandbox registered, and a second
+run must make no register call. The seed script is tested on its own too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from airflow_provider_lsq.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import seed_warehouse  # noqa: E402  (a script, not a package module)
+
+AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
+NEW_APPLICANTS = "lsq_register_new_applicants"
+FROM_UPSTREAM = "lsq_register_from_upstream"
+LEDGER = "lsq_portal_registrations"
+# The run's logical date: its data interval ends at this midnight on Airflow 2 (@daily, cron data
+# intervals) and 3 (cron trigger: the interval is the logical date itself).
+LOGICAL_DATE = dt.datetime(2026, 11, 20, tzinfo=dt.timezone.utc)
+FAST = {"rate_limit_calls": 100, "rate_limit_period": 1.0}
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dagbag() -> Any:
+    """A fresh parse per test: an in-process ``dag.test()`` leaves its run conf in the DAG's params."""
+    from airflow.models import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+def run_dag(dag: Any, conf: dict[str, Any] | None = None, logical_date: dt.datetime = LOGICAL_DATE) -> Any:
+    """``dag.test()`` for one logical date: Airflow 3 calls it ``logical_date``, 2.x ``execution_date``.
+
+    ``dag.test()`` first deletes an earlier run of the same date. On Airflow 2 that cascades to the run's
+    notes, whose foreign key names FAB's ``ab_user`` table: its model must be loaded (the CLI does so).
+    """
+    if AIRFLOW_3:
+        return dag.test(logical_date=logical_date, run_conf=conf)
+    import airflow.providers.fab.auth_manager.models  # noqa: F401
+
+    return dag.test(execution_date=logical_date, run_conf=conf)
+
+
+def return_value(dag_run: Any, task_id: str, key: str = "return_value") -> Any:
+    ti = dag_run.get_task_instance(task_id)
+    assert ti is not None, f"no task instance {task_id} in {dag_run.run_id}"
+    return ti.xcom_pull(task_ids=task_id, key=key)
+
+
+def task_state(dag_run: Any, task_id: str) -> str:
+    ti = dag_run.get_task_instance(task_id)
+    return str(ti.state) if ti is not None else "missing"
+
+
+@pytest.fixture
+def sandbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
+    """A fast sandbox, exported as the ``leadsquared_default`` connection."""
+    with Sandbox(**FAST) as sb:
+        conn = json.loads(sb.connection_json())
+        conn["extra"]["retry_wait_seconds"] = 0.05
+        monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+        yield sb
+
+
+class Warehouse:
+    """A seeded warehouse behind an Airflow connection, with plain DB-API reads for assertions."""
+
+    def __init__(self, kind: str, target: str, conn: dict[str, Any], connect: Callable[[], Any]) -> None:
+        self.kind = kind
+        self.target = target
+        self.conn = conn
+        self.connect = connect
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        db = self.connect()
+        try:
+            cur = db.cursor()
+            cur.execute(sql)
+            rows = cur.fetchall()
+            cur.close()
+            return rows
+        finally:
+            db.close()
+
+    def execute(self, sql: str) -> None:
+        db = self.connect()
+        try:
+            cur = db.cursor()
+            cur.execute(sql)
+            db.commit()
+        finally:
+            db.close()
+
+    def ledger(self) -> dict[str, dict[str, Any]]:
+        rows = self.query(
+            f"SELECT row_key, status, lead_id, error_type, error_message, attempts FROM {LEDGER}"
+        )
+        names = ("status", "lead_id", "error_type", "error_message", "attempts")
+        return {str(row[0]): dict(zip(names, row[1:], strict=True)) for row in rows}
+
+    def created_between(self, start: dt.datetime, end: dt.datetime) -> set[str]:
+        fmt = "%Y-%m-%d %H:%M:%S"
+        rows = self.query(
+            f"SELECT applicant_id FROM applicants WHERE created_at >= '{start:{fmt}}' "
+            f"AND created_at < '{end:{fmt}}'"
+        )
+        return {str(row[0]) for row in rows}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def warehouse(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Warehouse:
+    """A warehouse seeded with the demo applicants (ending at the logical date), as ``lsq_warehouse``."""
+    if request.param == "sqlite":
+        path = tmp_path / "warehouse.db"
+        conn: dict[str, Any] = {"conn_type": "sqlite", "host": str(path)}
+        wh = Warehouse("sqlite", str(path), conn, lambda: sqlite3.connect(path))
+    else:
+        import psycopg2
+
+        uri = request.getfixturevalue("postgres_server")
+        name = uri.rsplit("/", 1)[1]
+        conn = {
+            "conn_type": "postgres",
+            "host": "127.0.0.1",
+            "port": 5432,
+            "login": "postgres",
+            "schema": name,
+        }
+        wh = Warehouse("postgres", uri, conn, lambda: psycopg2.connect(uri))
+        wh.execute(f"DROP TABLE IF EXISTS {LEDGER}")  # the database lives for the whole session
+    seed_warehouse.seed(wh.target, end=LOGICAL_DATE)
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_WAREHOUSE", json.dumps(wh.conn))
+    return wh
+
+
+# -- parsing -------------------------------------------------------------------------------------------
+
+
+def test_dagbag_has_both_dags_without_import_errors(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+    assert {NEW_APPLICANTS, FROM_UPSTREAM} <= set(dagbag.dag_ids)
+
+    dag = dagbag.dags[NEW_APPLICANTS]
+    assert [task.task_id for task in dag.tasks] == ["register_new_applicants"]
+    assert dag.catchup is False
+    assert dag.start_date.tzinfo is not None
+    assert "leadsquared" in dag.tags
+    assert dag.params["lookback_days"] == 1
+    assert dag.params["warehouse_conn_id"] == "lsq_warehouse"
+    task = dag.get_task("register_new_applicants")
+    assert task.sql_conn_id == "{{ params.warehouse_conn_id }}"
+    assert task.leadsquared_conn_id == "{{ params.leadsquared_conn_id }}"
+    assert "{{ params.applicants_table }}" in task.sql
+
+    upstream = dagbag.dags[FROM_UPSTREAM]
+    assert {task.task_id for task in upstream.tasks} >= {"collect_signups", "register_portal_users"}
+
+
+# -- lsq_register_new_applicants ----------------------------------------------------------------------
+
+
+@pytest.mark.airflow_db
+@pytest.mark.postgres
+def test_new_applicants_registers_the_window_then_nobody_twice(
+    airflow_db: Path, dagbag: Any, sandbox: Sandbox, warehouse: Warehouse
+) -> None:
+    dag = dagbag.dags[NEW_APPLICANTS]
+
+    # Default lookback (1 day): exactly the daily interval [end - 1 day, end).
+    last_day = warehouse.created_between(LOGICAL_DATE - dt.timedelta(days=1), LOGICAL_DATE)
+    assert 5 < len(last_day) < 150
+    dag_run = run_dag(dag)
+    assert str(dag_run.state) == "success", task_state(dag_run, "register_new_applicants")
+    assert set(warehouse.ledger()) == last_day
+
+    # A week back: everyone else, and the rows already registered are left out by the query.
+    registered_before = sandbox.register_calls
+    dag_run = run_dag(dag, {"lookback_days": 7})
+    assert str(dag_run.state) == "success", task_state(dag_run, "register_new_applicants")
+    summary = return_value(dag_run, "register_new_applicants")
+    ledger = warehouse.ledger()
+    assert set(ledger) == {str(i) for i in range(1, 151)}
+    assert summary["registered"] + summary["invalid"] + summary["failed"] <= 150 - len(last_day) + 2
+    assert sandbox.register_calls - registered_before < 150 - len(last_day) + 2
+
+    # The bad rows end with reasons that name the field or attribute at fault.
+    no_email = ledger[str(seed_warehouse.NO_EMAIL_ID)]
+    assert no_email["status"] == "invalid"
+    assert "EmailAddress" in no_email["error_message"]
+    unknown = ledger[str(seed_warehouse.UNKNOWN_ATTRIBUTE_ID)]
+    assert unknown["status"] == "failed"
+    assert "mx_Favourite_Colour" in unknown["error_message"]
+    assert "does not exist" in unknown["error_message"]
+
+    # Every other row is registered, with the lead id LeadSquared (the sandbox) gave its email.
+    emails = {str(row[0]): row[1] for row in warehouse.query("SELECT applicant_id, email FROM applicants")}
+    bad = {str(seed_warehouse.NO_EMAIL_ID), str(seed_warehouse.UNKNOWN_ATTRIBUTE_ID)}
+    for key, row in ledger.items():
+        if key in bad:
+            continue
+        assert row["status"] == "registered", (key, row)
+        lead = sandbox.find_lead("EmailAddress", emails[key])
+        assert lead is not None and lead.portal_user
+        assert row["lead_id"] == lead.lead_id, key
+
+    # The two applications sharing an email are one lead: LeadSquared's register is an upsert.
+    first, second = (str(i) for i in seed_warehouse.DUPLICATE_EMAIL_IDS)
+    assert ledger[first]["lead_id"] == ledger[second]["lead_id"]
+    assert sandbox.find_lead("EmailAddress", emails[first]).registrations == 2  # type: ignore[union-attr]
+    assert sum(1 for lead in sandbox.leads if lead.portal_user) == 150 - 2 - 1
+    assert sandbox.refusals == 0
+
+    # Again: the ledger holds everyone who can be registered; no register call is made.
+    sandbox.reset_calls()
+    dag_run = run_dag(dag, {"lookback_days": 7})
+    assert str(dag_run.state) == "success", task_state(dag_run, "register_new_applicants")
+    assert sandbox.register_calls == 0
+    summary = return_value(dag_run, "register_new_applicants")
+    assert summary["registered"] == 0
+    assert warehouse.ledger()[str(seed_warehouse.UNKNOWN_ATTRIBUTE_ID)]["status"] == "failed"
+
+
+def test_new_applicants_sql_has_only_warehouse_columns(dagbag: Any) -> None:
+    """Every column is aliased to an attribute schema name, quoted so PostgreSQL keeps its case."""
+    sql = dagbag.dags[NEW_APPLICANTS].get_task("register_new_applicants").sql
+    for attribute in ("EmailAddress", "FirstName", "LastName", "Mobile", "mx_Program", "mx_City"):
+        assert f'AS "{attribute}"' in sql
+    assert "NOT EXISTS" in sql
+
+
+# -- lsq_register_from_upstream -----------------------------------------------------------------------
+
+
+@pytest.mark.airflow_db
+def test_from_upstream_registers_the_upstream_leads(airflow_db: Path, dagbag: Any, sandbox: Sandbox) -> None:
+    dag = dagbag.dags[FROM_UPSTREAM]
+    dag_run = run_dag(dag)
+    assert str(dag_run.state) == "success", task_state(dag_run, "register_portal_users")
+
+    summary = return_value(dag_run, "register_portal_users")
+    assert summary["registered"] == 4  # five sign-ups, one without consent
+    outcomes = return_value(dag_run, "register_portal_users", key="outcomes")
+    by_email = {outcome["key"]: outcome for outcome in outcomes}
+    assert set(by_email) == {
+        "zoe.fairweather@example.edu",
+        "jose.alvarez@example.edu",
+        "ananya.rao@example.edu",
+        "li.wei@example.edu",
+    }
+    for email, outcome in by_email.items():
+        lead = sandbox.find_lead("EmailAddress", email)
+        assert lead is not None and outcome["lead_id"] == lead.lead_id
+    assert sandbox.find_lead("EmailAddress", "li.wei@example.edu").fields["FirstName"] == "李"  # type: ignore[union-attr]
+    assert sandbox.find_lead("EmailAddress", "soren.dahl@example.edu") is None
+
+
+# -- the seed script -----------------------------------------------------------------------------------
+
+
+def _sqlite_rows(path: Path) -> dict[int, tuple[Any, ...]]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute(f"SELECT {', '.join(seed_warehouse.COLUMNS)} FROM applicants").fetchall()
+    return {row[0]: row for row in rows}
+
+
+def test_seed_sqlite_rows_bad_rows_and_unicode(tmp_path: Path) -> None:
+    path = tmp_path / "wh.db"
+    result = seed_warehouse.seed(path, end="2026-11-20")
+    rows = _sqlite_rows(path)
+    assert len(rows) == result.count == 150
+    email, extra, created = 1, 9, 10
+
+    assert rows[seed_warehouse.NO_EMAIL_ID][email] is None
+    first, second = seed_warehouse.DUPLICATE_EMAIL_IDS
+    assert rows[first][email] == rows[second][email] is not None
+    assert [i for i, row in rows.items() if row[extra] is not None] == [seed_warehouse.UNKNOWN_ATTRIBUTE_ID]
+    assert sum(1 for row in rows.values() if row[email] is None) == 1
+    assert len({row[email] for row in rows.values() if row[email]}) == 148
+
+    # Created in the 7 days before the end, as UTC text that sorts like time.
+    stamps = [row[created] for row in rows.values()]
+    assert all(len(s) == 19 and "2026-11-13 00:00:00" <= s < "2026-11-20 00:00:00" for s in stamps)
+    assert len({s[:10] for s in stamps}) == 7
+
+    # Non-ASCII names round-trip unchanged.
+    names = {row[2] for row in rows.values()} | {row[3] for row in rows.values()}
+    assert {"Zoë", "José", "Ananyā", "Søren", "李"} & names
+    assert any(not name.isascii() for name in names)
+    for name in names:
+        assert name in seed_warehouse.FIRST_NAMES or name in seed_warehouse.LAST_NAMES
+
+
+def test_seed_is_deterministic_and_keeps_the_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "wh.db"
+    seed_warehouse.seed(path, end="2026-11-20")
+    before = _sqlite_rows(path)
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE {LEDGER} (row_key TEXT)")
+        db.execute(f"INSERT INTO {LEDGER} VALUES ('1')")
+        columns = "applicant_id, first_name, last_name, created_at"
+        db.execute(f"INSERT INTO applicants ({columns}) VALUES (999, 'a', 'b', 'x')")
+    seed_warehouse.seed(f"sqlite:///{path}", end="2026-11-20")
+    assert _sqlite_rows(path) == before
+    with sqlite3.connect(path) as db:
+        assert db.execute(f"SELECT row_key FROM {LEDGER}").fetchall() == [("1",)]
+
+
+def test_seed_cli_and_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cli.db"
+    assert (
+        seed_warehouse.main(["--sqlite", str(path), "--count", "20", "--days", "2", "--end", "2026-11-20"])
+        == 0
+    )
+    rows = _sqlite_rows(path)
+    assert len(rows) == 20
+    assert all("2026-11-18 00:00:00" <= row[10] < "2026-11-20 00:00:00" for row in rows.values())
+    assert "Seeded 20 applicants" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="at least"):
+        seed_warehouse.seed(path, count=3)
+
+
+@pytest.mark.postgres
+def test_seed_postgres_round_trips_unicode(postgres_server: str) -> None:
+    import psycopg2
+
+    seed_warehouse.seed(postgres_server, end=dt.datetime(2026, 11, 20, 5, 30, tzinfo=dt.timezone.utc))
+    with psycopg2.connect(postgres_server) as db, db.cursor() as cur:
+        cur.execute("SELECT COUNT(*), MIN(created_at), MAX(created_at) FROM applicants")
+        count, low, high = cur.fetchone()
+        cur.execute("SELECT first_name, last_name FROM applicants")
+        names = {name for row in cur.fetchall() for name in row}
+    assert count == 150
+    assert dt.datetime(2026, 11, 13, 5, 30) <= low <= high < dt.datetime(2026, 11, 20, 5, 30)
+    assert {"Zoë", "José", "Ananyā", "Søren", "李"} & names
