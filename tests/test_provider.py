@@ -77,11 +77,19 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
     try:
         shown = _airflow("connections", "get", "lsq_cli", "--output", "json")
         assert shown.returncode == 0, shown.stderr
-        assert json.loads(shown.stdout)[0]["conn_type"] == "leadsquared"
-        # The metadata DB as the scheduler's side reads it (outside a task, the task SDK reads no DB).
-        from airflow.models.connection import Connection
+        stored = json.loads(shown.stdout)[0]
+        assert stored["conn_type"] == "leadsquared"
+        # The connection as the metadata DB holds it, read back by Airflow's own CLI.
+        from airflow.providers.common.compat.sdk import Connection
 
-        conn = Connection.get_connection_from_secrets("lsq_cli")
+        conn = Connection(
+            conn_id="lsq_cli",
+            conn_type=stored["conn_type"],
+            host=stored["host"],
+            login=stored["login"],
+            password=stored["password"],
+            extra=json.dumps(stored["extra_dejson"]),
+        )
         config = LeadSquaredConfig.from_connection(conn)
         assert config.base_url == "https://portalapi-us11.leadsquared.com"
         assert (config.access_key, config.secret_key) == ("u$r+AK/9=x", "s3cr$t&+")
