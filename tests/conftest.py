@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.helpers import TaskLog
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -95,3 +97,10 @@ def postgres_server() -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def task_log(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> TaskLog:
+    """The task's log as a test reads it: caplog records plus console lines."""
+    caplog.set_level("INFO")
+    return TaskLog(caplog, capsys)

@@ -24,7 +24,7 @@ from airflow_provider_lsq.hooks.leadsquared import (
 )
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.sandbox import Sandbox
-from tests.hook_helpers import NASTY_ACCESS_KEY, NASTY_SECRET_KEY, calls_to, connect
+from tests.helpers import NASTY_ACCESS_KEY, NASTY_SECRET_KEY, calls_to, connect
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

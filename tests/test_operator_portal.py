@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from airflow_provider_lsq.sandbox import Sandbox
+    from tests.helpers import TaskLog
 
 AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 FAST = {"rate_limit_calls": 100, "rate_limit_period": 1.0}
@@ -55,33 +56,6 @@ def sb(leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.
     conn["extra"]["retry_wait_seconds"] = 0.01
     monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
     return sandbox
-
-
-class TaskLog:
-    """The task's log output: stdlib records (caplog) and console lines (structlog on Airflow 3)."""
-
-    def __init__(self, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
-        self.caplog = caplog
-        self.capsys = capsys
-        self.console = ""
-
-    def sources(self) -> list[str]:
-        out = self.capsys.readouterr()
-        self.console += out.out + out.err
-        return [self.caplog.text, self.console]
-
-    def __call__(self) -> str:
-        return "\n".join(self.sources())
-
-    def count(self, text: str) -> int:
-        """Occurrences of ``text`` in the log (Airflow 2 writes each line to both sources)."""
-        return max(source.count(text) for source in self.sources())
-
-
-@pytest.fixture
-def task_log(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> TaskLog:
-    caplog.set_level("INFO")
-    return TaskLog(caplog, capsys)
 
 
 def test_registers_each_lead_and_pushes_outcomes(sb: Sandbox) -> None:

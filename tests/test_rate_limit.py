@@ -17,7 +17,7 @@ from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.sandbox import Sandbox
-from tests.hook_helpers import connect
+from tests.helpers import connect
 
 if TYPE_CHECKING:
     from pathlib import Path

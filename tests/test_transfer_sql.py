@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from airflow_provider_lsq.sandbox import Sandbox
+    from tests.helpers import TaskLog
 
 AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 REGISTER = "/api/Authentication/v2/Register"
@@ -189,33 +190,6 @@ def transfer(wh: Warehouse, **kwargs: Any) -> SqlToLeadSquaredPortalOperator:
     }
     options.update(kwargs)
     return SqlToLeadSquaredPortalOperator(**options)
-
-
-class TaskLog:
-    """The task's log output: stdlib records (caplog) and console lines (structlog on Airflow 3)."""
-
-    def __init__(self, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
-        self.caplog = caplog
-        self.capsys = capsys
-        self.console = ""
-
-    def sources(self) -> list[str]:
-        out = self.capsys.readouterr()
-        self.console += out.out + out.err
-        return [self.caplog.text, self.console]
-
-    def __call__(self) -> str:
-        return "\n".join(self.sources())
-
-    def count(self, text: str) -> int:
-        """Occurrences of ``text`` in the log (Airflow 2 writes each line to both sources)."""
-        return max(source.count(text) for source in self.sources())
-
-
-@pytest.fixture
-def task_log(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> TaskLog:
-    caplog.set_level("INFO")
-    return TaskLog(caplog, capsys)
 
 
 def secret_forms(*secrets: str) -> set[str]:

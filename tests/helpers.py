@@ -1,4 +1,4 @@
-"""Helpers for tests that drive LeadSquaredHook against a sandbox through an Airflow connection."""
+"""Test helpers: a sandbox behind an Airflow connection, and the task log as tests read it."""
 
 from __future__ import annotations
 
@@ -27,3 +27,24 @@ def connect(
 
 def calls_to(sandbox: Sandbox, path: str) -> int:
     return sum(1 for call in sandbox.calls if call.path == path)
+
+
+class TaskLog:
+    """The task's log output: stdlib records (caplog) and console lines (structlog on Airflow 3)."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+        self.caplog = caplog
+        self.capsys = capsys
+        self.console = ""
+
+    def sources(self) -> list[str]:
+        out = self.capsys.readouterr()
+        self.console += out.out + out.err
+        return [self.caplog.text, self.console]
+
+    def __call__(self) -> str:
+        return "\n".join(self.sources())
+
+    def count(self, text: str) -> int:
+        """Occurrences of ``text`` in the log (Airflow 2 writes each line to both sources)."""
+        return max(source.count(text) for source in self.sources())
