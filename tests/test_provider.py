@@ -103,6 +103,10 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
         _airflow("connections", "delete", "lsq_cli")
 
 
+# Realistic keys: Airflow 2.11 masks any registered secret, even "a", in every later log line.
+KEYS = {"login": "u$r-access-key", "password": "s3cr3t-secret-key"}
+
+
 @pytest.mark.parametrize(
     ("host", "url"),
     [
@@ -112,13 +116,13 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
     ],
 )
 def test_host_forms(host: str | None, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    conn = {"conn_type": "leadsquared", "host": host, "login": "a", "password": "b"}
+    conn = {"conn_type": "leadsquared", "host": host, **KEYS}
     monkeypatch.setenv("AIRFLOW_CONN_LSQ_HOSTS", json.dumps(conn))
     assert LeadSquaredHook("lsq_hosts").config.base_url == url
 
 
 def test_bad_extras_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    conn = {"conn_type": "leadsquared", "login": "a", "password": "b", "extra": {"rate_limit_calls": "lots"}}
+    conn = {"conn_type": "leadsquared", **KEYS, "extra": {"rate_limit_calls": "lots"}}
     monkeypatch.setenv("AIRFLOW_CONN_LSQ_BAD_EXTRA", json.dumps(conn))
     with pytest.raises(ValueError, match="rate_limit_calls"):
         LeadSquaredHook("lsq_bad_extra").config  # noqa: B018
