@@ -295,7 +295,7 @@ class LeadSquaredHook(BaseHook):
         Raises ``LeadSquaredValidationError`` before any call when the lead cannot be sent.
         """
         if isinstance(password, str) and password:
-            self._add_secrets(password)
+            mask_secret(password)  # only the masker: this call's own errors redact it (``_register``)
         return self._register(lead, password, only_new_leads, identifier_attribute)
 
     def _register(
