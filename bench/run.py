@@ -87,15 +87,8 @@ def bench_provider(count: int) -> dict[str, Any]:
         outcomes = list(hook.register_portal_users(leads(count, "p"), password_callable=lambda _: PASSWORD))
         seconds = time.monotonic() - started
         registered = sum(1 for outcome in outcomes if outcome.ok)
-        return {
-            "client": f"LeadSquaredHook ({hook.default_max_workers} threads)",
-            "leads": count,
-            "registered": registered,
-            "calls": len(sandbox.calls),
-            "seconds": seconds,
-            "refusals": sandbox.refusals,
-            "max_window": sandbox.max_calls_in_window(),
-        }
+        client = f"LeadSquaredHook ({hook.default_max_workers} threads)"
+        return throughput_row(client, count, registered, seconds, sandbox)
 
 
 # -- (b) a naive script ------------------------------------------------------------------------------
@@ -132,15 +125,20 @@ def bench_naive(count: int) -> dict[str, Any]:
             )
             registered += response.ok and "LeadId" in response.json()
         seconds = time.monotonic() - started
-        return {
-            "client": "naive requests loop (1 thread)",
-            "leads": count,
-            "registered": registered,
-            "calls": len(sandbox.calls),
-            "seconds": seconds,
-            "refusals": sandbox.refusals,
-            "max_window": sandbox.max_calls_in_window(),
-        }
+        return throughput_row("naive requests loop (1 thread)", count, registered, seconds, sandbox)
+
+
+def throughput_row(client: str, count: int, registered: int, seconds: float, sandbox: Any) -> dict[str, Any]:
+    """One client's throughput run, with what the sandbox saw of it."""
+    return {
+        "client": client,
+        "leads": count,
+        "registered": registered,
+        "calls": len(sandbox.calls),
+        "seconds": seconds,
+        "refusals": sandbox.refusals,
+        "max_window": sandbox.max_calls_in_window(),
+    }
 
 
 # -- (c) memory, in a fresh process per size -----------------------------------------------------------

@@ -25,6 +25,16 @@ def connect(
     return conn_id
 
 
+def fetch_all(db: Any, sql: str) -> list[tuple[Any, ...]]:
+    """Run ``sql`` on a fresh DB-API connection ``db``, return every row, and close it."""
+    try:
+        cur = db.cursor()
+        cur.execute(sql)
+        return list(cur.fetchall())
+    finally:
+        db.close()
+
+
 def calls_to(sandbox: Sandbox, path: str) -> int:
     return sum(1 for call in sandbox.calls if call.path == path)
 

@@ -14,6 +14,7 @@ from airflow.providers.common.compat.sdk import BaseHook
 
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger, validate_table_name
+from tests.helpers import fetch_all
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -46,13 +47,7 @@ class Db:
         return RegistrationLedger(self.hook(), self.table, portal_id)
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
-        db = self.connect()
-        try:
-            cur = db.cursor()
-            cur.execute(sql)
-            return list(cur.fetchall())
-        finally:
-            db.close()
+        return fetch_all(self.connect(), sql)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -22,6 +22,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError
 from airflow_provider_lsq.passwords import generate_password
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+from tests.helpers import fetch_all
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -94,13 +95,7 @@ class Warehouse:
             db.close()
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
-        db = self.connect()
-        try:
-            cur = db.cursor()
-            cur.execute(sql)
-            return list(cur.fetchall())
-        finally:
-            db.close()
+        return fetch_all(self.connect(), sql)
 
     def seed(self, rows: list[tuple[Any, ...]]) -> None:
         """Rows of (applicant_id, email, first_name, bogus): no primary key, so duplicates are allowed."""
