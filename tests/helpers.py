@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, quote_plus
 
 if TYPE_CHECKING:
     import pytest
@@ -23,6 +25,34 @@ def connect(
     conn["extra"] = {"retry_wait_seconds": 0.01, **conn["extra"], **extra}
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
     return conn_id
+
+
+def secret_forms(*secrets: str) -> set[str]:
+    """Each secret as text may carry it: raw and in both URL encodings (a logged URL holds those)."""
+    return {form for s in secrets for form in (s, quote(s, safe=""), quote_plus(s, safe="")) if form}
+
+
+def sandbox_secrets(sandbox: Sandbox) -> set[str]:
+    """Every form of the sandbox's keys and tokens."""
+    return secret_forms(
+        sandbox.access_key, sandbox.secret_key, sandbox.public_auth_key, sandbox.registration_token
+    )
+
+
+class RecordingPasswords:
+    """A ``password_callable`` that makes real random passwords and keeps them, for leak checks."""
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, lead: Any) -> str:
+        from airflow_provider_lsq.passwords import generate_password
+
+        password = generate_password()
+        with self._lock:
+            self.made.append(password)
+        return password
 
 
 def fetch_all(db: Any, sql: str) -> list[tuple[Any, ...]]:

@@ -24,7 +24,7 @@ from airflow_provider_lsq.hooks.leadsquared import (
 )
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.sandbox import Sandbox
-from tests.helpers import NASTY_ACCESS_KEY, NASTY_SECRET_KEY, calls_to, connect
+from tests.helpers import NASTY_ACCESS_KEY, NASTY_SECRET_KEY, calls_to, connect, secret_forms
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -235,11 +235,8 @@ def test_unreachable_host_is_transient_and_hides_the_keys(monkeypatch: pytest.Mo
 
 
 def _assert_no_secret(text: str, secrets: list[str]) -> None:
-    from urllib.parse import quote, quote_plus
-
-    for secret in secrets:
-        for form in {secret, quote(secret, safe=""), quote_plus(secret, safe="")}:
-            assert form not in text
+    for form in secret_forms(*secrets):
+        assert form not in text
 
 
 def test_no_secret_reaches_logs_or_errors(

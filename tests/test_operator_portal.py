@@ -5,17 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import threading
 import uuid
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, quote_plus
 
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
-from airflow_provider_lsq.passwords import generate_password
+from tests.helpers import RecordingPasswords, sandbox_secrets, secret_forms
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -201,28 +199,16 @@ def test_no_secret_in_logs_xcom_or_template_fields_and_progress_is_logged(
     sb: Sandbox, task_log: TaskLog
 ) -> None:
     sb.inject(503, "lost", 502)
-    passwords: list[str] = []
-    lock = threading.Lock()
-
-    def password(row: Any) -> str:
-        made = generate_password()
-        with lock:
-            passwords.append(made)
-        return made
-
+    passwords = RecordingPasswords()
     leads = [lead(i) for i in range(1, 13)] + [lead(13, mx_Favourite_Colour="teal")]
     op = RegisterPortalUserOperator(
-        task_id="register", leads=leads, password_callable=password, max_failure_ratio=0.5
+        task_id="register", leads=leads, password_callable=passwords, max_failure_ratio=0.5
     )
     op.progress_interval = 0.01
     summary, _, ti = run(op)
 
     assert summary["registered"] == 12 and summary["failed"] == 1
-    secrets = {
-        form
-        for s in [sb.access_key, sb.secret_key, sb.public_auth_key, sb.registration_token, *passwords]
-        for form in (s, quote(s, safe=""), quote_plus(s, safe=""))
-    }
+    secrets = sandbox_secrets(sb) | secret_forms(*passwords.made)
     log = task_log()
     for place, text in {
         "task log": log,

@@ -14,7 +14,6 @@ import threading
 import uuid
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, quote_plus
 
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException
@@ -22,7 +21,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError
 from airflow_provider_lsq.passwords import generate_password
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
-from tests.helpers import fetch_all
+from tests.helpers import RecordingPasswords, fetch_all, sandbox_secrets, secret_forms
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -185,14 +184,6 @@ def transfer(wh: Warehouse, **kwargs: Any) -> SqlToLeadSquaredPortalOperator:
     }
     options.update(kwargs)
     return SqlToLeadSquaredPortalOperator(**options)
-
-
-def secret_forms(*secrets: str) -> set[str]:
-    return {form for s in secrets for form in (s, quote(s, safe=""), quote_plus(s, safe="")) if form}
-
-
-def sandbox_secrets(sb: Sandbox) -> set[str]:
-    return secret_forms(sb.access_key, sb.secret_key, sb.public_auth_key, sb.registration_token)
 
 
 # -- the happy path, with a misbehaving API ------------------------------------------------------------
@@ -527,26 +518,18 @@ def test_no_secret_or_lead_data_in_logs_return_value_template_fields_or_ledger(
     rows[3] = (4, email(4), first_name(4), "teal")  # refused by the API: its message is recorded
     rows[6] = (7, None, first_name(7), None)  # invalid
     sqlite_warehouse.seed(rows)
-    passwords: list[str] = []
-    lock = threading.Lock()
-
-    def password(lead: Any) -> str:
-        made = generate_password()
-        with lock:
-            passwords.append(made)
-        return made
-
+    passwords = RecordingPasswords()
     op = transfer(
         sqlite_warehouse,
         sql=sqlite_warehouse.sql(', bogus AS "mx_Favourite_Colour"'),
-        password_callable=password,
+        password_callable=passwords,
         max_failure_ratio=0.5,
     )
     op.progress_interval = 0.01
     summary = op.execute(context())
 
-    assert len(passwords) == 30  # the hook asks for a password before validating
-    secrets = sandbox_secrets(sb) | secret_forms(*passwords)
+    assert len(passwords.made) == 30  # the hook asks for a password before validating
+    secrets = sandbox_secrets(sb) | secret_forms(*passwords.made)
     personal = {email(i) for i in range(1, 31)} | {first_name(i) for i in range(1, 31)}
     log = task_log()
     places = {
