@@ -25,6 +25,13 @@ MAX_FAILURES_KEPT = 10
 _FAILED = (RegistrationStatus.INVALID, RegistrationStatus.FAILED)
 
 
+def check_failure_ratio(max_failure_ratio: float) -> float:
+    """``max_failure_ratio`` when it is a share of rows (0 to 1); ValueError otherwise."""
+    if not 0.0 <= max_failure_ratio <= 1.0:
+        raise ValueError(f"max_failure_ratio must be within [0, 1], got {max_failure_ratio}")
+    return max_failure_ratio
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)

@@ -20,7 +20,7 @@ from airflow_provider_lsq.exceptions import LeadSquaredValidationError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import build_lead_fields
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
-from airflow_provider_lsq.progress import RegistrationProgress
+from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -111,8 +111,6 @@ class RegisterPortalUserOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= max_failure_ratio <= 1.0:
-            raise ValueError(f"max_failure_ratio must be within [0, 1], got {max_failure_ratio}")
         key = key_field or identifier_attribute
         if key is None:
             raise ValueError("set key_field (or identifier_attribute) so every row has a name in outcomes")
@@ -121,7 +119,7 @@ class RegisterPortalUserOperator(BaseOperator):
         self.key_field = key
         self.only_new_leads = only_new_leads
         self.password_callable = password_callable
-        self.max_failure_ratio = max_failure_ratio
+        self.max_failure_ratio = check_failure_ratio(max_failure_ratio)
         self.is_dry_run = dry_run  # not ``self.dry_run``: that would shadow BaseOperator.dry_run()
         self.max_workers = max_workers
         self.leadsquared_conn_id = leadsquared_conn_id

@@ -141,6 +141,11 @@ class RegistrationLedger:
     def _marks(self, count: int) -> str:
         return ", ".join([self._placeholder] * count)
 
+    def _where_keys(self, keys: Sequence[str]) -> tuple[str, list[Any]]:
+        """The WHERE clause (and its parameters) that picks this portal's rows for ``keys``."""
+        where = f"WHERE portal_id = {self._placeholder} AND row_key IN ({self._marks(len(keys))})"
+        return where, [self.portal_id, *keys]
+
     # -- schema ----------------------------------------------------------------------------------
 
     def ensure_table(self) -> None:
@@ -200,11 +205,8 @@ class RegistrationLedger:
         try:
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
                 chunk = wanted[start : start + _LOOKUP_CHUNK]
-                cursor.execute(
-                    f"SELECT {columns} FROM {self.table} "
-                    f"WHERE portal_id = {self._placeholder} AND row_key IN ({self._marks(len(chunk))})",
-                    [self.portal_id, *chunk],
-                )
+                where, params = self._where_keys(chunk)
+                cursor.execute(f"SELECT {columns} FROM {self.table} {where}", params)
                 for record in cursor.fetchall():
                     row = self._row(record)
                     found[row.row_key] = row
@@ -305,11 +307,8 @@ class RegistrationLedger:
             keys = [row.row_key for row in rows]
             for start in range(0, len(keys), _LOOKUP_CHUNK):
                 chunk = keys[start : start + _LOOKUP_CHUNK]
-                cursor.execute(
-                    f"DELETE FROM {self.table} "
-                    f"WHERE portal_id = {self._placeholder} AND row_key IN ({self._marks(len(chunk))})",
-                    [self.portal_id, *chunk],
-                )
+                where, params = self._where_keys(chunk)
+                cursor.execute(f"DELETE FROM {self.table} {where}", params)
             one_row = f"({self._marks(len(COLUMNS))})"
             for start in range(0, len(rows), _INSERT_CHUNK):
                 chunk_rows = rows[start : start + _INSERT_CHUNK]

@@ -19,7 +19,7 @@ from airflow.providers.common.sql.hooks.sql import DbApiHook
 
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.operators.portal import check_lead, invalid_outcome
-from airflow_provider_lsq.progress import RegistrationProgress
+from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
 from airflow_provider_lsq.transfers.ledger import RegistrationLedger
 
 if TYPE_CHECKING:
@@ -139,8 +139,6 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= max_failure_ratio <= 1.0:
-            raise ValueError(f"max_failure_ratio must be within [0, 1], got {max_failure_ratio}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not key_column:
@@ -153,7 +151,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         self.identifier_attribute = identifier_attribute
         self.only_new_leads = only_new_leads
         self.password_callable = password_callable
-        self.max_failure_ratio = max_failure_ratio
+        self.max_failure_ratio = check_failure_ratio(max_failure_ratio)
         self.is_dry_run = dry_run  # not ``self.dry_run``: that would shadow BaseOperator.dry_run()
         self.max_workers = max_workers
         self.leadsquared_conn_id = leadsquared_conn_id
