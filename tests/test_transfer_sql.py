@@ -192,7 +192,16 @@ def transfer(wh: Warehouse, **kwargs: Any) -> SqlToLeadSquaredPortalOperator:
 def test_every_row_ends_in_the_ledger_once_despite_faults_and_reruns_make_no_call(
     warehouse: Warehouse, lsq: Callable[..., Sandbox]
 ) -> None:
-    sb = lsq(latency=0.01, latency_jitter=0.02, fault_rate=0.15, lost_response_rate=0.1, seed=11)
+    # About one call in four faults here; 11 attempts make a row that exhausts them (and would end
+    # failed, retryable) a one-in-four-million event instead of one run in a hundred.
+    sb = lsq(
+        conn_extra={"max_retries": 10},
+        latency=0.01,
+        latency_jitter=0.02,
+        fault_rate=0.15,
+        lost_response_rate=0.1,
+        seed=11,
+    )
     rows = applicants()
     rows[4] = (5, None, "NoEmail", None)  # invalid: no identifier
     rows[9] = (10, "bad\x01@example.edu", "Control", None)  # invalid: control character
