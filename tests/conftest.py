@@ -69,12 +69,16 @@ def airflow_db() -> Path:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """A real Redis server's URL (database 15, flushed for the session)."""
+    """A real Redis server's URL (database ``LSQ_TEST_REDIS_DB``, default 15, flushed for the session).
+
+    Give concurrent test runs on one machine different databases, or one run's flush wipes the other's
+    shared budgets mid-test.
+    """
     if not _port_open(REDIS_HOST, REDIS_PORT):
         _service_missing("Redis", f"{REDIS_HOST}:{REDIS_PORT}")
     import redis
 
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/15"
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{os.environ.get('LSQ_TEST_REDIS_DB', '15')}"
     redis.Redis.from_url(url).flushdb()
     return url
 
