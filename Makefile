@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # Extra requirement given to the installer, e.g. AIRFLOW_SPEC='apache-airflow==2.11.*'.
 AIRFLOW_SPEC ?= apache-airflow>=2.11.0
+# uv's resolution strategy: `lowest-direct` installs the oldest version every declared floor allows.
+RESOLUTION ?= highest
 BIN := $(VENV)/bin
 AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW_HOME
@@ -16,7 +18,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' '$(AIRFLOW_SPEC)'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --resolution $(RESOLUTION) \
+		-e '.[dev]' '$(AIRFLOW_SPEC)'
 	touch $@
 
 lint: install
