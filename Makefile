@@ -31,7 +31,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 demo: install
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m airflow_provider_lsq.example_dags.demo
 
 bench: install
 	$(BIN)/python bench/run.py

@@ -7,6 +7,7 @@ the API notes (25 calls per 5 seconds is the most generous documented plan).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -188,6 +189,12 @@ class LeadSquaredConfig:
         if storage and storage != "memory" and not storage.startswith(_STORAGE_SCHEMES):
             raise read.error(
                 "rate_limit_storage", "must be empty, 'memory' or a redis://, rediss:// or unix:// URI"
+            )
+        if storage and storage != "memory" and importlib.util.find_spec("redis") is None:
+            raise read.error(
+                "rate_limit_storage",
+                "names a Redis server, but the redis package is missing: "
+                "pip install 'airflow-provider-leadsquared[redis]'",
             )
         return cls(
             base_url=base_url(host, conn.port),
