@@ -1,5 +1,6 @@
 # Quick start: `make demo` runs the example DAG end to end against the local sandbox;
-# `make test` runs lint, format check, types and the tests. Both build what they need.
+# `make test` runs lint, format check, types and the tests; `make docs` builds the docs site
+# (warnings are errors) into docs/_build/html. Each builds what it needs.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW_HOME
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench docs clean
 
 install: $(VENV)/.installed
 
@@ -36,5 +37,12 @@ demo: install
 bench: install
 	$(BIN)/python bench/run.py
 
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,docs]' '$(AIRFLOW_SPEC)'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/python -m sphinx -W --keep-going -n -b html -d docs/_build/doctrees docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .airflow .airflow-test .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .airflow .airflow-test .pytest_cache .mypy_cache .ruff_cache docs/_build
