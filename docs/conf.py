@@ -12,7 +12,7 @@ from airflow_provider_lsq import __version__  # noqa: E402
 
 project = "airflow-provider-leadsquared"
 author = "airflow-provider-leadsquared contributors"
-copyright = "2026, airflow-provider-leadsquared contributors"  # noqa: A001
+copyright = "2026, airflow-provider-leadsquared contributors"
 version = release = __version__
 
 extensions = ["myst_parser"]
