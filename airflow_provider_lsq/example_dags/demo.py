@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import re
@@ -260,6 +261,12 @@ def show_ledger(warehouse: Path) -> None:
 
 def main() -> int:
     started = time.monotonic()
+    if importlib.util.find_spec("airflow.providers.sqlite") is None:
+        say(
+            "The demo's warehouse is SQLite, and the SQLite provider is not installed: "
+            "pip install 'airflow-provider-leadsquared[sqlite]'"
+        )
+        return 2
     home = Path(os.environ.get("AIRFLOW_HOME") or ".airflow").resolve()
     home.mkdir(parents=True, exist_ok=True)
     env = airflow_env(home)
