@@ -311,7 +311,9 @@ class LeadSquaredHook(BaseHook):
         """One call, no retries, a short timeout: the UI's Test button answers within seconds.
 
         It fetches the public auth key, which proves the host and the keys, and then checks that the
-        connection names a portal (registration cannot work without ``portal_id``).
+        connection names a portal (registration cannot work without ``portal_id``). The one call skips
+        the rate limiter's queue and the retry loop (``_call``): a Test button must not wait behind a
+        running bulk registration, and one call more cannot exhaust the account's window.
         """
         try:
             config = self.config
