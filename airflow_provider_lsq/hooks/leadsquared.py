@@ -313,7 +313,8 @@ class LeadSquaredHook(BaseHook):
         It fetches the public auth key, which proves the host and the keys, and then checks that the
         connection names a portal (registration cannot work without ``portal_id``). The one call skips
         the rate limiter's queue and the retry loop (``_call``): a Test button must not wait behind a
-        running bulk registration, and one call more cannot exhaust the account's window.
+        running bulk registration. At worst its one call tips a full window over, and the running task waits
+        that refusal out like any other.
         """
         try:
             config = self.config
