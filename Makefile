@@ -1,22 +1,26 @@
 # Quick start: `make demo` runs the example DAG end to end against the local sandbox;
-# `make test` runs lint, format check, types and the tests. Both build what they need.
+# `make test` runs lint, format check, types and the tests; `make docs` builds the docs site
+# (warnings are errors) into docs/_build/html. Each builds what it needs.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 # Extra requirement given to the installer, e.g. AIRFLOW_SPEC='apache-airflow==2.11.*'.
 AIRFLOW_SPEC ?= apache-airflow>=2.11.0
+# uv's resolution strategy: `lowest-direct` installs the oldest version every declared floor allows.
+RESOLUTION ?= highest
 BIN := $(VENV)/bin
 AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW_HOME
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench docs clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' '$(AIRFLOW_SPEC)'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --resolution $(RESOLUTION) \
+		-e '.[dev]' '$(AIRFLOW_SPEC)'
 	touch $@
 
 lint: install
@@ -28,10 +32,17 @@ test: lint
 	$(BIN)/python -m pytest
 
 demo: install
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m airflow_provider_lsq.example_dags.demo
 
 bench: install
 	$(BIN)/python bench/run.py
 
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,docs]' '$(AIRFLOW_SPEC)'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/python -m sphinx -W --keep-going -n -b html -d docs/_build/doctrees docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .airflow .airflow-test .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .airflow .airflow-test .pytest_cache .mypy_cache .ruff_cache docs/_build

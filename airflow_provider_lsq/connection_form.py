@@ -1,8 +1,13 @@
 """The ``leadsquared`` connection form, in LeadSquared's words.
 
 Airflow 3.2+ reads it from the provider info (``conn-fields``, ``ui-field-behaviour``); 2.11 to 3.1 ask
-the hook. Both are built from these two dicts, so the keys are the same everywhere. This module imports
-nothing, so provider discovery stays cheap.
+the hook (:func:`connection_form_widgets`). Both are built from these two dicts, so the keys are the
+same everywhere. This module imports nothing at import time, so provider discovery stays cheap.
+
+Placeholders: Airflow 2.11 to 3.1 show ``UI_FIELD_BEHAVIOUR["placeholders"]`` inside every field. The
+Airflow 3.2+ form builds extra fields from their JSON Schema and shows a placeholder only for the
+built-in fields (host, login, password); an extra field's example therefore also sits in its
+``description``, which that form shows under the field.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from typing import Any
 CONN_FIELDS: dict[str, dict[str, Any]] = {
     "portal_id": {
         "label": "Portal Id",
-        "description": "From Workflow > Manage Portals in LeadSquared (it is in the page URL).",
+        "description": (
+            "Needed to register portal users. In LeadSquared: Workflow > Manage Portals, open the portal; "
+            "the id is in the page URL (e.g. 8d4f1a2b-...)."
+        ),
         "schema": {"type": ["string", "null"]},
     },
     "rate_limit_calls": {
@@ -22,6 +30,7 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     },
     "rate_limit_period_seconds": {
         "label": "Rate Limit Period (seconds)",
+        "description": "Length of your plan's rate-limit window (5 seconds on the documented plans).",
         "schema": {"type": ["number", "null"], "default": 5, "minimum": 0.1},
     },
     "daily_call_limit": {
@@ -31,7 +40,10 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     },
     "rate_limit_storage": {
         "label": "Rate Limit Storage",
-        "description": "Empty: this process. A redis:// URI shares the budget across processes and machines.",
+        "description": (
+            "Empty: each process keeps its own budget. A Redis URI (e.g. redis://redis:6379/0) shares "
+            "one budget across processes and machines; needs the [redis] extra."
+        ),
         "schema": {"type": ["string", "null"], "format": "password"},
     },
     "timeout_seconds": {
@@ -59,3 +71,37 @@ UI_FIELD_BEHAVIOUR: dict[str, Any] = {
         "rate_limit_storage": "redis://localhost:6379/0",
     },
 }
+
+
+def connection_form_widgets() -> dict[str, Any]:
+    """The extra fields as WTForms fields, for the Flask form of Airflow 2.11 to 3.1.
+
+    Built from :data:`CONN_FIELDS`: a ``password`` format becomes a masked field, an integer an
+    ``IntegerField`` with its minimum, anything else a text field. Imports Flask lazily.
+    """
+    from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
+    from flask_babel import lazy_gettext
+    from wtforms import IntegerField, PasswordField, StringField
+    from wtforms.validators import NumberRange, Optional
+
+    widgets: dict[str, Any] = {}
+    for name, spec in CONN_FIELDS.items():
+        label = lazy_gettext(spec["label"])
+        description = lazy_gettext(spec["description"]) if spec.get("description") else ""
+        schema = spec["schema"]
+        kinds = schema["type"]
+        if schema.get("format") == "password":
+            widgets[name] = PasswordField(label, widget=BS3PasswordFieldWidget(), description=description)
+        elif "integer" in kinds:
+            widgets[name] = IntegerField(
+                label,
+                validators=[Optional(), NumberRange(min=schema.get("minimum"))],
+                widget=BS3TextFieldWidget(),
+                default=schema.get("default"),
+                description=description,
+            )
+        else:
+            widgets[name] = StringField(
+                label, widget=BS3TextFieldWidget(), default=schema.get("default"), description=description
+            )
+    return widgets

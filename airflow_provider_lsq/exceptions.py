@@ -45,6 +45,30 @@ class LeadSquaredValidationError(LeadSquaredError):
         self.field = field
 
 
+class LeadSquaredConfigError(LeadSquaredError, ValueError):
+    """A connection value is missing, of the wrong kind, or one no request can carry.
+
+    Raised when the connection is read, before any call; ``field`` and ``conn_id`` name the culprit.
+    Fix the connection: no retry can help.
+    """
+
+    def __init__(self, message: str, *, field: str, conn_id: str | None) -> None:
+        super().__init__(message, exception_type="ConnectionConfigError")
+        self.field = field
+        self.conn_id = conn_id
+
+
+class LeadSquaredRequestError(LeadSquaredValidationError):
+    """A request could not be built (a header or URL that HTTP cannot carry): nothing was sent.
+
+    Permanent, never retried; ``field`` names the value at fault. A row that meets it ends ``invalid``.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.exception_type = "RequestError"
+
+
 class LeadSquaredAPIError(LeadSquaredError):
     """A permanent refusal: 400, 404, 403 or an ``MX...`` application error. Retrying will not help."""
 

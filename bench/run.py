@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("AIRFLOW_HOME", str(ROOT / ".airflow"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
@@ -205,7 +204,7 @@ def memory_child(rows: int, warehouse: str) -> None:
 
 
 def bench_memory(sizes: list[int]) -> list[dict[str, Any]]:
-    import seed_warehouse
+    from airflow_provider_lsq.example_dags import seed_warehouse
 
     results = []
     with tempfile.TemporaryDirectory(prefix="lsq-bench-") as tmp:

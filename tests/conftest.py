@@ -28,7 +28,7 @@ AIRFLOW_HOME = ROOT / ".airflow-test" / AIRFLOW_VERSION
 AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
 os.environ["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "airflow_provider_lsq" / "example_dags")
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{AIRFLOW_HOME / 'airflow.db'}"
 os.environ.pop("AIRFLOW_CONN_LEADSQUARED_DEFAULT", None)
 

@@ -1,4 +1,4 @@
-"""The example DAGs, end to end: parsed by a DagBag, run with ``dag.test()`` against a sandbox.
+"""The shipped example DAGs, end to end: parsed by a DagBag, run with ``dag.test()`` against a sandbox.
 
 ``lsq_register_new_applicants`` runs on a seeded SQLite warehouse and on a PostgreSQL one, with the
 same SQL. The ledger it writes is checked row by row against what the sandbox registered, and a second
@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,10 +21,9 @@ from airflow_provider_lsq.sandbox import Sandbox
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from airflow_provider_lsq.example_dags import seed_warehouse
 
-import seed_warehouse  # noqa: E402  (a script, not a package module)
+EXAMPLE_DAGS = Path(seed_warehouse.__file__).resolve().parent  # the copies a pip install ships
 
 AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 NEW_APPLICANTS = "lsq_register_new_applicants"
@@ -45,7 +43,7 @@ def dagbag() -> Any:
     """A fresh parse per test: an in-process ``dag.test()`` leaves its run conf in the DAG's params."""
     from airflow.models import DagBag
 
-    return DagBag(dag_folder=str(ROOT / "dags"))
+    return DagBag(dag_folder=str(EXAMPLE_DAGS))
 
 
 def run_dag(dag: Any, conf: dict[str, Any] | None = None, logical_date: dt.datetime = LOGICAL_DATE) -> Any:
@@ -246,6 +244,132 @@ def test_new_applicants_sql_has_only_warehouse_columns(dagbag: Any) -> None:
     for attribute in ("EmailAddress", "FirstName", "LastName", "Mobile", "mx_Program", "mx_City"):
         assert f'AS "{attribute}"' in sql
     assert "NOT EXISTS" in sql
+
+
+# -- the window ----------------------------------------------------------------------------------------
+
+DAY = dt.timedelta(days=1)
+
+
+def render_window(
+    dagbag: Any,
+    *,
+    data_interval_end: dt.datetime | None,
+    run_after: dt.datetime,
+    prev_end: dt.datetime | None = None,
+    lookback_days: int = 1,
+) -> tuple[dt.datetime, dt.datetime]:
+    """The ``[start, end)`` the DAG's SQL selects, rendered by the DAG's own Jinja environment."""
+    import re
+    from types import SimpleNamespace
+
+    dag = dagbag.dags[NEW_APPLICANTS]
+    task = dag.get_task("register_new_applicants")
+    connections = SimpleNamespace(get=lambda _id: SimpleNamespace(extra_dejson={"portal_id": "p"}))
+    context: dict[str, Any] = {
+        "data_interval_end": data_interval_end,
+        "prev_data_interval_end_success": prev_end,
+        "dag_run": SimpleNamespace(run_after=run_after),
+        "macros": SimpleNamespace(timedelta=dt.timedelta),  # Airflow's macros.timedelta is this
+        "params": {**{k: dag.params[k] for k in dag.params}, "lookback_days": lookback_days},
+        "conn": connections,
+    }
+    sql = dag.get_template_env().from_string(task.sql).render(**context)
+    found = re.search(r"created_at >= '([^']+)'\s+AND a.created_at < '([^']+)'", sql)
+    assert found, sql
+    start, end = (dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc) for text in found.groups())
+    return start, end
+
+
+def test_window_of_a_scheduled_run_is_its_day(dagbag: Any) -> None:
+    end = LOGICAL_DATE
+    assert render_window(dagbag, data_interval_end=end, run_after=end, prev_end=end - DAY) == (end - DAY, end)
+    assert render_window(dagbag, data_interval_end=end, run_after=end) == (end - DAY, end)  # first run
+    window = render_window(dagbag, data_interval_end=end, run_after=end, prev_end=end - DAY, lookback_days=7)
+    assert window == (end - 7 * DAY, end)
+
+
+def test_window_reaches_back_to_the_last_successful_run(dagbag: Any) -> None:
+    """Failed runs, a paused DAG or runs skipped without catchup leave no applicant behind."""
+    end = LOGICAL_DATE
+    window = render_window(dagbag, data_interval_end=end, run_after=end, prev_end=end - 4 * DAY)
+    assert window == (end - 4 * DAY, end)
+
+
+def test_window_of_a_manual_run_without_data_interval_ends_when_it_was_triggered(dagbag: Any) -> None:
+    """Airflow 3's manual run: ``[run_after - lookback_days, run_after)``, whatever ran before."""
+    triggered = LOGICAL_DATE + dt.timedelta(hours=15, minutes=30)
+    assert render_window(dagbag, data_interval_end=None, run_after=triggered) == (triggered - DAY, triggered)
+    window = render_window(dagbag, data_interval_end=None, run_after=triggered, lookback_days=3)
+    assert window == (triggered - 3 * DAY, triggered)
+
+
+def test_scheduled_and_manual_runs_leave_no_gap(dagbag: Any) -> None:
+    """Daily runs, one failing, with manual runs between them: every instant is in a successful window.
+
+    A manual run on Airflow 3 has no logical date, so it is never "the previous successful run" of a
+    scheduled one: the scheduled windows join up on their own, the manual ones only overlap them.
+    """
+    start = LOGICAL_DATE
+    covered: list[tuple[dt.datetime, dt.datetime]] = []
+    last_success: dt.datetime | None = None
+    for day in range(1, 8):
+        end = start + day * DAY
+        window = render_window(dagbag, data_interval_end=end, run_after=end, prev_end=last_success)
+        if day in (3, 4):  # these runs fail: their windows register nobody for sure
+            manual_at = end + dt.timedelta(hours=9)
+            covered.append(render_window(dagbag, data_interval_end=None, run_after=manual_at))
+            continue
+        covered.append(window)
+        last_success = end
+    covered.sort()
+    reach = start  # the first run's window starts a day before: from here every instant must be covered
+    for low, high in covered:
+        assert low <= reach, f"gap from {reach} to {low}"
+        reach = max(reach, high)
+    assert reach == start + 7 * DAY
+
+
+@pytest.mark.airflow_db
+@pytest.mark.skipif(not AIRFLOW_3, reason="a run without a data interval exists from Airflow 3 on")
+def test_manual_run_then_scheduled_run_register_everyone_once(
+    airflow_db: Path, dagbag: Any, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real manual run (no logical date) mid-day, then the scheduled run: nobody missed or sent twice."""
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    path = tmp_path / "warehouse.db"
+    wh = Warehouse(
+        "sqlite", str(path), {"conn_type": "sqlite", "host": str(path)}, lambda: sqlite3.connect(path)
+    )
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_WAREHOUSE", json.dumps(wh.conn))
+    day_end = LOGICAL_DATE + 40 * DAY  # later than every other test's runs of this DAG
+    seed_warehouse.seed(wh.target, end=day_end, days=2, count=150)
+    dag = dagbag.dags[NEW_APPLICANTS]
+
+    def forget_runs() -> None:  # runs of other dates would widen the window (it reaches back to them)
+        with create_session() as session:
+            session.query(DagRun).filter(DagRun.dag_id == NEW_APPLICANTS).delete()
+
+    forget_runs()
+    try:
+        triggered = day_end - dt.timedelta(hours=10)
+        manual = dag.test(logical_date=None, run_after=triggered)
+        assert str(manual.state) == "success", task_state(manual, "register_new_applicants")
+        assert set(wh.ledger()) == wh.created_between(triggered - DAY, triggered)
+
+        calls = sandbox.register_calls
+        scheduled = run_dag(dag, logical_date=day_end)
+        assert str(scheduled.state) == "success", task_state(scheduled, "register_new_applicants")
+        ledger = wh.ledger()
+        assert set(ledger) == wh.created_between(triggered - DAY, day_end)
+        # The scheduled run only sent rows the manual run had not registered.
+        late = wh.created_between(triggered, day_end)
+        assert sandbox.register_calls - calls <= len(late) + 1
+        assert sum(1 for lead in sandbox.leads if lead.registrations > 1) <= 1  # the shared-email pair
+    finally:
+        forget_runs()
 
 
 # -- lsq_register_from_upstream -----------------------------------------------------------------------

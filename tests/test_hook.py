@@ -97,7 +97,7 @@ def test_identifier_attribute_is_sent_first(hook: LeadSquaredHook, sandbox: Sand
         ({"FirstName": "No identifier"}, PASSWORD, "EmailAddress"),
         ({"EmailAddress": "a@example.com"}, "  ", "mx_Portal_Password"),
         ({"EmailAddress": "a@example.com", "mx_Notes": {"a": 1}}, PASSWORD, "mx_Notes"),
-        ({"EmailAddress": "a@example.com", "Score": float("nan")}, PASSWORD, "Score"),
+        ({"EmailAddress": "a@example.com", "Score": float("inf")}, PASSWORD, "Score"),
         ({"EmailAddress": "a@example.com", "first name": "x"}, PASSWORD, "first name"),
         ({"EmailAddress": "a@example.com", "mx_Portal_Password": "x"}, PASSWORD, "mx_Portal_Password"),
     ],

@@ -37,7 +37,7 @@ def test_format_value(value: object, sent: str | None) -> None:
     assert format_value("Field", value) == sent
 
 
-@pytest.mark.parametrize("value", [b"bytes", [1], {"a": 1}, float("inf"), Decimal("NaN"), "bad\x00nul"])
+@pytest.mark.parametrize("value", [b"bytes", [1], {"a": 1}, float("inf"), Decimal("-Infinity"), "bad\x00nul"])
 def test_values_that_cannot_be_sent_name_the_field(value: object) -> None:
     with pytest.raises(LeadSquaredValidationError) as err:
         format_value("mx_Field", value)
@@ -90,3 +90,44 @@ def test_generated_passwords_are_strong_and_fresh() -> None:
         assert any(c.isdigit() for c in password) and any(not c.isalnum() for c in password)
     with pytest.raises(ValueError):
         generate_password(8)
+
+
+# -- dataframe values ----------------------------------------------------------------------------------
+
+
+def test_dataframe_no_value_markers_are_left_out() -> None:
+    """NaN (an empty cell in ``to_dict("records")``), pandas.NA and NaT mean "no value", as None does."""
+    import pandas as pd  # a dev dependency: what users hand over from dataframes
+
+    frame = pd.DataFrame(
+        {
+            "EmailAddress": ["a@example.com", "b@example.com"],
+            "mx_Score": [1.5, None],
+            "mx_Grade": pd.array([3, None], dtype="Int64"),
+            "mx_Applied": pd.to_datetime(["2026-11-20 10:00:00", None]),
+        }
+    )
+    first, second = frame.to_dict("records")
+    assert build_lead_fields(second, "Passw0rd!")[:1] == [
+        {"Attribute": "EmailAddress", "Value": "b@example.com"}
+    ]
+    assert [f["Attribute"] for f in build_lead_fields(second, "Passw0rd!")] == [
+        "EmailAddress",
+        "mx_Portal_Password",
+        "mx_Portal_Confirm_Password",
+    ]
+    assert [f["Attribute"] for f in build_lead_fields(first, "Passw0rd!")][:4] == [
+        "EmailAddress",
+        "mx_Score",
+        "mx_Grade",
+        "mx_Applied",
+    ]
+    for marker in (float("nan"), pd.NA, pd.NaT, Decimal("NaN")):
+        assert format_value("mx_Any", marker) is None
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), Decimal("Infinity")])
+def test_infinities_stay_invalid_naming_the_field(value: object) -> None:
+    with pytest.raises(LeadSquaredValidationError, match="field 'mx_Score'") as err:
+        build_lead_fields({"EmailAddress": "a@example.com", "mx_Score": value}, "Passw0rd!")
+    assert err.value.field == "mx_Score"

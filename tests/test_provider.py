@@ -45,6 +45,33 @@ def test_provider_info_and_hook_form_declare_the_same_fields() -> None:
     assert UI_FIELD_BEHAVIOUR["relabeling"]["password"] == "Secret Key"
 
 
+def test_airflow3_form_shows_an_example_for_portal_id_and_rate_limit_storage() -> None:
+    """Airflow 3.2+ builds extra fields from their JSON Schema: the example sits in the description.
+
+    Its form shows a placeholder only for the built-in fields; 2.11 to 3.1 show ``placeholders``.
+    """
+    service = pytest.importorskip("airflow.api_fastapi.core_api.services.ui.connections")
+    meta = {m.connection_type: m for m in service.HookMetaService.hook_meta_data()}["leadsquared"]
+    extra = meta.extra_fields
+    assert extra is not None
+    assert (
+        "e.g." in extra["portal_id"]["description"] and "Manage Portals" in extra["portal_id"]["description"]
+    )
+    assert "redis://" in extra["rate_limit_storage"]["description"]
+    assert extra["rate_limit_storage"]["schema"]["format"] == "password"
+    assert extra["rate_limit_calls"]["value"] == 25  # numbers show their default
+    assert meta.standard_fields.host.placeholder.startswith("portalapi.leadsquared.com")
+    for name in ("portal_id", "rate_limit_storage"):
+        assert UI_FIELD_BEHAVIOUR["placeholders"][name]  # what Airflow 2.11 to 3.1 show inside the field
+
+
+def test_hook_form_widgets_carry_the_descriptions() -> None:
+    pytest.importorskip("wtforms", reason="the hook-declared form (Airflow 2.11 to 3.1) needs wtforms")
+    pytest.importorskip("flask_appbuilder", reason="the hook-declared form needs Flask-AppBuilder")
+    widgets = LeadSquaredHook.get_connection_form_widgets()
+    assert "Manage Portals" in str(widgets["portal_id"].kwargs["description"])
+
+
 def _airflow(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "airflow", *args], capture_output=True, text=True, env=os.environ.copy()

@@ -7,14 +7,26 @@ the API notes (25 calls per 5 seconds is the most generous documented plan).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from airflow_provider_lsq.exceptions import LeadSquaredConfigError
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection
 
 DEFAULT_PORTAL_HOST = "portalapi.leadsquared.com"
 CONN_TYPE = "leadsquared"
+_STORAGE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+# Characters no HTTP header can carry and no LeadSquared key or id holds: controls (a pasted newline or
+# tab), spaces inside a value, and anything outside printable ASCII.
+_TOKEN = re.compile(r"[!-~]+")
 
 
 def _extra(extras: dict[str, Any], name: str) -> Any:
@@ -32,6 +44,89 @@ def base_url(host: str | None, port: int | None = None) -> str:
     if port and url.count(":") < 2:
         url = f"{url}:{port}"
     return url
+
+
+class _ConnectionReader:
+    """Reads each value of one connection once, with errors that name the field and the connection.
+
+    Text is stripped of surrounding whitespace (a pasted newline or space is never meant); a value that
+    still cannot go into a request (a space, a control character or a non-ASCII character inside a key
+    or id; a host that is not a URL) raises :class:`~airflow_provider_lsq.exceptions.LeadSquaredConfigError`.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.conn_id = conn.conn_id
+        extras = conn.extra_dejson
+        if not isinstance(extras, dict):
+            raise self.error("extra", "must be a JSON object")
+        self.extras: dict[str, Any] = extras
+
+    def error(self, name: str, problem: str) -> LeadSquaredConfigError:
+        return LeadSquaredConfigError(
+            f"Connection {self.conn_id!r}: field {name!r} {problem}.", field=name, conn_id=self.conn_id
+        )
+
+    def text(self, name: str, value: Any, *, secret: bool = False) -> str | None:
+        """``value`` stripped; None when empty. ``secret`` values never appear in the message."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self.error(name, f"must be text, got {type(value).__name__}")
+        text = str(value).strip()
+        if not text:
+            return None
+        if not _TOKEN.fullmatch(text):
+            shown = "" if secret else f" (got {text!r})"
+            raise self.error(
+                name,
+                "holds a space, a control character or a non-ASCII character that no request can carry"
+                + shown,
+            )
+        return text
+
+    def extra_text(self, name: str, *, secret: bool = False) -> str | None:
+        return self.text(name, _extra(self.extras, name), secret=secret)
+
+    def host(self, name: str, value: str | None) -> str | None:
+        host = self.text(name, value)
+        if host is None:
+            return None
+        url = base_url(host)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  (raises on a port that is not a number)
+        except ValueError as error:
+            raise self.error(name, f"is not a host name or URL ({error})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.error(name, f"must be a host name or an http(s) URL, got {host!r}")
+        return host
+
+    def number(
+        self, name: str, kind: type[int] | type[float], default: Any, *, allow_zero: bool = False
+    ) -> Any:
+        value = _extra(self.extras, name)
+        if isinstance(value, str):
+            value = value.strip() or None
+        if value is None:
+            return default
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            result = float(value)
+            if kind is int:
+                if not result.is_integer():
+                    raise ValueError
+                result = int(result)
+        except (TypeError, ValueError, OverflowError):
+            raise self.error(
+                name, f"must be a{'n integer' if kind is int else ' number'}, got {value!r}"
+            ) from None
+        if not math.isfinite(result):
+            raise self.error(name, f"must be a finite number, got {value!r}")
+        if result < 0 or (result == 0 and not allow_zero):
+            raise self.error(name, f"must be {'zero or more' if allow_zero else 'positive'}, got {value!r}")
+        return result
 
 
 @dataclass(frozen=True)
@@ -71,43 +166,48 @@ class LeadSquaredConfig:
 
     @classmethod
     def from_connection(cls, conn: Connection) -> LeadSquaredConfig:
-        extras = conn.extra_dejson or {}
+        """Read and check every value of ``conn`` once.
 
-        def number(name: str, kind: type, default: Any, *, allow_zero: bool = False) -> Any:
-            value = _extra(extras, name)
-            if value is None:
-                return default
-            try:
-                result = kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"Connection {conn.conn_id!r}: extra {name!r} must be a {kind.__name__}, got {value!r}"
-                ) from None
-            if result < 0 or (result == 0 and not allow_zero):
-                raise ValueError(
-                    f"Connection {conn.conn_id!r}: extra {name!r} must be positive, got {value!r}"
-                )
-            return result
+        Surrounding whitespace is removed from every text value.
 
-        if not conn.login or not conn.password:
-            raise ValueError(
+        :raises LeadSquaredConfigError: (a ``ValueError``) naming the field and the connection, when a
+            value is missing, of the wrong kind, or one no request can carry.
+        """
+        read = _ConnectionReader(conn)
+        access_key = read.text("login", conn.login, secret=True)
+        secret_key = read.text("password", conn.password, secret=True)
+        if not access_key or not secret_key:
+            missing = "login" if not access_key else "password"
+            raise LeadSquaredConfigError(
                 f"Connection {conn.conn_id!r} needs the LeadSquared Access Key (login) and Secret Key "
-                "(password) of an admin user."
+                "(password) of an admin user.",
+                field=missing,
+                conn_id=conn.conn_id,
             )
-        portal_id = _extra(extras, "portal_id")
-        storage = _extra(extras, "rate_limit_storage")
+        host = read.host("host", conn.host)
+        storage = read.extra_text("rate_limit_storage", secret=True)
+        if storage and storage != "memory" and not storage.startswith(_STORAGE_SCHEMES):
+            raise read.error(
+                "rate_limit_storage", "must be empty, 'memory' or a redis://, rediss:// or unix:// URI"
+            )
+        if storage and storage != "memory" and importlib.util.find_spec("redis") is None:
+            raise read.error(
+                "rate_limit_storage",
+                "names a Redis server, but the redis package is missing: "
+                "pip install 'airflow-provider-leadsquared[redis]'",
+            )
         return cls(
-            base_url=base_url(conn.host, conn.port),
-            access_key=conn.login,
-            secret_key=conn.password,
-            portal_id=str(portal_id) if portal_id is not None else None,
-            rate_limit_calls=number("rate_limit_calls", int, 25),
-            rate_limit_period_seconds=number("rate_limit_period_seconds", float, 5.0),
-            rate_limit_margin_seconds=number("rate_limit_margin_seconds", float, None, allow_zero=True),
-            daily_call_limit=number("daily_call_limit", int, None),
-            rate_limit_storage=str(storage) if storage and storage != "memory" else None,
-            timeout_seconds=number("timeout_seconds", float, 30.0),
-            max_retries=number("max_retries", int, 5, allow_zero=True),
-            retry_wait_seconds=number("retry_wait_seconds", float, 1.0),
-            api_host=_extra(extras, "api_host"),
+            base_url=base_url(host, conn.port),
+            access_key=access_key,
+            secret_key=secret_key,
+            portal_id=read.extra_text("portal_id"),
+            rate_limit_calls=read.number("rate_limit_calls", int, 25),
+            rate_limit_period_seconds=read.number("rate_limit_period_seconds", float, 5.0),
+            rate_limit_margin_seconds=read.number("rate_limit_margin_seconds", float, None, allow_zero=True),
+            daily_call_limit=read.number("daily_call_limit", int, None),
+            rate_limit_storage=storage if storage and storage != "memory" else None,
+            timeout_seconds=read.number("timeout_seconds", float, 30.0),
+            max_retries=read.number("max_retries", int, 5, allow_zero=True),
+            retry_wait_seconds=read.number("retry_wait_seconds", float, 1.0),
+            api_host=read.host("api_host", _extra(read.extras, "api_host")),
         )

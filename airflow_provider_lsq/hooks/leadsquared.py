@@ -17,7 +17,7 @@ from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from requests.adapters import HTTPAdapter
 
 from airflow_provider_lsq import __version__
-from airflow_provider_lsq.connection_form import CONN_FIELDS, UI_FIELD_BEHAVIOUR
+from airflow_provider_lsq.connection_form import UI_FIELD_BEHAVIOUR, connection_form_widgets
 from airflow_provider_lsq.exceptions import (
     LeadSquaredAPIError,
     LeadSquaredAuthenticationError,
@@ -25,6 +25,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredError,
     LeadSquaredLeadExistsError,
     LeadSquaredRateLimitError,
+    LeadSquaredRequestError,
     LeadSquaredTransientError,
     LeadSquaredValidationError,
 )
@@ -42,6 +43,47 @@ PUBLIC_TOKEN_PATH = "/api/Access/PublicToken"
 REGISTER_TOKEN_PATH = "/api/Access/GetRegisterToken"
 REGISTER_PATH = "/api/Authentication/v2/Register"
 _RETRYABLE = (LeadSquaredRateLimitError, LeadSquaredTransientError)
+TEST_TIMEOUT_SECONDS = 5.0  # test_connection's one attempt: the UI's Test button must answer quickly
+# What requests and http.client raise for a request that cannot be built: it was never sent.
+_UNBUILDABLE = (
+    requests.exceptions.InvalidHeader,
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.InvalidJSONError,
+    UnicodeError,
+    ValueError,
+)
+# The connection field behind each part of a request, and what to do about it.
+_FIX_HINTS = {
+    "host": "Fix the connection's host.",
+    "login": "Fix the connection's login (Access Key).",
+    "password": "Fix the connection's password (Secret Key).",
+    "portal_id": "Fix the connection's portal_id extra.",
+}
+_HEADER_FIELDS = {"x-lsq-portalid": "portal_id"}
+_QUERY_FIELDS = {"accessKey": "login", "secretKey": "password"}
+
+
+def _carriable(value: Any) -> bool:
+    """Whether HTTP can carry ``value`` in a header: latin-1 text, no control characters at the ends."""
+    text = str(value)
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return text == text.strip() and not any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
+def _unsendable_part(url: str, query: Mapping[str, Any], headers: Mapping[str, str] | None) -> str:
+    """The field (or header) that made a request unbuildable: the first value HTTP cannot carry."""
+    for name, value in (headers or {}).items():
+        if not _carriable(value):
+            return _HEADER_FIELDS.get(name, name)
+    for name, value in query.items():
+        if not _carriable(value):
+            return _QUERY_FIELDS.get(name, name)
+    return "host" if not _carriable(url) or " " in url else "request"
 
 
 def _should_retry(error: BaseException) -> bool:
@@ -76,30 +118,7 @@ class LeadSquaredHook(BaseHook):
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
         """Extra fields of the connection form (Airflow 2.11 to 3.1; 3.2+ reads the provider info)."""
-        from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
-        from flask_babel import lazy_gettext
-        from wtforms import IntegerField, PasswordField, StringField
-        from wtforms.validators import NumberRange, Optional
-
-        widgets: dict[str, Any] = {}
-        for name, spec in CONN_FIELDS.items():
-            label = lazy_gettext(spec["label"])
-            schema = spec["schema"]
-            kinds = schema["type"]
-            if schema.get("format") == "password":
-                widgets[name] = PasswordField(label, widget=BS3PasswordFieldWidget())
-            elif "integer" in kinds:
-                widgets[name] = IntegerField(
-                    label,
-                    validators=[Optional(), NumberRange(min=schema.get("minimum"))],
-                    widget=BS3TextFieldWidget(),
-                    default=schema.get("default"),
-                )
-            else:
-                widgets[name] = StringField(
-                    label, widget=BS3TextFieldWidget(), default=schema.get("default"), description=""
-                )
-        return widgets
+        return connection_form_widgets()
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -233,12 +252,30 @@ class LeadSquaredHook(BaseHook):
         json: Any,
         headers: Mapping[str, str] | None,
         secrets: Iterable[str],
+        *,
+        timeout: float | None = None,
     ) -> requests.Response:
-        """One HTTP exchange. requests puts the URL (and so the keys) in its errors: redact them."""
+        """One HTTP exchange. requests puts the URL (and so the keys) in its errors: redact them.
+
+        A request that cannot be built (a header or URL HTTP cannot carry) is never sent and never
+        retried: it raises ``LeadSquaredRequestError`` naming the value at fault, without the value.
+        """
         try:
             return self._session.request(
-                method, url, params=query, json=json, headers=headers, timeout=self.config.timeout_seconds
+                method,
+                url,
+                params=query,
+                json=json,
+                headers=headers,
+                timeout=timeout or self.config.timeout_seconds,
             )
+        except _UNBUILDABLE as error:
+            culprit = _unsendable_part(url, query, headers)
+            raise LeadSquaredRequestError(
+                f"field {culprit!r}: the request to {redact(url, secrets)} could not be built "
+                f"({type(error).__name__}); nothing was sent. {_FIX_HINTS.get(culprit, '')}".rstrip(),
+                field=culprit,
+            ) from None
         except requests.RequestException as error:
             message = redact(f"{type(error).__name__}: {error}", secrets)
             raise LeadSquaredTransientError(
@@ -271,12 +308,39 @@ class LeadSquaredHook(BaseHook):
             return self._registration_token
 
     def test_connection(self) -> tuple[bool, str]:
-        """Fetch the public auth key: cheap, and it proves the host and the keys."""
+        """One call, no retries, a short timeout: the UI's Test button answers within seconds.
+
+        It fetches the public auth key, which proves the host and the keys, and then checks that the
+        connection names a portal (registration cannot work without ``portal_id``). The one call skips
+        the rate limiter's queue and the retry loop (``_call``): a Test button must not wait behind a
+        running bulk registration. At worst its one call tips a full window over, and the running task waits
+        that refusal out like any other.
+        """
         try:
-            self.get_public_auth_key()
+            config = self.config
+            url = f"{config.base_url}{PUBLIC_TOKEN_PATH}"
+            query = {"accessKey": config.access_key, "secretKey": config.secret_key}
+            response = self._send(
+                "GET",
+                url,
+                query,
+                None,
+                None,
+                self._secrets,
+                timeout=min(TEST_TIMEOUT_SECONDS, config.timeout_seconds),
+            )
+            body = parse_response(response, self._secrets)
+            if not isinstance(body, dict) or not body.get("PublicAuthKey"):
+                raise LeadSquaredAPIError("LeadSquared's PublicToken answer held no PublicAuthKey.")
+            self._add_secrets(body["PublicAuthKey"])
         except (LeadSquaredError, ValueError) as error:
             return False, self.redact(str(error))
-        return True, "Connection to LeadSquared works: the keys were accepted."
+        if not config.portal_id:
+            return False, (
+                "The keys were accepted, but the connection has no portal_id: registration needs it "
+                "(Workflow > Manage Portals in LeadSquared, in the page URL)."
+            )
+        return True, "Connection to LeadSquared works: the keys were accepted and a portal is set."
 
     # -- registration ----------------------------------------------------------------------------
 

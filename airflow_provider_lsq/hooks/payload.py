@@ -25,13 +25,31 @@ _ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+def is_missing(value: Any) -> bool:
+    """None, or a dataframe's "no value" marker: NaN (float or Decimal), ``pandas.NA``, ``pandas.NaT``.
+
+    pandas is not imported: its markers are recognised by type (``NaT`` is a ``datetime`` subclass, so
+    it must be caught before any date handling).
+    """
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, Decimal):
+        return value.is_nan()
+    kind = type(value)
+    return kind.__name__ in ("NAType", "NaTType") and kind.__module__.startswith("pandas")
+
+
 def format_value(attribute: str, value: Any) -> str | None:
     """The string LeadSquared gets for ``value``; None means "leave the field out".
 
     None and empty strings are left out: sending an empty value would blank that field on an existing
-    lead. Datetimes go as UTC ``YYYY-MM-DD HH:MM:SS`` (naive ones are taken as UTC).
+    lead. So are the "no value" markers of dataframes: ``float("nan")`` (what pandas gives for an empty
+    cell in ``to_dict("records")``), ``pandas.NA`` and ``pandas.NaT``. Infinities are refused. Datetimes
+    go as UTC ``YYYY-MM-DD HH:MM:SS`` (naive ones are taken as UTC).
     """
-    if value is None:
+    if is_missing(value):
         return None
     if isinstance(value, str):
         if _CONTROL_CHARS.search(value):

@@ -1,9 +1,11 @@
-"""``make demo``: register a week of synthetic applicants with the example DAG, against a local sandbox.
+"""Register a week of synthetic applicants with the example DAG, against a local sandbox.
 
-One command on a fresh machine, no LeadSquared account needed:
+One command on a fresh machine, no LeadSquared account needed: ``python -m
+airflow_provider_lsq.example_dags.demo`` (``make demo`` in the repository runs the same):
 
-1. point Airflow at this repo's ``dags/`` and a SQLite metadata DB under ``$AIRFLOW_HOME`` (default
-   ``<repo>/.airflow``), migrating it on the first run;
+1. point Airflow at the example DAGs shipped in this package (``airflow_provider_lsq/example_dags``)
+   and a SQLite metadata DB under ``$AIRFLOW_HOME`` (default ``./.airflow``, in the current
+   directory), migrating it on the first run;
 2. start the LeadSquared sandbox (25 calls / 5 s, 200 ms answers, 3% gateway faults) as a subprocess;
 3. seed the SQLite warehouse ``$AIRFLOW_HOME/demo_warehouse.db`` with ~150 applicants (only the
    ``applicants`` table: the ledger of registrations survives between runs);
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import re
@@ -34,10 +37,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from airflow_provider_lsq.example_dags import seed_warehouse
 
-import seed_warehouse  # noqa: E402  (a sibling script, not an installed module)
+EXAMPLE_DAGS = Path(__file__).resolve().parent
 
 DAG_ID = "lsq_register_new_applicants"
 TASK_ID = "register_new_applicants"
@@ -78,7 +80,7 @@ def airflow_env(home: Path) -> dict[str, str]:
     env.update(
         {
             "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(EXAMPLE_DAGS),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
             "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
@@ -114,9 +116,7 @@ class SandboxProcess:
 
     def start(self, timeout: float = 30.0) -> SandboxProcess:
         command = [sys.executable, "-m", "airflow_provider_lsq.sandbox", *SANDBOX_ARGS]
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line: list[str] = []
         stdout = self.proc.stdout
         assert stdout is not None
@@ -261,7 +261,13 @@ def show_ledger(warehouse: Path) -> None:
 
 def main() -> int:
     started = time.monotonic()
-    home = Path(os.environ.get("AIRFLOW_HOME") or ROOT / ".airflow").resolve()
+    if importlib.util.find_spec("airflow.providers.sqlite") is None:
+        say(
+            "The demo's warehouse is SQLite, and the SQLite provider is not installed: "
+            "pip install 'airflow-provider-leadsquared[sqlite]'"
+        )
+        return 2
+    home = Path(os.environ.get("AIRFLOW_HOME") or ".airflow").resolve()
     home.mkdir(parents=True, exist_ok=True)
     env = airflow_env(home)
     warehouse = home / "demo_warehouse.db"
@@ -301,7 +307,7 @@ def main() -> int:
         run_started = time.monotonic()
         with log_path.open("w") as log:
             proc = subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=home
             )
             tail, summary = stream(proc, log)
             code = proc.wait()

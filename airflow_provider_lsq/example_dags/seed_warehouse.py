@@ -13,7 +13,8 @@ DAG's SQL runs unchanged on both. The data is deterministic (seeded). Re-running
 ``applicants`` table; the provider's ledger table is never touched.
 
 Module: ``seed("path/to/warehouse.db")`` or ``seed("postgresql://user@host/db")``.
-CLI: ``python scripts/seed_warehouse.py --sqlite PATH`` or ``--postgres URI`` [``--count N --days D``].
+CLI: ``python -m airflow_provider_lsq.example_dags.seed_warehouse --sqlite PATH`` or ``--postgres URI``
+[``--count N --days D``].
 """
 
 from __future__ import annotations

@@ -6,10 +6,18 @@ table next to the applicants. The query leaves out applicants the ledger already
 a re-run (or an overlapping ``lookback_days``) never registers anyone twice, and a row that failed is
 picked up again by a later run.
 
-The window is ``[data_interval_end - lookback_days, data_interval_end)``: with ``lookback_days=1`` it
-is exactly the daily interval; larger values re-scan earlier days for applicants still missing from the
-ledger (a late-loaded row, a day the DAG was paused). Trigger with ``{"lookback_days": 7}`` to catch up
-a week.
+The window ends at the run's ``data_interval_end``. It starts ``lookback_days`` earlier (with
+``lookback_days=1``, exactly the daily interval), or further back, at the end of the last successful
+run's interval, when that is earlier: a failed run, a day the DAG was paused or a run skipped with
+``catchup=False`` leaves no applicant behind. Larger ``lookback_days`` re-scan earlier days for rows
+loaded late. Trigger with ``{"lookback_days": 7}`` to catch up a week.
+
+A manual run on Airflow 3 has no data interval: its window is ``[run_after - lookback_days,
+run_after)``, the days up to the moment it was triggered. It is an extra pass and never moves the mark
+that scheduled runs continue from (Airflow 3 gives a run without a logical date no place among the
+previous successful runs), so no applicant can fall between manual and scheduled runs; whoever both
+cover is registered once, by whichever runs first (the ledger leaves them out of the other). On Airflow
+2.11 a manual run gets the data interval of the last complete day and behaves like a scheduled run.
 
 The SQL runs unchanged on SQLite and PostgreSQL: ``created_at`` is UTC (text ``YYYY-MM-DD HH:MM:SS`` in
 SQLite, ``TIMESTAMP`` in PostgreSQL) and is compared with literals rendered in that same format.
@@ -28,14 +36,20 @@ from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPo
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$"
 CONN_ID = r"^[A-Za-z0-9_.-]+$"
 
-# The window's end: the data interval's end; a run without a logical date (Airflow 3) has no data
-# interval, so it uses the time it was allowed to run. Airflow hands both over in UTC.
-# The ledger is keyed by portal: the anti-join only trusts registrations on this connection's portal.
-# (The operator checks the ledger again before each call; the anti-join just saves reading the rows.)
+# The window (see the module docstring). ``data_interval_end`` is None on an Airflow 3 manual run (no
+# logical date); ``prev_data_interval_end_success`` is None on a first run and on such a manual run.
+# Airflow hands every time over in UTC. The ledger is keyed by portal: the anti-join only trusts
+# registrations on this connection's portal. (The operator checks the ledger again before each call;
+# the anti-join just saves reading the rows.)
 NEW_APPLICANTS_SQL = """
-{%- set window_end = data_interval_end
-      if data_interval_end is defined and data_interval_end else dag_run.run_after -%}
+{%- set scheduled = data_interval_end is defined and data_interval_end -%}
+{%- set window_end = data_interval_end if scheduled else dag_run.run_after -%}
 {%- set window_start = window_end - macros.timedelta(days=params.lookback_days | int) -%}
+{%- set previous_end = prev_data_interval_end_success if scheduled
+      and prev_data_interval_end_success is defined else None -%}
+{%- if previous_end and previous_end < window_start -%}
+{%- set window_start = previous_end -%}
+{%- endif -%}
 {%- set lsq = conn.get(params.leadsquared_conn_id).extra_dejson -%}
 {%- set portal_id = lsq.get("portal_id") or lsq.get("extra__leadsquared__portal_id") or "" -%}
 -- Applicants created in [{{ window_start }}, {{ window_end }}) not yet registered on the portal.
@@ -93,7 +107,10 @@ with DAG(
             type="integer",
             minimum=1,
             maximum=366,
-            description="Days before the interval's end to scan; 1 is exactly the daily interval.",
+            description=(
+                "Days before the interval's end to scan at least; 1 is exactly the daily interval. "
+                "A scheduled run also reaches back to where the last successful run ended."
+            ),
         ),
     },
 ) as dag:

@@ -1,0 +1,213 @@
+"""Connection input that cannot trip a run: every value read and checked once, when the connection is read.
+
+Pasted whitespace is removed; a value no request can carry is refused naming the field and the
+connection; a request that cannot be built is never retried as a transient failure; ``test_connection``
+makes one attempt and says when ``portal_id`` is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from airflow_provider_lsq.exceptions import LeadSquaredConfigError, LeadSquaredRequestError
+from airflow_provider_lsq.hooks.leadsquared import PUBLIC_TOKEN_PATH, REGISTER_PATH, LeadSquaredHook
+from airflow_provider_lsq.outcomes import RegistrationStatus
+from airflow_provider_lsq.sandbox import Sandbox
+from tests.helpers import calls_to, connect
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+PASSWORD = "Samplepassword@123"
+KEYS = {"login": "u$r-access-key", "password": "s3cr3t-secret-key"}
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(rate_limit_calls=100, rate_limit_period=1.0) as sb:
+        yield sb
+
+
+def _conn(monkeypatch: pytest.MonkeyPatch, conn_id: str, **fields: Any) -> LeadSquaredHook:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "leadsquared", **fields}))
+    return LeadSquaredHook(conn_id)
+
+
+def _sandbox_conn(sandbox: Sandbox, **changes: Any) -> dict[str, Any]:
+    conn: dict[str, Any] = json.loads(sandbox.connection_json())
+    extra = {"retry_wait_seconds": 0.01, **conn.pop("extra"), **changes.pop("extra", {})}
+    return {**conn, **changes, "extra": extra}
+
+
+# -- whitespace ---------------------------------------------------------------------------------------
+
+
+def test_pasted_whitespace_is_removed_and_registration_works_first_time(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's case: portal_id with a leading space and a trailing newline, keys and host too."""
+    conn = _sandbox_conn(
+        sandbox,
+        host=f" {sandbox.url}\n",
+        login=f"{sandbox.access_key}\n",
+        password=f"\t{sandbox.secret_key} ",
+        extra={"portal_id": f" {sandbox.portal_id}\n"},
+    )
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_PASTED", json.dumps(conn))
+    hook = LeadSquaredHook("lsq_pasted")
+    assert hook.config.portal_id == sandbox.portal_id
+    assert (hook.config.access_key, hook.config.secret_key) == (sandbox.access_key, sandbox.secret_key)
+
+    result = hook.register_portal_user({"EmailAddress": "asha@example.com"}, PASSWORD)
+    assert result.attempts == 1
+    assert calls_to(sandbox, REGISTER_PATH) == 1
+
+
+def test_numbers_as_text_with_whitespace_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = _conn(
+        monkeypatch, "lsq_numbers", **KEYS, extra={"rate_limit_calls": " 10\n", "timeout_seconds": "7.5"}
+    )
+    assert (hook.config.rate_limit_calls, hook.config.timeout_seconds) == (10, 7.5)
+
+
+def test_a_blank_portal_id_is_no_portal_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = _conn(monkeypatch, "lsq_blank", **KEYS, extra={"portal_id": " \n"})
+    assert hook.config.portal_id is None
+
+
+# -- refused values name the field and the connection ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"extra": {"portal_id": "abc def"}}, "portal_id"),
+        ({"extra": {"portal_id": "abc\ndef"}}, "portal_id"),
+        ({"extra": {"portal_id": "pörtal"}}, "portal_id"),
+        ({"extra": {"portal_id": ["a"]}}, "portal_id"),
+        ({"host": "portal api.leadsquared.com"}, "host"),
+        ({"host": "ftp://portalapi.leadsquared.com"}, "host"),
+        ({"host": "http://127.0.0.1:port"}, "host"),
+        ({"extra": {"api_host": "api\tus11.leadsquared.com"}}, "api_host"),
+        ({"extra": {"rate_limit_calls": "2.5"}}, "rate_limit_calls"),
+        ({"extra": {"rate_limit_calls": True}}, "rate_limit_calls"),
+        ({"extra": {"rate_limit_period_seconds": "inf"}}, "rate_limit_period_seconds"),
+        ({"extra": {"timeout_seconds": "nan"}}, "timeout_seconds"),
+        ({"extra": {"max_retries": -1}}, "max_retries"),
+        ({"extra": {"rate_limit_storage": "localhost:6379"}}, "rate_limit_storage"),
+    ],
+)
+def test_values_no_request_can_carry_are_refused_naming_field_and_connection(
+    fields: dict[str, Any], field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = _conn(monkeypatch, "lsq_refused", **KEYS, **fields)
+    with pytest.raises(LeadSquaredConfigError) as err:
+        hook.config  # noqa: B018
+    assert err.value.field == field and err.value.conn_id == "lsq_refused"
+    assert f"'{field}'" in str(err.value) and "'lsq_refused'" in str(err.value)
+    assert isinstance(err.value, ValueError)  # what callers of 0.1.0 caught
+
+
+@pytest.mark.parametrize("field", ["login", "password"])
+def test_a_key_with_an_inner_newline_is_refused_without_showing_it(
+    field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "s3cr3t\nrest-of-key"
+    hook = _conn(monkeypatch, "lsq_key", **{**KEYS, field: secret})
+    with pytest.raises(LeadSquaredConfigError) as err:
+        hook.config  # noqa: B018
+    assert err.value.field == field
+    assert "s3cr3t" not in str(err.value) and "rest-of-key" not in str(err.value)
+
+
+def test_a_bad_connection_stops_a_bulk_run_before_any_call(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = _sandbox_conn(sandbox, extra={"portal_id": "sandbox portal"})
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_BAD_PORTAL", json.dumps(conn))
+    hook = LeadSquaredHook("lsq_bad_portal")
+    leads = [(str(i), {"EmailAddress": f"a{i}@example.com"}) for i in range(3)]
+    with pytest.raises(LeadSquaredConfigError, match="portal_id"):
+        list(hook.register_portal_users(leads))
+    assert sandbox.calls == []
+
+
+# -- a request that cannot be built is permanent -------------------------------------------------------
+
+
+def test_an_unbuildable_request_is_never_retried_and_names_the_header(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = LeadSquaredHook(connect(monkeypatch, sandbox, max_retries=5))
+    for value in ("café€", "line\nbreak", " leading"):
+        with pytest.raises(LeadSquaredRequestError) as err:
+            hook.request("GET", PUBLIC_TOKEN_PATH, headers={"X-Custom": value})
+        assert err.value.field == "X-Custom" and err.value.attempts == 1
+        assert value.strip() not in str(err.value)
+    assert sandbox.calls == []
+
+
+def test_rows_whose_request_cannot_be_built_end_invalid_naming_the_field(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Were a bad portal_id to get past the connection's checks, each row ends invalid, not retryable."""
+    hook = LeadSquaredHook(connect(monkeypatch, sandbox, max_retries=5))
+    hook.__dict__["config"] = dataclasses.replace(hook.config, portal_id=" sandbox-portal\n")
+    leads = [(str(i), {"EmailAddress": f"a{i}@example.com"}) for i in range(3)]
+    outcomes = list(hook.register_portal_users(leads))
+    assert {o.status for o in outcomes} == {RegistrationStatus.INVALID}
+    for outcome in outcomes:
+        assert outcome.error_message is not None and "'portal_id'" in outcome.error_message
+        assert not outcome.retryable and outcome.error_type == "RequestError"
+    assert sandbox.register_calls == 0
+
+
+# -- test_connection --------------------------------------------------------------------------------
+
+
+def test_test_connection_makes_one_attempt_on_a_failing_host(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full retries with backoff made the UI's Test button hang for ~40 s: now one attempt answers."""
+    hook = LeadSquaredHook(connect(monkeypatch, sandbox, max_retries=5, retry_wait_seconds=5))
+    sandbox.inject(502, 502, 502, 502, 502, 502)
+    ok, message = hook.test_connection()
+    assert not ok and "502" in message
+    assert calls_to(sandbox, PUBLIC_TOKEN_PATH) == 1
+
+
+def test_test_connection_on_a_closed_port_fails_with_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = _conn(monkeypatch, "lsq_closed", host="http://127.0.0.1:9", **KEYS, extra={"max_retries": 5})
+    ok, message = hook.test_connection()
+    assert not ok and "127.0.0.1:9" in message and KEYS["password"] not in message
+
+
+def test_test_connection_says_when_portal_id_is_missing(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = _sandbox_conn(sandbox)
+    conn["extra"].pop("portal_id")
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_NO_PORTAL", json.dumps(conn))
+    ok, message = LeadSquaredHook("lsq_no_portal").test_connection()
+    assert not ok and "portal_id" in message and "keys were accepted" in message
+
+    ok, message = LeadSquaredHook(connect(monkeypatch, sandbox)).test_connection()
+    assert ok, message
+
+
+def test_test_connection_names_a_refused_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = _conn(monkeypatch, "lsq_tc_bad", **KEYS, extra={"portal_id": "a b"})
+    ok, message = hook.test_connection()
+    assert not ok and "'portal_id'" in message and "'lsq_tc_bad'" in message
+
+
+def test_test_connection_with_wrong_keys_fails(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = _sandbox_conn(sandbox, password="wrong-secret-key")
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_WRONG", json.dumps(conn))
+    ok, message = LeadSquaredHook("lsq_wrong").test_connection()
+    assert not ok and "wrong-secret-key" not in message
+    assert calls_to(sandbox, PUBLIC_TOKEN_PATH) == 1
