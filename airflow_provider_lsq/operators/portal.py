@@ -141,7 +141,12 @@ class RegisterPortalUserOperator(BaseOperator):
         leads = self._rendered_leads()
         started = time.monotonic()
         outcomes: list[dict[str, Any]] = []
-        progress = RegistrationProgress(len(leads), interval=self.progress_interval, logger=self.log)
+        progress = RegistrationProgress(
+            len(leads),
+            interval=self.progress_interval,
+            logger=self.log,
+            conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
+        )
         self.log.info(
             "%s %d leads as portal users (connection %r).",
             "Validating (dry run)" if self.is_dry_run else "Registering",

@@ -182,7 +182,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
             try:
                 total = self._count(conn, sql)
                 progress = RegistrationProgress(
-                    total, interval=self.progress_interval, logger=self.log, track_skips=True
+                    total,
+                    interval=self.progress_interval,
+                    logger=self.log,
+                    track_skips=True,
+                    conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
                 )
                 self.log.info(
                     "%s rows of %r as portal users of portal %r (%s rows; ledger %s on %r).",
