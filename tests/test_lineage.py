@@ -203,3 +203,37 @@ def test_without_the_openlineage_provider_nothing_is_imported_or_reported(tmp_pa
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_register_portal_user_operator_reports_the_portal_with_its_counts(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openlineage.client.serde import Serde
+
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_PORTAL", json.dumps(conn))
+    leads = [{"EmailAddress": f"olportal{i}@example.edu", "FirstName": "Olportalname"} for i in range(3)]
+    leads.append({"FirstName": "Olportalname"})  # no key: invalid
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=leads, leadsquared_conn_id="lsq_ol_portal", max_failure_ratio=0.5
+    )
+
+    class TI:
+        def xcom_push(self, key: str, value: Any) -> None:
+            pass
+
+    assert op.get_openlineage_facets_on_complete(None).outputs[0].outputFacets == {}  # before: no counts
+    op.execute({"ti": TI(), "run_id": "manual__1"})  # type: ignore[arg-type]
+    lineage = op.get_openlineage_facets_on_complete(None)
+    assert lineage.inputs == []
+    (portal,) = lineage.outputs
+    assert (portal.namespace, portal.name) == (f"leadsquared://127.0.0.1:{sb.port}", "portal/sandbox-portal")
+    facet = portal.outputFacets["leadsquaredRegistration"]
+    assert (facet.registered, facet.invalid, facet.failed, facet.total) == (3, 1, 0, 4)
+    text = Serde.to_json(portal)
+    assert not [s for s in sandbox_secrets(sb) if s in text]
+    assert "example.edu" not in text and "Olportalname" not in text
