@@ -79,7 +79,6 @@ ORDER BY a.applicant_id
 NEW_PORTAL_USERS = portal_asset(
     os.environ.get("LSQ_PORTAL_HOST", "portalapi.leadsquared.com"),
     os.environ.get("LSQ_PORTAL_ID", "your-portal-id"),
-    name="leadsquared_new_portal_users",
 )
 
 # What the failure email lists: the run's outcomes from the ledger, counts only.
@@ -89,11 +88,16 @@ FAILED_ROWS_SQL = (
 )
 
 
-def ledger_counts(conn_id: str, table: str, run_id: str) -> dict[str, int]:
-    """This run's rows in the ledger by status (a template macro of the failure email)."""
-    hook = BaseHook.get_connection(conn_id).get_hook()
-    sql = f"SELECT status, COUNT(*) FROM {table} WHERE run_id = {hook.placeholder} GROUP BY status"
-    rows = hook.get_records(sql, parameters=(run_id,))
+def ledger_counts(conn_id: str, table: str, run_id: str) -> dict[str, int] | None:
+    """This run's rows in the ledger by status (a template macro of the failure email); None when the
+    ledger cannot be read (the task failed before creating it, or the warehouse is down)."""
+    try:
+        hook = BaseHook.get_connection(conn_id).get_hook()
+        sql = f"SELECT status, COUNT(*) FROM {table} WHERE run_id = {hook.placeholder} GROUP BY status"
+        rows = hook.get_records(sql, parameters=(run_id,))
+    except Exception as error:  # the email must still go out, saying why it has no counts
+        print(f"The ledger could not be read: {type(error).__name__}")
+        return None
     return {str(status): int(count) for status, count in rows}
 
 
@@ -108,9 +112,13 @@ FAILURE_EMAIL = SmtpNotifier(
     html_content="""
 {%- set counts = ledger_counts(params.warehouse_conn_id, params.ledger_table, run_id) -%}
 <p>{{ ti.task_id }} in {{ dag.dag_id }} (run {{ run_id }}) failed.</p>
+{% if counts is none -%}
+<p>The ledger could not be read: the task log says why the run stopped.</p>
+{%- else -%}
 <p>{{ counts.get("failed", 0) + counts.get("invalid", 0) }} rows failed
 ({{ counts.get("failed", 0) }} failed, {{ counts.get("invalid", 0) }} invalid,
 {{ counts.get("registered", 0) }} registered in this run).</p>
+{%- endif %}
 <p>The ledger lists them, with the reason for each, in {{ params.warehouse_conn_id }}:</p>
 <pre>{{ failed_rows_sql(params.ledger_table, run_id) }}</pre>
 <p>Fix the rows (or the connection) and clear the task: the ledger keeps everyone registered once.</p>

@@ -20,7 +20,6 @@ from airflow_provider_lsq.assets import portal_asset
 NEW_PORTAL_USERS = portal_asset(
     os.environ.get("LSQ_PORTAL_HOST", "portalapi.leadsquared.com"),
     os.environ.get("LSQ_PORTAL_ID", "your-portal-id"),
-    name="leadsquared_new_portal_users",
 )
 
 with DAG(
