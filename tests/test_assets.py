@@ -310,3 +310,64 @@ def _body(raw: str) -> str:
     parsed = email.message_from_string(raw, policy=policy.default)
     parts = [part.get_content() for part in parsed.walk() if part.get_content_maintype() == "text"]
     return str(parsed["Subject"]) + "\n" + "\n".join(parts)
+
+
+def test_airflow_registers_the_openlineage_converter_for_the_scheme() -> None:
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    if AIRFLOW_3:
+        converters = manager.asset_to_openlineage_converters
+    else:
+        converters = manager.dataset_to_openlineage_converters
+    assert converters["leadsquared"] is convert_asset_to_openlineage
+
+
+class _Event:
+    def __init__(self) -> None:
+        self.extra: dict[str, Any] = {}
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warning(self, message: str, *args: Any) -> None:
+        self.warnings.append(message % args)
+
+
+def test_counts_go_to_portal_outlets_only_and_another_portal_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from airflow_provider_lsq.assets import add_counts_to_portal_events
+
+    conn = {"conn_type": "leadsquared", "host": "portalapi.leadsquared.com", "login": "a", "password": "b"}
+    conn["extra"] = {"portal_id": "mine"}  # type: ignore[assignment]
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_ASSET_TEST", json.dumps(conn))
+    mine = portal_asset("portalapi.leadsquared.com", "mine")
+    other = portal_asset("portalapi.leadsquared.com", "other")
+    table = type(mine)(uri="postgres://db:5432/warehouse/public/applicants")
+    events: dict[Any, _Event] = {}
+
+    class Events(dict):  # type: ignore[type-arg]
+        def __missing__(self, key: Any) -> _Event:
+            events[key.uri] = self[key] = _Event()
+            return events[key.uri]
+
+    summary = {"total": 5, "registered": 3, "already_registered": 0, "invalid": 1, "failed": 1}
+    summary |= {"dry_run": False, "duration_s": 1.5, "valid": 0}
+    log = _Log()
+    counts = add_counts_to_portal_events(
+        {"outlet_events": Events()},
+        [mine, other, table],
+        summary,
+        leadsquared_conn_id="lsq_asset_test",
+        log=log,
+    )
+    assert counts == {k: v for k, v in summary.items() if k not in ("duration_s", "valid")}
+    assert set(events) == {mine.uri, other.uri}  # the table's event is left alone
+    assert events[mine.uri].extra == counts == events[other.uri].extra
+    (warning,) = log.warnings
+    assert other.uri in warning and "not the portal of connection 'lsq_asset_test'" in warning
+    # A direct execute (no outlet_events in the context): counts returned, nothing set.
+    assert add_counts_to_portal_events({}, [mine], summary, leadsquared_conn_id="x", log=log) == counts
