@@ -7,6 +7,13 @@ from typing import Any
 from airflow_provider_lsq import __version__
 from airflow_provider_lsq.connection_form import CONN_FIELDS, UI_FIELD_BEHAVIOUR
 
+_PORTAL_URIS = {
+    "schemes": ["leadsquared"],
+    "handler": "airflow_provider_lsq.assets.sanitize_uri",
+    "factory": "airflow_provider_lsq.assets.create_asset",
+    "to_openlineage_converter": "airflow_provider_lsq.assets.convert_asset_to_openlineage",
+}
+
 
 def get_provider_info() -> dict[str, Any]:
     return {
@@ -40,6 +47,9 @@ def get_provider_info() -> dict[str, Any]:
                 "python-module": "airflow_provider_lsq.transfers.sql_to_leadsquared",
             }
         ],
+        # The portal as an Asset (Airflow 3) or Dataset (2.x): scheme, normaliser, factory, OpenLineage.
+        "asset-uris": [_PORTAL_URIS],
+        "dataset-uris": [_PORTAL_URIS],
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_lsq.hooks.leadsquared.LeadSquaredHook",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException
 
+from airflow_provider_lsq import metrics
 from airflow_provider_lsq.outcomes import RegistrationStatus
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class RegistrationProgress:
     :param logger: where lines go; operators pass their own ``self.log``.
     :param track_skips: report ``skipped`` and ``duplicates`` too (the SQL transfer does).
     :param label: how lines start.
+    :param conn_id: the LeadSquared connection: each outcome is counted in the provider's metrics
+        under it (``leadsquared.registrations.<status>``). None (dry runs) sends no metric.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class RegistrationProgress:
         track_skips: bool = False,
         label: str = "LeadSquared registration",
         clock: Callable[[], float] = time.monotonic,
+        conn_id: str | None = None,
     ) -> None:
         self.total = total
         self.interval = interval
@@ -71,6 +75,7 @@ class RegistrationProgress:
         self.track_skips = track_skips
         self.label = label
         self._clock = clock
+        self.conn_id = conn_id
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {status.value: 0 for status in RegistrationStatus}
         self._valid = self._skipped = self._duplicates = self._calls = 0
@@ -84,6 +89,8 @@ class RegistrationProgress:
     def add(self, outcome: RegistrationOutcome) -> None:
         """Count one row's outcome; keep (and log) it when it is among the first failures."""
         line, last = "", False
+        if self.conn_id is not None:
+            metrics.registration(self.conn_id, outcome.status)
         with self._lock:
             self._counts[outcome.status.value] += 1
             self._calls += outcome.attempts

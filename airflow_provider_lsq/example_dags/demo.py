@@ -297,6 +297,9 @@ def main() -> int:
 
         env["AIRFLOW_CONN_LEADSQUARED_DEFAULT"] = json.dumps(sandbox.connection)
         env["AIRFLOW_CONN_LSQ_WAREHOUSE"] = json.dumps({"conn_type": "sqlite", "host": str(warehouse)})
+        # The DAG's outlet, the portal's asset, names the sandbox's portal (it gets the run's counts).
+        env["LSQ_PORTAL_HOST"] = sandbox.connection["host"]
+        env["LSQ_PORTAL_ID"] = sandbox.connection["extra"]["portal_id"]
         command = [
             sys.executable, "-m", "airflow", "dags", "test", DAG_ID, today.isoformat(),
             "-c", json.dumps({"lookback_days": LOOKBACK_DAYS}),

@@ -19,6 +19,14 @@ previous successful runs), so no applicant can fall between manual and scheduled
 cover is registered once, by whichever runs first (the ledger leaves them out of the other). On Airflow
 2.11 a manual run gets the data interval of the last complete day and behaves like a scheduled run.
 
+Seen from the outside: the task's outlet is the portal's asset (``leadsquared://<host>/portal/<id>``,
+from ``LSQ_PORTAL_HOST`` and ``LSQ_PORTAL_ID``, which should match the connection), so each successful
+run records an asset event whose ``extra`` holds the run's counts, and
+``lsq_welcome_new_portal_users`` runs on it. When the task fails, ``FAILURE_EMAIL`` mails how many of
+the run's rows failed and the ledger query that lists them, never a lead's data (set ``LSQ_ALERT_EMAIL``
+and an ``smtp_default`` connection). With Airflow's OpenLineage provider installed, the run also reports
+its lineage; with ``[metrics]`` on, the provider's metrics. See docs/observability.md.
+
 The SQL runs unchanged on SQLite and PostgreSQL: ``created_at`` is UTC (text ``YYYY-MM-DD HH:MM:SS`` in
 SQLite, ``TIMESTAMP`` in PostgreSQL) and is compared with literals rendered in that same format.
 Columns are aliased to LeadSquared attribute schema names, quoted so PostgreSQL keeps their case; NULLs
@@ -27,9 +35,13 @@ are left out of the call, so an empty column never blanks a field on an existing
 
 from __future__ import annotations
 
-import pendulum
-from airflow.providers.common.compat.sdk import DAG, Param
+import os
 
+import pendulum
+from airflow.providers.common.compat.sdk import DAG, BaseHook, Param
+from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+from airflow_provider_lsq.assets import portal_asset
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
 
 # Table names and connection ids go into SQL and templates: accept plain identifiers only.
@@ -77,6 +89,56 @@ WHERE a.created_at >= '{{ window_start.strftime("%Y-%m-%d %H:%M:%S") }}'
 ORDER BY a.applicant_id
 """
 
+# The portal this DAG registers users on, as an asset: downstream DAGs are scheduled on it.
+NEW_PORTAL_USERS = portal_asset(
+    os.environ.get("LSQ_PORTAL_HOST", "portalapi.leadsquared.com"),
+    os.environ.get("LSQ_PORTAL_ID", "your-portal-id"),
+)
+
+# What the failure email lists: the run's outcomes from the ledger, counts only.
+FAILED_ROWS_SQL = (
+    "SELECT row_key, status, error_type, error_message FROM {table} "
+    "WHERE run_id = '{run_id}' AND status IN ('failed', 'invalid') ORDER BY row_key"
+)
+
+
+def ledger_counts(conn_id: str, table: str, run_id: str) -> dict[str, int] | None:
+    """This run's rows in the ledger by status (a template macro of the failure email); None when the
+    ledger cannot be read (the task failed before creating it, or the warehouse is down)."""
+    try:
+        hook = BaseHook.get_connection(conn_id).get_hook()
+        sql = f"SELECT status, COUNT(*) FROM {table} WHERE run_id = {hook.placeholder} GROUP BY status"
+        rows = hook.get_records(sql, parameters=(run_id,))
+    except Exception as error:  # the email must still go out, saying why it has no counts
+        print(f"The ledger could not be read: {type(error).__name__}")
+        return None
+    return {str(status): int(count) for status, count in rows}
+
+
+def failed_rows_sql(table: str, run_id: str) -> str:
+    """The ledger query listing this run's failed and invalid rows (a template macro)."""
+    return FAILED_ROWS_SQL.format(table=table, run_id=run_id.replace("'", "''"))
+
+
+FAILURE_EMAIL = SmtpNotifier(
+    to=os.environ.get("LSQ_ALERT_EMAIL", "data-team@example.com"),
+    subject="LeadSquared registration failed: {{ dag.dag_id }} {{ run_id }}",
+    html_content="""
+{%- set counts = ledger_counts(params.warehouse_conn_id, params.ledger_table, run_id) -%}
+<p>{{ ti.task_id }} in {{ dag.dag_id }} (run {{ run_id }}) failed.</p>
+{% if counts is none -%}
+<p>The ledger could not be read: the task log says why the run stopped.</p>
+{%- else -%}
+<p>{{ counts.get("failed", 0) + counts.get("invalid", 0) }} rows failed
+({{ counts.get("failed", 0) }} failed, {{ counts.get("invalid", 0) }} invalid,
+{{ counts.get("registered", 0) }} registered in this run).</p>
+{%- endif %}
+<p>The ledger lists them, with the reason for each, in {{ params.warehouse_conn_id }}:</p>
+<pre>{{ failed_rows_sql(params.ledger_table, run_id) }}</pre>
+<p>Fix the rows (or the connection) and clear the task: the ledger keeps everyone registered once.</p>
+""",
+)
+
 with DAG(
     dag_id="lsq_register_new_applicants",
     description="Register the day's new applicants from the warehouse as LeadSquared portal users.",
@@ -86,6 +148,7 @@ with DAG(
     max_active_runs=1,  # runs share the account's rate limit and the ledger: one at a time
     tags=["leadsquared", "portal", "example"],
     doc_md=__doc__,
+    user_defined_macros={"ledger_counts": ledger_counts, "failed_rows_sql": failed_rows_sql},
     params={
         "warehouse_conn_id": Param(
             "lsq_warehouse", type="string", pattern=CONN_ID, description="SQL connection of the warehouse."
@@ -125,4 +188,6 @@ with DAG(
         # A few bad rows (no email, an attribute the account lacks) must not fail the day: they stay in
         # the ledger with their reasons. A systemic failure (more than 1 row in 10) fails the task.
         max_failure_ratio=0.1,
+        outlets=[NEW_PORTAL_USERS],  # a successful run records an asset event with its counts
+        on_failure_callback=FAILURE_EMAIL,
     )

@@ -16,7 +16,7 @@ import tenacity
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from requests.adapters import HTTPAdapter
 
-from airflow_provider_lsq import __version__
+from airflow_provider_lsq import __version__, metrics
 from airflow_provider_lsq.connection_form import UI_FIELD_BEHAVIOUR, connection_form_widgets
 from airflow_provider_lsq.exceptions import (
     LeadSquaredAPIError,
@@ -212,6 +212,7 @@ class LeadSquaredHook(BaseHook):
 
         def log_retry(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
+            metrics.retry(self.leadsquared_conn_id)
             self.log.warning(
                 "LeadSquared %s %s: attempt %d of %d failed (%s); retrying.",
                 method,
@@ -233,9 +234,11 @@ class LeadSquaredHook(BaseHook):
             for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    self.rate_limiter.acquire()
-                    response = self._send(method, url, query, json, headers, extra_secrets)
-                    return parse_response(response, extra_secrets), attempts
+                    with metrics.rate_limit_wait(self.leadsquared_conn_id):
+                        self.rate_limiter.acquire()
+                    with metrics.api_call(self.leadsquared_conn_id):
+                        response = self._send(method, url, query, json, headers, extra_secrets)
+                        return parse_response(response, extra_secrets), attempts
         except LeadSquaredError as error:
             error.attempts = attempts
             if isinstance(error, _RETRYABLE) and attempts > 1:

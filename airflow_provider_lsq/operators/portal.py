@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
 
+from airflow_provider_lsq.assets import add_counts_to_portal_events
 from airflow_provider_lsq.exceptions import LeadSquaredValidationError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import build_lead_fields
+from airflow_provider_lsq.lineage import portal_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
 
@@ -123,6 +125,7 @@ class RegisterPortalUserOperator(BaseOperator):
         self.is_dry_run = dry_run  # not ``self.dry_run``: that would shadow BaseOperator.dry_run()
         self.max_workers = max_workers
         self.leadsquared_conn_id = leadsquared_conn_id
+        self.registration_counts: dict[str, Any] | None = None  # set by execute: lineage reads it
 
     def _rendered_leads(self) -> Sequence[Any]:
         leads = self.leads
@@ -141,7 +144,12 @@ class RegisterPortalUserOperator(BaseOperator):
         leads = self._rendered_leads()
         started = time.monotonic()
         outcomes: list[dict[str, Any]] = []
-        progress = RegistrationProgress(len(leads), interval=self.progress_interval, logger=self.log)
+        progress = RegistrationProgress(
+            len(leads),
+            interval=self.progress_interval,
+            logger=self.log,
+            conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
+        )
         self.log.info(
             "%s %d leads as portal users (connection %r).",
             "Validating (dry run)" if self.is_dry_run else "Registering",
@@ -157,9 +165,16 @@ class RegisterPortalUserOperator(BaseOperator):
         finally:  # a run stopped by a bad login still shows what it finished
             context["ti"].xcom_push(key="outcomes", value=outcomes)
         summary = progress.summary(self.is_dry_run, time.monotonic() - started)
+        self.registration_counts = add_counts_to_portal_events(
+            context, self.outlets, summary, leadsquared_conn_id=self.leadsquared_conn_id, log=self.log
+        )
         self.log.info("LeadSquared registration summary: %s", summary)
         progress.raise_if_too_many_failures(self.max_failure_ratio)
         return summary
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage (Airflow's OpenLineage provider calls it): see :mod:`airflow_provider_lsq.lineage`."""
+        return portal_lineage(self)
 
     def _dry_run(
         self, leads: Iterable[Any], outcomes: list[dict[str, Any]], progress: RegistrationProgress

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowException, BaseHook, BaseOperator
 from airflow.providers.common.sql.hooks.sql import DbApiHook
 
+from airflow_provider_lsq.assets import add_counts_to_portal_events
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+from airflow_provider_lsq.lineage import transfer_lineage
 from airflow_provider_lsq.operators.portal import check_lead, invalid_outcome
 from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
 from airflow_provider_lsq.transfers.ledger import RegistrationLedger
@@ -155,6 +157,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         self.is_dry_run = dry_run  # not ``self.dry_run``: that would shadow BaseOperator.dry_run()
         self.max_workers = max_workers
         self.leadsquared_conn_id = leadsquared_conn_id
+        self.registration_counts: dict[str, Any] | None = None  # set by execute: lineage reads it
         self.ledger_table = ledger_table
         self.ledger_conn_id = ledger_conn_id
         self.batch_size = batch_size
@@ -182,7 +185,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
             try:
                 total = self._count(conn, sql)
                 progress = RegistrationProgress(
-                    total, interval=self.progress_interval, logger=self.log, track_skips=True
+                    total,
+                    interval=self.progress_interval,
+                    logger=self.log,
+                    track_skips=True,
+                    conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
                 )
                 self.log.info(
                     "%s rows of %r as portal users of portal %r (%s rows; ledger %s on %r).",
@@ -202,9 +209,16 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 with contextlib.suppress(Exception):
                     conn.close()
         summary = progress.summary(self.is_dry_run, time.monotonic() - started)
+        self.registration_counts = add_counts_to_portal_events(
+            context, self.outlets, summary, leadsquared_conn_id=self.leadsquared_conn_id, log=self.log
+        )
         self.log.info("LeadSquared registration summary: %s", summary)
         progress.raise_if_too_many_failures(self.max_failure_ratio)
         return summary
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage (Airflow's OpenLineage provider calls it): see :mod:`airflow_provider_lsq.lineage`."""
+        return transfer_lineage(self)
 
     def _run_names(self, context: Context) -> tuple[str, str]:
         dag_run = context.get("dag_run")

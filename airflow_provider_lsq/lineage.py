@@ -1,0 +1,151 @@
+"""OpenLineage for the registration operators, reported through Airflow's OpenLineage provider.
+
+The operators' ``get_openlineage_facets_on_complete`` delegate here; Airflow's OpenLineage provider
+calls them when a task ends (and on failure, where they report what the run finished). Nothing here
+imports OpenLineage until it is called, and without ``apache-airflow-providers-openlineage`` every
+function returns None: nothing changes.
+
+What is reported:
+
+- ``SqlToLeadSquaredPortalOperator``: the datasets its query reads, parsed with the OpenLineage
+  provider's ``SQLParser`` from the warehouse hook's OpenLineage database info, exactly as
+  common-sql's ``SQLExecuteQueryOperator`` does (so only for databases whose common-sql hook provides
+  that info, e.g. PostgreSQL, Snowflake, MySQL; not SQLite); the ``sql`` job facet; the ledger table
+  as an output (same naming, from the ledger's hook); and the portal as an output.
+- ``RegisterPortalUserOperator``: the portal as an output.
+
+The portal's dataset has namespace ``leadsquared://<portal API host>`` and name ``portal/<portal_id>``
+(the same as its asset, :mod:`airflow_provider_lsq.assets`), the run's counts as the
+``leadsquaredRegistration`` output facet and the rows registered as the standard
+``outputStatistics.rowCount``. No key, token, password or lead value is in any of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from airflow_provider_lsq.assets import SCHEME, portal_uri
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from airflow.providers.common.sql.hooks.sql import DbApiHook
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+log = logging.getLogger(__name__)
+
+
+def openlineage_installed() -> bool:
+    """True when Airflow's OpenLineage provider can be imported."""
+    try:
+        import airflow.providers.openlineage.extractors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def portal_dataset_name(base_url: str, portal_id: str) -> tuple[str, str]:
+    """``(namespace, name)`` of a portal: ``("leadsquared://<host>", "portal/<portal_id>")``."""
+    parts = urlsplit(portal_uri(base_url, portal_id))
+    return f"{SCHEME}://{parts.netloc}", parts.path.lstrip("/")
+
+
+def portal_output(leadsquared_conn_id: str, counts: Mapping[str, Any] | None) -> Any:
+    """The portal as an OpenLineage output dataset, with the run's counts when there are any."""
+    from airflow.providers.common.compat.openlineage.facet import (
+        OutputDataset,
+        OutputStatisticsOutputDatasetFacet,
+    )
+
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+    from airflow_provider_lsq.lineage_facets import FACET_NAME, LeadSquaredRegistrationOutputDatasetFacet
+
+    config = LeadSquaredHook(leadsquared_conn_id).config
+    if not config.portal_id:
+        return None
+    namespace, name = portal_dataset_name(config.base_url, config.portal_id)
+    facets: dict[str, Any] = {}
+    if counts:
+        facets[FACET_NAME] = LeadSquaredRegistrationOutputDatasetFacet(
+            registered=int(counts.get("registered", 0)),
+            alreadyRegistered=int(counts.get("already_registered", 0)),
+            invalid=int(counts.get("invalid", 0)),
+            failed=int(counts.get("failed", 0)),
+            total=int(counts.get("total", 0)),
+            skipped=int(counts.get("skipped", 0)),
+            duplicates=int(counts.get("duplicates", 0)),
+            dryRun=bool(counts.get("dry_run", False)),
+        )
+        facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(
+            rowCount=int(counts.get("registered", 0))
+        )
+    return OutputDataset(namespace=namespace, name=name, outputFacets=facets)
+
+
+def portal_lineage(operator: Any) -> OperatorLineage | None:
+    """``RegisterPortalUserOperator``'s lineage: the portal as output, with the run's counts."""
+    if not openlineage_installed():
+        return None
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    output = portal_output(operator.leadsquared_conn_id, getattr(operator, "registration_counts", None))
+    return OperatorLineage(outputs=[output] if output is not None else [])
+
+
+def transfer_lineage(operator: Any) -> OperatorLineage | None:
+    """``SqlToLeadSquaredPortalOperator``'s lineage: query inputs, ledger and portal outputs, counts."""
+    if not openlineage_installed():
+        return None
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
+
+    sql = operator.sql.strip().rstrip(";").strip()
+    query = _sql_lineage(get_db_hook(operator.sql_conn_id, "sql_conn_id"), sql, use_connection=None)
+    ledger_hook = get_db_hook(operator.ledger_conn_id or operator.sql_conn_id, "ledger_conn_id")
+    # The ledger's dataset, named by the same parser: a statement writing to it, parsed, never run.
+    ledger = _sql_lineage(ledger_hook, f"INSERT INTO {operator.ledger_table} (row_key) VALUES ('')", False)
+    outputs: list[Any] = list(ledger.outputs) if ledger is not None else []
+    portal = portal_output(operator.leadsquared_conn_id, getattr(operator, "registration_counts", None))
+    if portal is not None:
+        outputs.append(portal)
+    if query is None:
+        return OperatorLineage(outputs=outputs)
+    return OperatorLineage(
+        inputs=list(query.inputs),
+        outputs=outputs,
+        run_facets=query.run_facets,
+        job_facets=query.job_facets,
+    )
+
+
+def _sql_lineage(hook: DbApiHook, sql: str, use_connection: bool | None) -> OperatorLineage | None:
+    """The OpenLineage of ``sql`` as common-sql's ``SQLExecuteQueryOperator`` computes it, or None when
+    the hook gives no OpenLineage database info (SQLite, for one).
+
+    ``use_connection`` None: as the OpenLineage provider decides (it may read the columns' schema).
+    """
+    from airflow.providers.openlineage.sqlparser import SQLParser
+    from airflow.providers.openlineage.utils.utils import should_use_external_connection
+
+    connection = hook.get_connection(getattr(hook, hook.conn_name_attr))
+    try:
+        database_info = hook.get_openlineage_database_info(connection)
+    except AttributeError:
+        database_info = None
+    if database_info is None:
+        log.debug("%s gives no OpenLineage database info: no SQL datasets.", type(hook).__name__)
+        return None
+    parser = SQLParser(
+        dialect=hook.get_openlineage_database_dialect(connection),
+        default_schema=hook.get_openlineage_default_schema(),
+    )
+    return parser.generate_openlineage_metadata_from_sql(
+        sql=sql,
+        hook=hook,
+        database_info=database_info,
+        sqlalchemy_engine=hook.get_sqlalchemy_engine(),
+        use_connection=should_use_external_connection(hook) if use_connection is None else use_connection,
+    )

@@ -1,0 +1,94 @@
+"""The provider's metrics, sent through Airflow's own ``Stats`` (StatsD, Datadog or OpenTelemetry).
+
+Whichever backend the deployment configured in ``[metrics]`` receives them; with metrics off, every
+call here is a no-op. Every name starts with :data:`PREFIX` (after Airflow's own ``statsd_prefix``, so
+``airflow.leadsquared.calls`` on StatsD) and every metric is tagged with the LeadSquared connection id
+(``conn_id``), never with anything about a lead:
+
+=============================================  =======  ==================================================
+name                                           type     what
+=============================================  =======  ==================================================
+``leadsquared.registrations.<status>``         counter  rows that ended ``registered``,
+                                                        ``already_registered``, ``invalid`` or ``failed``
+``leadsquared.calls``                          counter  HTTP exchanges with the API (each retry counts)
+``leadsquared.call_duration``                  timer    one exchange, request sent to answer parsed
+``leadsquared.refusals``                       counter  the API's rate-limit refusals (429 and kin)
+``leadsquared.retries``                        counter  retries of a failed call (refusal or transient)
+``leadsquared.rate_limit_wait``                timer    time a call waited for room in the account's
+                                                        rate-limit window before it was sent
+=============================================  =======  ==================================================
+
+Timers are given to ``Stats.timing`` as a :class:`datetime.timedelta`, which StatsD sends in
+milliseconds (``|ms``) on Airflow 2.11 and 3.x alike. Tags travel as the backend allows:
+Datadog and OpenTelemetry natively, StatsD with ``[metrics] statsd_influxdb_enabled`` (plain StatsD
+has no tags).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from airflow.providers.common.compat.sdk import Stats
+
+from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError, LeadSquaredRateLimitError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from airflow_provider_lsq.outcomes import RegistrationStatus
+
+PREFIX = "leadsquared."
+REGISTRATIONS = PREFIX + "registrations"  # + "." + status
+CALLS = PREFIX + "calls"
+CALL_DURATION = PREFIX + "call_duration"
+REFUSALS = PREFIX + "refusals"
+RETRIES = PREFIX + "retries"
+RATE_LIMIT_WAIT = PREFIX + "rate_limit_wait"
+
+
+def _tags(conn_id: str) -> dict[str, str]:
+    return {"conn_id": conn_id}
+
+
+def registration(conn_id: str, status: RegistrationStatus | str) -> None:
+    """One row ended with ``status``: ``leadsquared.registrations.<status>``."""
+    value = getattr(status, "value", status)
+    Stats.incr(f"{REGISTRATIONS}.{value}", tags=_tags(conn_id))
+
+
+def retry(conn_id: str) -> None:
+    """A failed call is about to be retried: ``leadsquared.retries``."""
+    Stats.incr(RETRIES, tags=_tags(conn_id))
+
+
+@contextmanager
+def rate_limit_wait(conn_id: str) -> Iterator[None]:
+    """Time the block (waiting for the rate limiter) as ``leadsquared.rate_limit_wait``."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        Stats.timing(RATE_LIMIT_WAIT, timedelta(seconds=time.monotonic() - started), tags=_tags(conn_id))
+
+
+@contextmanager
+def api_call(conn_id: str) -> Iterator[None]:
+    """Count and time one HTTP exchange (``leadsquared.calls``, ``leadsquared.call_duration``).
+
+    A :class:`LeadSquaredRateLimitError` leaving the block is the API refusing the call:
+    ``leadsquared.refusals`` (a spent daily cap is our own limit, not a refusal, and is not counted).
+    """
+    tags = _tags(conn_id)
+    started = time.monotonic()
+    try:
+        yield
+    except LeadSquaredRateLimitError as error:
+        if not isinstance(error, LeadSquaredDailyLimitError):
+            Stats.incr(REFUSALS, tags=tags)
+        raise
+    finally:
+        Stats.incr(CALLS, tags=tags)
+        Stats.timing(CALL_DURATION, timedelta(seconds=time.monotonic() - started), tags=tags)

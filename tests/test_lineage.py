@@ -1,0 +1,239 @@
+"""OpenLineage from a real DAG run: the transfer against the sandbox and a real PostgreSQL warehouse,
+with Airflow's OpenLineage provider writing its events to a file (its ``file`` transport).
+
+The run happens in a child process: the OpenLineage provider decides at plugin load whether it is
+enabled (from its transport setting), and this test process may have loaded Airflow's plugins already.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.helpers import sandbox_secrets
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from airflow_provider_lsq.sandbox import Sandbox
+
+AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
+LOGICAL_DATE = "2026-03-01T00:00:00+00:00"
+
+DAG_FILE = """
+import pendulum
+from airflow.providers.common.compat.sdk import DAG
+from airflow_provider_lsq.assets import portal_asset
+from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+    SqlToLeadSquaredPortalOperator(
+        task_id="register",
+        sql={sql!r},
+        sql_conn_id="lsq_ol_wh",
+        key_column="applicant_id",
+        ledger_table={ledger!r},
+        max_failure_ratio=0.5,
+        outlets=[portal_asset({host!r}, {portal_id!r})],
+    )
+"""
+
+RUNNER = """
+import datetime as dt, sys
+from airflow.models import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+assert not bag.import_errors, bag.import_errors
+dag = bag.dags[sys.argv[2]]
+date = dt.datetime.fromisoformat(sys.argv[3])
+if {airflow_3}:
+    run = dag.test(logical_date=date)
+else:
+    import airflow.providers.fab.auth_manager.models  # noqa: F401  (dag.test's cleanup needs it)
+    run = dag.test(execution_date=date)
+print("STATE", run.state)
+"""
+
+
+def _events(path: Path, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """The events in the transport's file, once the task's COMPLETE (or FAIL) event is in it."""
+    deadline = time.monotonic() + timeout
+    events: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        if path.exists():
+            events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if any(e.get("eventType") in ("COMPLETE", "FAIL") and _is_task(e) for e in events):
+                return events
+        time.sleep(0.5)
+    raise AssertionError(f"no task COMPLETE event in {path} after {timeout}s: {events}")
+
+
+def _is_task(event: dict[str, Any]) -> bool:
+    return str(event.get("job", {}).get("name", "")).endswith(".register")
+
+
+@pytest.mark.postgres
+@pytest.mark.airflow_db
+def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_without_secrets(
+    airflow_db: Path,
+    postgres_server: str,
+    leadsquared_sandbox_factory: Callable[..., Sandbox],
+    tmp_path: Path,
+) -> None:
+    import psycopg2
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    schema = f"ol_{uuid.uuid4().hex[:8]}"
+    db = psycopg2.connect(postgres_server)
+    with db, db.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+        cur.execute(f"CREATE TABLE {schema}.applicants (applicant_id INTEGER, email TEXT, first_name TEXT)")
+        rows = [(i, f"lineage{i}@example.edu", f"Lineagefirst{i}") for i in range(1, 6)]
+        rows.append((6, None, "Lineagenoemail"))  # invalid: no identifier
+        cur.executemany(f"INSERT INTO {schema}.applicants VALUES (%s, %s, %s)", rows)
+    db.close()
+
+    dag_id = f"lsq_lineage_{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    sql = (
+        f'SELECT CAST(applicant_id AS TEXT) AS applicant_id, email AS "EmailAddress", '
+        f'first_name AS "FirstName" FROM {schema}.applicants'
+    )
+    ledger = f"{schema}.lsq_ledger"
+    (folder / f"{dag_id}.py").write_text(
+        DAG_FILE.format(dag_id=dag_id, sql=sql, ledger=ledger, host=sb.url, portal_id=sb.portal_id)
+    )
+    events_file = tmp_path / "openlineage.jsonl"
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    env = {
+        **os.environ,
+        "AIRFLOW_CONN_LEADSQUARED_DEFAULT": json.dumps(conn),
+        "AIRFLOW_CONN_LSQ_OL_WH": postgres_server.replace("postgresql://", "postgres://", 1),
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+            {"type": "file", "log_file_path": str(events_file), "append": True}
+        ),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "lsq_lineage_test",
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(
+            [
+                {"name": "dags-folder", "classpath": local, "kwargs": {}},
+                {"name": "lsq-lineage-tests", "classpath": local, "kwargs": {"path": str(folder)}},
+            ]
+        ),
+    }
+    runner = textwrap.dedent(RUNNER.format(airflow_3=AIRFLOW_3))
+    proc = subprocess.run(
+        [sys.executable, "-c", runner, str(folder), dag_id, LOGICAL_DATE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "STATE success" in output.replace("DagRunState.SUCCESS", "success"), (
+        output[-5000:]
+    )
+
+    events = _events(events_file)
+    complete = next(e for e in events if e["eventType"] == "COMPLETE" and _is_task(e))
+    database = postgres_server.rsplit("/", 1)[1]
+    inputs = {(d["namespace"], d["name"]) for d in complete["inputs"]}
+    outputs = {(d["namespace"], d["name"]): d for d in complete["outputs"]}
+    assert ("postgres://127.0.0.1:5432", f"{database}.{schema}.applicants") in inputs
+    assert ("postgres://127.0.0.1:5432", f"{database}.{schema}.lsq_ledger") in outputs
+    portal = outputs[(f"leadsquared://127.0.0.1:{sb.port}", f"portal/{sb.portal_id}")]
+    counts = portal["outputFacets"]["leadsquaredRegistration"]
+    assert {k: counts[k] for k in ("registered", "alreadyRegistered", "invalid", "failed", "total")} == {
+        "registered": 5,
+        "alreadyRegistered": 0,
+        "invalid": 1,
+        "failed": 0,
+        "total": 6,
+    }
+    assert counts["_schemaURL"].endswith("#/$defs/LeadSquaredRegistrationOutputDatasetFacet")
+    assert portal["outputFacets"]["outputStatistics"]["rowCount"] == 5
+    assert "sql" in complete["job"]["facets"]  # the query, as common-sql's operators report it
+
+    text = events_file.read_text()
+    assert not [s for s in sandbox_secrets(sb) if s in text], "a secret reached a lineage event"
+    for i in range(1, 7):
+        assert f"lineage{i}@example.edu" not in text and f"Lineagefirst{i}" not in text
+    assert "Lineagenoemail" not in text
+
+
+def test_without_the_openlineage_provider_nothing_is_imported_or_reported(tmp_path: Path) -> None:
+    """Importing the operators imports no OpenLineage module; with the provider hidden, lineage is None."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import airflow_provider_lsq.operators.portal, airflow_provider_lsq.transfers.sql_to_leadsquared
+        import airflow_provider_lsq.lineage, airflow_provider_lsq.assets
+        # Airflow's providers manager reads every provider's info, openlineage's too: nothing more.
+        known = {"airflow.providers.openlineage", "airflow.providers.openlineage.get_provider_info"}
+        loaded = sorted(m for m in sys.modules if "openlineage" in m and m not in known)
+        assert not loaded, loaded
+
+        class Hide:  # as if apache-airflow-providers-openlineage were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith(("airflow.providers.openlineage", "openlineage")):
+                    raise ModuleNotFoundError(name)
+                return None
+
+        sys.meta_path.insert(0, Hide())
+        from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+        from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+        op = RegisterPortalUserOperator(task_id="r", leads=[])
+        assert op.get_openlineage_facets_on_complete(None) is None
+        t = SqlToLeadSquaredPortalOperator(task_id="t", sql="SELECT 1", sql_conn_id="x", key_column="k")
+        assert t.get_openlineage_facets_on_complete(None) is None
+        assert not [m for m in sys.modules if "openlineage" in m and m not in known]
+        print("OK")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_register_portal_user_operator_reports_the_portal_with_its_counts(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openlineage.client.serde import Serde
+
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_PORTAL", json.dumps(conn))
+    leads = [{"EmailAddress": f"olportal{i}@example.edu", "FirstName": "Olportalname"} for i in range(3)]
+    leads.append({"FirstName": "Olportalname"})  # no key: invalid
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=leads, leadsquared_conn_id="lsq_ol_portal", max_failure_ratio=0.5
+    )
+
+    class TI:
+        def xcom_push(self, key: str, value: Any) -> None:
+            pass
+
+    assert op.get_openlineage_facets_on_complete(None).outputs[0].outputFacets == {}  # before: no counts
+    op.execute({"ti": TI(), "run_id": "manual__1"})  # type: ignore[arg-type]
+    lineage = op.get_openlineage_facets_on_complete(None)
+    assert lineage.inputs == []
+    (portal,) = lineage.outputs
+    assert (portal.namespace, portal.name) == (f"leadsquared://127.0.0.1:{sb.port}", "portal/sandbox-portal")
+    facet = portal.outputFacets["leadsquaredRegistration"]
+    assert (facet.registered, facet.invalid, facet.failed, facet.total) == (3, 1, 0, 4)
+    text = Serde.to_json(portal)
+    assert not [s for s in sandbox_secrets(sb) if s in text]
+    assert "example.edu" not in text and "Olportalname" not in text
