@@ -89,6 +89,27 @@ class RegistrationOutcome:
         )
 
     @classmethod
+    def recorded(
+        cls,
+        key: str,
+        status: str,
+        *,
+        lead_id: str | None,
+        error_type: str | None,
+        error_message: str | None,
+        retryable: bool,
+    ) -> RegistrationOutcome:
+        """An outcome an earlier try of the same run recorded, counted again without a call."""
+        return cls(
+            key,
+            RegistrationStatus(status),
+            lead_id=lead_id,
+            error_type=error_type,
+            error_message=error_message,
+            retryable=retryable,
+        )
+
+    @classmethod
     def not_sent(cls, key: str) -> RegistrationOutcome:
         """A row handed over for a call that the run stopped before making: retryable, no call made."""
         return cls.failed(

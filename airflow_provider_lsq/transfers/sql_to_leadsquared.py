@@ -233,6 +233,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
             self.max_failure_ratio,
             skipped_failed=transfer.skipped_failed,
             resent_pending=transfer.resent_pending,
+            from_earlier_tries=transfer.earlier_tries,
         )
 
     def on_kill(self) -> None:
@@ -315,7 +316,7 @@ class _Transfer:
         self.engine = run
         self.progress = run.progress
         self.run_id = run_id
-        self.skipped_done = self.skipped_failed = self.failed_earlier = 0
+        self.skipped_done = self.skipped_failed = self.earlier_tries = 0
         self.resent_pending = self.pending_elsewhere = 0
         self.reported_duplicates = self.reported_null = 0
 
@@ -407,6 +408,23 @@ class _Transfer:
         """Whether a row the ledger knows as ``previous`` goes to the engine (validation, maybe a call)."""
         if previous is None or previous.status == "invalid":
             return True  # new, or invalid before: validated again (the data may have been fixed)
+        if previous.run_id == self.run_id and (
+            previous.registered or not (previous.pending or previous.retryable or self.op.retry_failed)
+        ):
+            # An earlier try of this run recorded it: it counts again, without a call, so a retry
+            # ends the way the first try did (a failed run stays failed until its rows are fixed).
+            self.earlier_tries += 1
+            self.progress.add(
+                RegistrationOutcome.recorded(
+                    previous.row_key,
+                    previous.status,
+                    lead_id=previous.lead_id,
+                    error_type=previous.error_type,
+                    error_message=previous.error_message,
+                    retryable=previous.retryable,
+                )
+            )
+            return False
         if previous.registered:
             self.skipped_done += 1
             self.progress.add_skipped()
@@ -423,18 +441,6 @@ class _Transfer:
             return True
         if previous.retryable or self.op.retry_failed:
             return True
-        if previous.run_id == self.run_id:  # this run failed it before: it counts again, no call
-            self.failed_earlier += 1
-            self.progress.add(
-                RegistrationOutcome.failed(
-                    previous.row_key,
-                    previous.error_type or "",
-                    previous.error_message or "",
-                    0,
-                    retryable=False,
-                )
-            )
-            return False
         self.skipped_failed += 1
         self.progress.add_skipped()
         return False
@@ -498,10 +504,11 @@ class _Transfer:
                 "users (fix them and set retry_failed=True to try again).",
                 self.skipped_failed,
             )
-        if self.failed_earlier:
+        if self.earlier_tries:
             self.log.warning(
-                "%d rows failed for good in an earlier try of this run: counted as failed again.",
-                self.failed_earlier,
+                "%d rows were recorded by an earlier try of this run (%s): counted again, without a call.",
+                self.earlier_tries,
+                self.run_id,
             )
         if self.resent_pending:
             self.log.warning("%d rows left pending by a stopped run were sent again.", self.resent_pending)
