@@ -89,6 +89,52 @@ def test_a_ledger_locked_by_another_writer_loses_nothing_and_sends_nothing_meanw
     assert sb.register_calls == 60
 
 
+def test_a_ledger_down_past_its_bound_fails_the_task_and_logs_what_to_reconcile(
+    sqlite_warehouse: Warehouse, lsq: Callable[..., Sandbox], tmp_path: Path, task_log: TaskLog
+) -> None:
+    sb = lsq(latency=0.05)
+    sqlite_warehouse.seed(applicants(40))
+    path = tmp_path / "warehouse.db"
+    released = threading.Event()
+
+    def hold() -> None:
+        db = sqlite3.connect(path, isolation_level=None, timeout=60)
+        try:
+            while True:
+                try:
+                    if db.execute(f"SELECT COUNT(*) FROM {sqlite_warehouse.ledger_table}").fetchone()[0]:
+                        break
+                except sqlite3.OperationalError:
+                    pass
+                time.sleep(0.005)
+            db.execute("BEGIN IMMEDIATE")
+            released.wait(60)
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        with pytest.raises(AirflowException, match="could not be recorded"):
+            transfer(sqlite_warehouse, batch_size=10, max_workers=4, ledger_write_timeout=1.0).execute(
+                context()
+            )
+    finally:
+        released.set()
+        holder.join()
+
+    registered = {lead.fields["EmailAddress"] for lead in sb.leads if lead.portal_user}
+    assert registered
+    recorded = {k for k, row in sqlite_warehouse.ledger().items() if row["status"] == "registered"}
+    log = task_log()
+    for lead in sb.leads:
+        key = lead.fields["EmailAddress"].split("@")[0].removeprefix("applicant")
+        if key not in recorded:  # every registration the ledger lacks is in the log, by key and lead id
+            assert f"Unrecorded outcome: row {key}, registered, lead id {lead.lead_id}" in log
+    assert not any(address in log for address in registered)  # no other lead data
+
+
 # -- 3. a retry ends the way the first try did ------------------------------------------------------------
 
 

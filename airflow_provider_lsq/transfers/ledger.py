@@ -147,7 +147,9 @@ class RegistrationLedger:
         if self._conn is None:
             conn = self.db_hook.get_conn()
             if isinstance(conn, sqlite3.Connection):
-                conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")  # wait out other writers
+                # Wait out other writers' locks (within the write bound) instead of failing at once.
+                busy_ms = int(min(SQLITE_BUSY_TIMEOUT_MS, self.write_timeout * 1000))
+                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
             self._conn = conn
         return self._conn
 

@@ -21,7 +21,7 @@ from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
-from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun
+from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger
 
 if TYPE_CHECKING:
@@ -395,19 +395,30 @@ class _Transfer:
             known = self.ledger.lookup(key for key, _ in keyed)
             for key, record in keyed:
                 previous = known.get(key)
-                if self._wanted(previous):
+                lead = self._lead(columns, key_index, record)
+                if self._wanted(key, lead, previous):
                     self.sink.known[key] = previous
-                    yield key, self._lead(columns, key_index, record)
+                    yield key, lead
             try:
                 records = cursor.fetchmany(self.op.batch_size)
             except Exception:
                 self.log.error("Reading the query's rows failed after %d rows: stopping.", position)
                 raise
 
-    def _wanted(self, previous: LedgerRow | None) -> bool:
+    def _wanted(self, key: str, lead: dict[str, Any], previous: LedgerRow | None) -> bool:
         """Whether a row the ledger knows as ``previous`` goes to the engine (validation, maybe a call)."""
-        if previous is None or previous.status == "invalid":
-            return True  # new, or invalid before: validated again (the data may have been fixed)
+        if previous is None:
+            return True
+        if previous.status == "invalid" and previous.run_id != self.run_id:
+            # Invalid in an earlier run: validated again (no call), sent if the data was fixed; still
+            # invalid, it is reported like a permanent failure, not counted against this run.
+            if check_lead(key, lead, self.op.identifier_attribute) is None:
+                return True
+            self.skipped_failed += 1
+            self.progress.add_skipped()
+            return False
+        if previous.status == "invalid":
+            return True  # this run's own invalid row: validated and counted again
         if previous.run_id == self.run_id and (
             previous.registered or not (previous.pending or previous.retryable or self.op.retry_failed)
         ):
@@ -500,8 +511,8 @@ class _Transfer:
             self.log.info("%d rows skipped: the ledger has them registered.", self.skipped_done)
         if self.skipped_failed:
             self.log.warning(
-                "%d rows skipped: an earlier run recorded them as failed for good, so they are not portal "
-                "users (fix them and set retry_failed=True to try again).",
+                "%d rows skipped: an earlier run recorded them as failed for good or invalid (and they still "
+                "are), so they are not portal users (fix them; failed ones need retry_failed=True).",
                 self.skipped_failed,
             )
         if self.earlier_tries:
