@@ -39,6 +39,7 @@ CHILD = """
 import datetime as dt
 import sys
 
+from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
 
 try:
@@ -56,6 +57,13 @@ with DAG(dag_id="lsq_stop_test", schedule=None, start_date=dt.datetime(2025, 1, 
         leadsquared_conn_id="lsq_stop",
         max_workers={workers},
     )
+
+    RegisterPortalUserOperator(
+        task_id="register_list",
+        leads=[{{"EmailAddress": f"listed{{i}}@example.edu"}} for i in range({list_rows})],
+        leadsquared_conn_id="lsq_stop",
+        max_workers={workers},
+    ) if {list_rows} else None
 
 if __name__ == "__main__":
     when = dt.datetime.now(dt.timezone.utc)
@@ -103,7 +111,9 @@ def stop_sandbox(airflow_db: Path) -> Iterator[Sandbox]:
         yield sb
 
 
-def _start_task(tmp_path: Path, sb: Sandbox, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
+def _start_task(
+    tmp_path: Path, sb: Sandbox, workers: int, list_rows: int = 0
+) -> tuple[subprocess.Popen[bytes], Path]:
     conn = json.loads(sb.connection_json())
     conn["extra"]["retry_wait_seconds"] = 0.05
     env = {
@@ -114,7 +124,9 @@ def _start_task(tmp_path: Path, sb: Sandbox, workers: int) -> tuple[subprocess.P
         "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path),  # dag.test() runs the DAG its bundle holds
     }
     dag_file = tmp_path / "lsq_stop_dag.py"
-    dag_file.write_text(textwrap.dedent(CHILD.format(sql=SQL, ledger=LEDGER, workers=workers)))
+    dag_file.write_text(
+        textwrap.dedent(CHILD.format(sql=SQL, ledger=LEDGER, workers=workers, list_rows=list_rows))
+    )
     log = tmp_path / "task.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -222,3 +234,36 @@ def test_sigkill_resends_at_most_the_calls_in_flight_and_the_last_flush_interval
     assert twice == unrecorded  # only the rows whose outcome the kill lost
     assert len(twice) <= bound
     assert not [key for key, (status, _, _) in _ledger(tmp_path / "wh.db").items() if status != "registered"]
+
+
+def test_sigterm_on_the_list_operator_pushes_every_outcome_made(
+    tmp_path: Path, stop_sandbox: Sandbox, airflow_db: Path
+) -> None:
+    """The DAG's second task (a list of 200 leads) runs alongside the transfer of an empty warehouse."""
+    sb = stop_sandbox
+    _seed(tmp_path / "wh.db", 0)
+    process, log = _start_task(tmp_path, sb, workers=16, list_rows=200)
+    _wait_for_calls(sb, process, 40, log)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    text = log.read_text()
+    assert "Stopped: every call made is recorded." in text, text[-3000:]
+
+    db = sqlite3.connect(airflow_db / "airflow.db")
+    try:
+        (value,) = db.execute(
+            "SELECT value FROM xcom WHERE dag_id = 'lsq_stop_test' AND task_id = 'register_list' "
+            "AND key = 'outcomes' ORDER BY timestamp DESC LIMIT 1"
+        ).fetchone()
+    finally:
+        db.close()
+    outcomes = json.loads(value)
+    if isinstance(outcomes, str):  # stored JSON-encoded twice on some versions
+        outcomes = json.loads(outcomes)
+    registered = {lead.fields["EmailAddress"] for lead in sb.leads if lead.portal_user}
+    assert 0 < len(registered) < 200
+    assert {o["key"] for o in outcomes if o["status"] == "registered"} == registered
