@@ -295,6 +295,7 @@ class LedgerSink(OutcomeSink):
         self.ledger.record(outcomes, dag_id=self.dag_id, run_id=self.run_id)
         for outcome in outcomes:
             self.claimed.pop(outcome.key, None)
+            self.known.pop(outcome.key, None)  # invalid rows are recorded without a claim
 
 
 class _Transfer:
@@ -397,7 +398,8 @@ class _Transfer:
                 previous = known.get(key)
                 lead = self._lead(columns, key_index, record)
                 if self._wanted(key, lead, previous):
-                    self.sink.known[key] = previous
+                    if previous is not None and not self.op.is_dry_run:
+                        self.sink.known[key] = previous  # until its claim or its record
                     yield key, lead
             try:
                 records = cursor.fetchmany(self.op.batch_size)
