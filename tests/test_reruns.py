@@ -89,6 +89,61 @@ def test_a_ledger_locked_by_another_writer_loses_nothing_and_sends_nothing_meanw
     assert sb.register_calls == 60
 
 
+@pytest.mark.postgres
+def test_a_postgres_ledger_connection_dropped_midway_is_reopened_and_loses_nothing(
+    lsq: Callable[..., Sandbox],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PostgreSQL restart or a network blip drops the ledger's connection between two writes."""
+    import psycopg2
+
+    wh = base.make_warehouse("postgres", request, tmp_path, monkeypatch)
+    sb = lsq(latency=0.1)
+    wh.seed(applicants(60))
+    uri = request.getfixturevalue("postgres_server")
+    dropped: list[int] = []
+
+    def drop() -> None:
+        admin = psycopg2.connect(uri)
+        admin.autocommit = True
+        try:
+            with admin.cursor() as cur:
+                deadline = time.monotonic() + 60
+                while not dropped and time.monotonic() < deadline:
+                    # Every other connection to this database but the warehouse's stream (its query and
+                    # its named cursor's FETCHes) is the ledger's; wait until it has written something.
+                    try:
+                        cur.execute(f"SELECT COUNT(*) FROM {wh.ledger_table} WHERE status <> 'pending'")
+                        written = cur.fetchone()[0]
+                    except psycopg2.errors.UndefinedTable:
+                        written = 0
+                    if not written:
+                        time.sleep(0.02)
+                        continue
+                    cur.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND query NOT LIKE %s AND query NOT LIKE %s",
+                        ("%applicants%", "%lsq_transfer%"),
+                    )
+                    dropped.extend(1 for (ok,) in cur.fetchall() if ok)
+        finally:
+            admin.close()
+
+    dropper = threading.Thread(target=drop)
+    dropper.start()
+    summary = transfer(wh, batch_size=10, max_workers=4).execute(context())
+    dropper.join()
+
+    assert dropped  # the ledger's connection was killed mid-run
+    assert summary["registered"] == 60
+    ledger = wh.ledger()
+    assert len(ledger) == 60 and {row["status"] for row in ledger.values()} == {"registered"}
+    assert set(registrations(sb).values()) == {1} and sb.register_calls == 60
+
+
 def test_a_ledger_down_past_its_bound_fails_the_task_and_logs_what_to_reconcile(
     sqlite_warehouse: Warehouse, lsq: Callable[..., Sandbox], tmp_path: Path, task_log: TaskLog
 ) -> None:
