@@ -390,6 +390,13 @@ class RegistrationLedger:
                             f"AND COALESCE(run_id, '') = {p}",
                             [PENDING, now, dag_id, run_id, self.portal_id, key, row.status, row.run_id or ""],
                         )
+                    if cursor.rowcount != 1:
+                        # Ours already? (an earlier attempt of this write committed but its answer was lost)
+                        cursor.execute(
+                            f"UPDATE {self.table} SET last_attempt_at = {p} WHERE portal_id = {p} "
+                            f"AND row_key = {p} AND status = {p} AND run_id = {p}",
+                            [now, self.portal_id, key, PENDING, run_id],
+                        )
                     if cursor.rowcount == 1:
                         claimed.add(key)
                 conn.commit()
