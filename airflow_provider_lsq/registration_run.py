@@ -436,10 +436,20 @@ class RegistrationRun:
     # -- the verdict -------------------------------------------------------------------------------
 
     def finish(
-        self, dry_run: bool, duration: float, max_failure_ratio: float, **extra: int
+        self,
+        dry_run: bool,
+        duration: float,
+        max_failure_ratio: float,
+        *,
+        verdict: tuple[int, int] | None = None,
+        **extra: int,
     ) -> dict[str, Any]:
-        """Log and return the summary (counts only); raise when too many rows failed."""
+        """Log and return the summary (counts only); raise when too many rows failed.
+
+        ``verdict`` is ``(considered, failures)`` when the operator knows the whole run's counts.
+        """
         summary = {**self.progress.summary(dry_run, duration), **extra}
         self.log.info("LeadSquared registration summary: %s", summary)
-        self.progress.raise_if_too_many_failures(max_failure_ratio)
+        considered, failures = verdict if verdict is not None else (None, None)
+        self.progress.raise_if_too_many_failures(max_failure_ratio, considered=considered, failures=failures)
         return summary

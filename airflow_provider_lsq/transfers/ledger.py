@@ -439,6 +439,26 @@ class RegistrationLedger:
 
         self._with_retries(f"release of {len(previous)} unsent rows", write)
 
+    def run_counts(self, *, dag_id: str, run_id: str) -> dict[str, int]:
+        """Rows of this portal last recorded by run ``run_id`` of ``dag_id``, counted by status."""
+
+        def read() -> dict[str, int]:
+            conn = self.conn
+            cursor = conn.cursor()
+            try:
+                p = self._placeholder
+                cursor.execute(
+                    f"SELECT status, COUNT(*) FROM {self.table} WHERE portal_id = {p} AND dag_id = {p} "
+                    f"AND run_id = {p} GROUP BY status",
+                    [self.portal_id, dag_id, run_id],
+                )
+                return {str(status): int(count) for status, count in cursor.fetchall()}
+            finally:
+                cursor.close()
+                conn.commit()
+
+        return self._with_retries("count of the run's rows", read)
+
     def pending_runs(self) -> dict[str, int]:
         """Rows left ``pending`` in this portal, counted by the run that left them."""
         conn = self.conn

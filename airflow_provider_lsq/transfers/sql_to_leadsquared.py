@@ -224,13 +224,14 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
             batch_size=self.batch_size,
             flush_interval=self.flush_interval_seconds,
         )
-        transfer = _Transfer(self, ledger, sink, run, run_id=run_id)
+        transfer = _Transfer(self, ledger, sink, run, dag_id=dag_id, run_id=run_id)
         with progress:
             run.execute(lambda: transfer.run(sql_hook, sql, portal_id))
         return run.finish(
             self.is_dry_run,
             time.monotonic() - started,
             self.max_failure_ratio,
+            verdict=transfer.verdict,
             skipped_failed=transfer.skipped_failed,
             resent_pending=transfer.resent_pending,
             from_earlier_tries=transfer.earlier_tries,
@@ -308,6 +309,7 @@ class _Transfer:
         sink: LedgerSink,
         run: RegistrationRun,
         *,
+        dag_id: str,
         run_id: str,
     ) -> None:
         self.op = op
@@ -316,7 +318,10 @@ class _Transfer:
         self.sink = sink
         self.engine = run
         self.progress = run.progress
+        self.dag_id = dag_id
         self.run_id = run_id
+        self.verdict: tuple[int, int] | None = None  # (considered, failures) of the whole run
+        self.null_keys = 0
         self.skipped_done = self.skipped_failed = self.earlier_tries = 0
         self.resent_pending = self.pending_elsewhere = 0
         self.reported_duplicates = self.reported_null = 0
@@ -349,6 +354,7 @@ class _Transfer:
                         self.engine.dry_run(rows)
                     else:
                         self.engine.register(rows)
+                        self.verdict = self._run_verdict()
                 finally:
                     with contextlib.suppress(Exception):
                         cursor.close()
@@ -358,6 +364,17 @@ class _Transfer:
                 with contextlib.suppress(Exception):
                     conn.close()
                 self._log_skips()
+
+    def _run_verdict(self) -> tuple[int, int]:
+        """``(considered, failures)`` over every row this run recorded, in this try or an earlier one.
+
+        Read from the ledger, so a retry ends the way the first try did even when the query leaves out
+        the rows registered by then (an anti-join on the ledger). Rows without a key count too.
+        """
+        counts = self.ledger.run_counts(dag_id=self.dag_id, run_id=self.run_id)
+        failures = counts.get("invalid", 0) + counts.get("failed", 0) + self.null_keys
+        considered = failures + counts.get("registered", 0) + counts.get("already_registered", 0)
+        return considered, failures
 
     def _warn_pending(self) -> None:
         pending = self.ledger.pending_runs()
@@ -421,10 +438,15 @@ class _Transfer:
             return False
         if previous.status == "invalid":
             return True  # this run's own invalid row: validated and counted again
-        if previous.run_id == self.run_id and (
-            previous.registered or not (previous.pending or previous.retryable or self.op.retry_failed)
+        if previous.run_id == self.run_id and previous.registered:
+            self.earlier_tries += 1  # an earlier try of this run registered it (the verdict counts it)
+            self.skipped_done += 1
+            self.progress.add_skipped()
+            return False
+        if previous.run_id == self.run_id and not (
+            previous.pending or previous.retryable or self.op.retry_failed
         ):
-            # An earlier try of this run recorded it: it counts again, without a call, so a retry
+            # An earlier try of this run failed it for good: it counts again, without a call, so a retry
             # ends the way the first try did (a failed run stays failed until its rows are fixed).
             self.earlier_tries += 1
             self.progress.add(
@@ -488,6 +510,7 @@ class _Transfer:
         if value is None or not str(value).strip():
             message = f"column {self.op.key_column!r}: the row key is NULL or empty"
             self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
+            self.null_keys += 1
             if self.reported_null < MAX_LOGGED_KEYS:
                 self.reported_null += 1
                 self.log.warning("Row #%d of the query has no %s: not sent.", position, self.op.key_column)
