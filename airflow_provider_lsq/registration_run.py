@@ -175,6 +175,7 @@ class RegistrationRun:
         self._last_flush = time.monotonic()
         self._stop_error: BaseException | None = None
         self._source_error: BaseException | None = None
+        self._sink_failed = False  # a write gave up: hold further writes until the final one
         self._finished = False  # a plain flag: on_kill (a signal handler) must take no lock
 
     @property
@@ -398,8 +399,6 @@ class RegistrationRun:
             return
         del self._unrecorded[: len(batch)]
         self._last_flush = time.monotonic()
-
-    _sink_failed = False
 
     def _release_unsent(self) -> None:
         if self._unsent:
