@@ -163,3 +163,18 @@ def add_counts_to_portal_events(
         event = outlet_events[outlet]
         event.extra = {**(event.extra or {}), **counts}
     return counts
+
+
+def publish_counts(operator: Any, context: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+    """A registration operator's counts, to its portal outlets' asset events and to its lineage.
+
+    Sets ``operator.registration_counts``, which :mod:`airflow_provider_lsq.lineage` reads. Counts
+    only: never lead data.
+    """
+    operator.registration_counts = add_counts_to_portal_events(
+        context,
+        operator.outlets,
+        summary,
+        leadsquared_conn_id=operator.leadsquared_conn_id,
+        log=operator.log,
+    )

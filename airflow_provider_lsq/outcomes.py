@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
+NOT_SENT = "NotSent"  # error type of a row the run stopped before sending
+
 
 class RegistrationStatus(str, Enum):
     """Where a row ended. Every row ends in exactly one of these."""
@@ -47,6 +49,84 @@ class RegistrationOutcome:
     @property
     def ok(self) -> bool:
         return self.status in (RegistrationStatus.REGISTERED, RegistrationStatus.ALREADY_REGISTERED)
+
+    # -- the one place outcome records are built ------------------------------------------------
+
+    @classmethod
+    def invalid(cls, key: str, message: str, error_type: str = "ValidationError") -> RegistrationOutcome:
+        """A row that failed the client-side checks: no call was made."""
+        return cls(key, RegistrationStatus.INVALID, error_type=error_type, error_message=message)
+
+    @classmethod
+    def registered(cls, key: str, lead_id: str, attempts: int) -> RegistrationOutcome:
+        return cls(key, RegistrationStatus.REGISTERED, lead_id=lead_id, attempts=attempts)
+
+    @classmethod
+    def already_registered(
+        cls, key: str, error_type: str, message: str, attempts: int
+    ) -> RegistrationOutcome:
+        """``only_new_leads``: the lead found by the identifier sent first exists; it was left alone."""
+        return cls(
+            key,
+            RegistrationStatus.ALREADY_REGISTERED,
+            error_type=error_type,
+            error_message=message,
+            attempts=attempts,
+        )
+
+    @classmethod
+    def failed(
+        cls, key: str, error_type: str, message: str, attempts: int, *, retryable: bool
+    ) -> RegistrationOutcome:
+        """The API refused the row, or retries ran out (``retryable``: a later run may succeed)."""
+        return cls(
+            key,
+            RegistrationStatus.FAILED,
+            error_type=error_type,
+            error_message=message,
+            attempts=attempts,
+            retryable=retryable,
+        )
+
+    @classmethod
+    def recorded(
+        cls,
+        key: str,
+        status: str,
+        *,
+        lead_id: str | None,
+        error_type: str | None,
+        error_message: str | None,
+        retryable: bool,
+    ) -> RegistrationOutcome:
+        """An outcome an earlier try of the same run recorded, counted again without a call."""
+        return cls(
+            key,
+            RegistrationStatus(status),
+            lead_id=lead_id,
+            error_type=error_type,
+            error_message=error_message,
+            retryable=retryable,
+        )
+
+    @classmethod
+    def not_sent(cls, key: str) -> RegistrationOutcome:
+        """A row handed over for a call that the run stopped before making: retryable, no call made."""
+        return cls.failed(
+            key,
+            NOT_SENT,
+            "the run stopped before this row was sent; the next run sends it",
+            0,
+            retryable=True,
+        )
+
+    @property
+    def sent(self) -> bool:
+        """A call was made for this row (so LeadSquared may hold its registration)."""
+        return self.attempts > 0 or self.status in (
+            RegistrationStatus.REGISTERED,
+            RegistrationStatus.ALREADY_REGISTERED,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, for XCom and logs."""

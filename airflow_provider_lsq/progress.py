@@ -167,9 +167,17 @@ class RegistrationProgress:
         summary["duration_s"] = round(elapsed, 3)
         return summary
 
-    def raise_if_too_many_failures(self, max_failure_ratio: float) -> None:
-        """Fail when ``(invalid + failed) / considered`` exceeds the ratio, naming the first failures."""
-        considered, failures, first = self.considered, self.failures, self.first_failures
+    def raise_if_too_many_failures(
+        self, max_failure_ratio: float, *, considered: int | None = None, failures: int | None = None
+    ) -> None:
+        """Fail when ``(invalid + failed) / considered`` exceeds the ratio, naming the first failures.
+
+        ``considered`` and ``failures`` default to this progress's counts; the SQL transfer passes the
+        whole run's (its earlier tries included, from the ledger).
+        """
+        considered = self.considered if considered is None else considered
+        failures = self.failures if failures is None else failures
+        first = self.first_failures
         if not considered or failures / considered <= max_failure_ratio:
             return
         lines = "\n".join(f"  {line}" for line in first)

@@ -231,11 +231,20 @@ def test_register_only_new_lead_on_existing(sb: Sandbox, client: Client) -> None
 
 def test_first_unique_identifier_finds_the_lead(sb: Sandbox, client: Client) -> None:
     existing = sb.add_lead({"EmailAddress": "old@example.com", "Phone": "9876543210"})
-    by_email = client.register(lead_fields(("EmailAddress", "other@example.com"), ("Phone", "9876543210")))
+    by_email = client.register(lead_fields(("EmailAddress", "other@example.com"), ("Phone", "9000000000")))
     assert by_email.json()["LeadId"] != existing
     by_phone = client.register(lead_fields(("Phone", "9876543210"), ("EmailAddress", "third@example.com")))
     assert by_phone.json()["LeadId"] == existing
     assert len(sb.leads) == 2
+
+
+def test_a_unique_value_held_by_another_lead_is_a_duplicate(sb: Sandbox, client: Client) -> None:
+    """Uniqueness is wider than the identifier sent first (API notes): a sibling's phone is refused."""
+    existing = sb.add_lead({"EmailAddress": "old@example.com", "Phone": "9876543210"})
+    answer = client.register(lead_fields(("EmailAddress", "other@example.com"), ("Phone", "9876543210")))
+    message = assert_envelope(answer, 500, "MXDuplicateEntryException")
+    assert "Phone" in message
+    assert [lead.lead_id for lead in sb.leads] == [existing]
 
 
 def test_unknown_attributes(client: Client) -> None:

@@ -16,7 +16,7 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
 from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError
 from airflow_provider_lsq.passwords import generate_password
@@ -233,6 +233,7 @@ def test_every_row_ends_in_the_ledger_once_despite_faults_and_reruns_make_no_cal
     again = transfer(warehouse).execute(context("manual__2"))
     assert len(sb.calls) == calls_before  # not even a token fetch
     assert again["skipped"] == N
+    assert again["skipped_failed"] == 2  # validated again (the data may have been fixed): still invalid
     assert again["registered"] == again["invalid"] == 0
 
 
@@ -262,7 +263,7 @@ def test_a_run_killed_midway_then_retried_registers_no_recorded_row_twice(
     assert sb.register_calls == len(recorded)
 
     summary = transfer(warehouse).execute(context())  # the task's retry: same run id
-    assert summary["skipped"] == len(recorded)
+    assert summary["from_earlier_tries"] == summary["skipped"] == len(recorded)  # in the verdict, no call
     assert summary["registered"] == N - len(recorded)
     assert sb.register_calls == N
     for i in range(1, N + 1):
@@ -287,8 +288,9 @@ def test_a_hook_failing_midway_still_records_what_finished(
                 sb.set_wrong_region("portalapi-us11.leadsquared.com")
         return generate_password()
 
-    with pytest.raises(LeadSquaredAuthenticationError):
+    with pytest.raises(AirflowFailException) as info:  # no retry can fix bad keys
         transfer(sqlite_warehouse, password_callable=password, max_workers=2).execute(context())
+    assert isinstance(info.value.__cause__, LeadSquaredAuthenticationError)
     recorded = sqlite_warehouse.ledger()
     assert recorded
     assert all(row["status"] == "registered" for row in recorded.values())
@@ -537,7 +539,7 @@ def test_no_secret_or_lead_data_in_logs_return_value_template_fields_or_ledger(
     op.progress_interval = 0.01
     summary = op.execute(context())
 
-    assert len(passwords.made) == 30  # the hook asks for a password before validating
+    assert len(passwords.made) == 29  # the invalid row is refused before any password is made
     secrets = sandbox_secrets(sb) | secret_forms(*passwords.made)
     personal = {email(i) for i in range(1, 31)} | {first_name(i) for i in range(1, 31)}
     log = task_log()

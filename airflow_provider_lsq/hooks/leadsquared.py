@@ -30,10 +30,10 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredValidationError,
 )
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url
-from airflow_provider_lsq.hooks.payload import build_lead_fields
+from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, build_lead_fields
 from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter
 from airflow_provider_lsq.hooks.responses import parse_response, redact, secret_forms
-from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationResult, RegistrationStatus
+from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationResult
 from airflow_provider_lsq.passwords import generate_password
 
 if TYPE_CHECKING:
@@ -91,6 +91,34 @@ def _should_retry(error: BaseException) -> bool:
     return isinstance(error, _RETRYABLE) and not isinstance(error, LeadSquaredDailyLimitError)
 
 
+# How LeadSquared names a standard field in its messages besides its schema name.
+_FIELD_WORDS = {"EmailAddress": ("email",), "Phone": ("phone",), "Mobile": ("mobile",)}
+
+
+def _field_words(attribute: str) -> tuple[str, ...]:
+    return (attribute.lower(), *_FIELD_WORDS.get(attribute, ()))
+
+
+def duplicate_is_first_identifier(
+    message: str, lead: Mapping[str, Any], identifier_attribute: str | None
+) -> bool:
+    """Whether a duplicate refusal is about the lead found by the identifier sent first.
+
+    LeadSquared answers ``MXDuplicateEntryException`` both when ``RegisterOnlyNewLead`` meets an
+    existing lead ("User already exists.") and when another unique field's value (a sibling's mobile
+    number, say) belongs to a different lead; only the message tells them apart (API notes, "Field
+    behaviour"). Conservative: a message naming any other field of the lead is not "the lead exists".
+    """
+    text = message.lower()
+    first = identifier_attribute or next((a for a in lead if a in UNIQUE_IDENTIFIERS), None)
+    others = [a for a in lead if isinstance(a, str) and a != first and lead[a] not in (None, "")]
+    if any(word in text for other in others for word in _field_words(other)):
+        return False
+    return "user already exists" in text or (
+        first is not None and any(word in text for word in _field_words(first))
+    )
+
+
 class LeadSquaredHook(BaseHook):
     """Talk to LeadSquared's portal API through a ``leadsquared`` connection.
 
@@ -112,6 +140,8 @@ class LeadSquaredHook(BaseHook):
         self._public_auth_key: str | None = None
         self._registration_token: str | None = None
         self._secrets: set[str] = set()
+        # Set to stop: no retry starts after it, and register_portal_users takes no further lead.
+        self.stopping = threading.Event()
 
     # -- connection form -------------------------------------------------------------------------
 
@@ -223,7 +253,9 @@ class LeadSquaredHook(BaseHook):
             )
 
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(config.max_retries + 1),
+            stop=tenacity.stop_after_attempt(config.max_retries + 1)
+            | tenacity.stop_when_event_set(self.stopping),
+            sleep=self._sleep_unless_stopping,
             retry=tenacity.retry_if_exception(_should_retry),
             wait=wait,
             before_sleep=log_retry,
@@ -246,6 +278,10 @@ class LeadSquaredHook(BaseHook):
                 error.args = (error.message,)
             raise
         raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _sleep_unless_stopping(self, seconds: float) -> None:
+        """Tenacity's backoff sleep, cut short when the hook is told to stop."""
+        self.stopping.wait(seconds)
 
     def _send(
         self,
@@ -409,43 +445,77 @@ class LeadSquaredHook(BaseHook):
         only_new_leads: bool = False,
         identifier_attribute: str | None = None,
         max_workers: int | None = None,
+        on_idle: Callable[[], None] | None = None,
+        idle_seconds: float = 1.0,
     ) -> Iterator[RegistrationOutcome]:
         """Register many ``(key, lead)`` pairs concurrently; yield one outcome per lead as each ends.
 
         A small thread pool shares this hook's session and its one rate-limit budget, so slow answers
-        do not cap throughput. Leads are read lazily (at most two per worker are in flight). A row's
-        failure never stops the others; only an authentication failure, which no row can survive,
-        stops the run: it is raised after the outcomes of every call already made are yielded.
+        do not cap throughput. Leads are read lazily (at most two per worker are in flight), and only
+        while the consumer takes outcomes: a consumer that stops reading stops the sending.
+
+        Setting :attr:`stopping` stops the run early: no lead is taken from ``leads`` after it, no
+        retry is started, and leads taken but not yet sent end as ``failed`` ``NotSent`` outcomes
+        (retryable, no call). A row's failure never stops the others; only an authentication failure,
+        which no row can survive, stops the run. Either way the outcome of every call already made is
+        yielded before the generator ends (or raises the authentication error).
+
+        :param on_idle: called every ``idle_seconds`` while no outcome arrives (e.g. to flush records).
         """
         make_password = password_callable or (lambda _lead: generate_password())
         workers = max_workers or self.default_max_workers
         self.get_public_auth_key()  # fail fast on bad keys or host, before any row is taken
         self.get_registration_token()
+        stopping = self.stopping
 
         def register_one(key: str, lead: Mapping[str, Any]) -> RegistrationOutcome:
+            if stopping.is_set():
+                return RegistrationOutcome.not_sent(key)
             return self._register_outcome(key, lead, make_password, only_new_leads, identifier_attribute)
 
         errors: list[BaseException] = []  # what stops the run (a bad login), raised once all is yielded
+        keys: dict[Future[RegistrationOutcome], str] = {}
 
         def finished(done: set[Future[RegistrationOutcome]]) -> Iterator[RegistrationOutcome]:
             for future in done:
+                key = keys.pop(future)
+                if future.cancelled():
+                    yield RegistrationOutcome.not_sent(key)
+                    continue
                 error = future.exception()
                 if error is None:
                     yield future.result()
                 else:
                     errors.append(error)
 
+        def next_done(pending: set[Future[RegistrationOutcome]]) -> set[Future[RegistrationOutcome]]:
+            while True:
+                if stopping.is_set():
+                    for future in pending:
+                        future.cancel()  # not started yet: never sent
+                done, _ = wait(pending, timeout=idle_seconds, return_when=FIRST_COMPLETED)
+                if done:
+                    return done
+                if on_idle is not None:
+                    on_idle()
+
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lsq-register") as pool:
             pending: set[Future[RegistrationOutcome]] = set()
             for key, lead in leads:
                 if len(pending) >= 2 * workers:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    done = next_done(pending)
+                    pending -= done
                     yield from finished(done)
                     if errors:
                         break
-                pending.add(pool.submit(register_one, key, lead))
+                future = pool.submit(register_one, key, lead)
+                keys[future] = key
+                pending.add(future)
+                if stopping.is_set():
+                    break
             while pending:  # every call already made ends in an outcome, even when the run stops
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done = next_done(pending)
+                pending -= done
                 yield from finished(done)
         if errors:
             raise errors[0]
@@ -468,42 +538,29 @@ class LeadSquaredHook(BaseHook):
         try:
             password = make_password(lead)
         except Exception as error:  # a user's callable: its message could hold anything, so leave it out
-            return RegistrationOutcome(
-                key=key,
-                status=RegistrationStatus.INVALID,
+            return RegistrationOutcome.invalid(
+                key,
+                f"field 'mx_Portal_Password': password_callable raised {type(error).__name__}",
                 error_type="PasswordCallableError",
-                error_message=f"field 'mx_Portal_Password': password_callable raised {type(error).__name__}",
             )
         try:
             result = self._register(lead, password, only_new_leads, identifier_attribute)
         except LeadSquaredValidationError as error:
-            status = RegistrationStatus.INVALID
-            return RegistrationOutcome(key, status, error_type=error.error_type, error_message=error.message)
+            return RegistrationOutcome.invalid(key, error.message, error_type=error.error_type)
         except LeadSquaredAuthenticationError:
             raise
         except LeadSquaredLeadExistsError as error:
-            if only_new_leads:
-                return RegistrationOutcome(
-                    key,
-                    RegistrationStatus.ALREADY_REGISTERED,
-                    error_type=error.error_type,
-                    error_message=error.message,
-                    attempts=error.attempts,
+            if only_new_leads and duplicate_is_first_identifier(error.message, lead, identifier_attribute):
+                return RegistrationOutcome.already_registered(
+                    key, error.error_type, error.message, error.attempts
                 )
-            return self._failed(key, error)
+            return self._failed(key, error)  # a duplicate of another unique field: this row's failure
         except LeadSquaredError as error:
             return self._failed(key, error)
-        return RegistrationOutcome(
-            key, RegistrationStatus.REGISTERED, lead_id=result.lead_id, attempts=result.attempts
-        )
+        return RegistrationOutcome.registered(key, result.lead_id, result.attempts)
 
     @staticmethod
     def _failed(key: str, error: LeadSquaredError) -> RegistrationOutcome:
-        return RegistrationOutcome(
-            key,
-            RegistrationStatus.FAILED,
-            error_type=error.error_type,
-            error_message=error.message,
-            attempts=error.attempts,
-            retryable=isinstance(error, _RETRYABLE),
+        return RegistrationOutcome.failed(
+            key, error.error_type, error.message, error.attempts, retryable=isinstance(error, _RETRYABLE)
         )

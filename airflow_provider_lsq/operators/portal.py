@@ -7,69 +7,25 @@ inputs, or when personal data must stay out of XCom, use ``SqlToLeadSquaredPorta
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
 
-from airflow_provider_lsq.assets import add_counts_to_portal_events
-from airflow_provider_lsq.exceptions import LeadSquaredValidationError
+from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import build_lead_fields
 from airflow_provider_lsq.lineage import portal_lineage
-from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
+from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
     from airflow.providers.common.compat.sdk import Context
 
-# Stands in for the password in dry runs, so they validate exactly like real runs. Never sent.
-DRY_RUN_PASSWORD = "DryRun-Placeholder-1!"
-VALID = "valid"  # a dry run's status for a row that would be sent
-
-
-def check_lead(key: str, lead: Any, identifier_attribute: str | None) -> RegistrationOutcome | None:
-    """Validate a lead as the hook would, without any call: an ``invalid`` outcome, or None if valid."""
-    try:
-        build_lead_fields(lead, DRY_RUN_PASSWORD, identifier_attribute=identifier_attribute)
-    except LeadSquaredValidationError as error:
-        return invalid_outcome(key, error.message)
-    return None
-
-
-def invalid_outcome(key: str, message: str) -> RegistrationOutcome:
-    """An ``invalid`` outcome with the client-side validation error type."""
-    return RegistrationOutcome(
-        key, RegistrationStatus.INVALID, error_type="ValidationError", error_message=message
-    )
-
-
-def valid_outcome_dict(key: str) -> dict[str, Any]:
-    """A dry run's record of a row that passed validation (shaped like ``RegistrationOutcome.to_dict``)."""
-    blank = {field.name: field.default for field in fields(RegistrationOutcome)}
-    return {**blank, "key": key, "status": VALID}
-
-
-def row_key(position: int, row: Any, key_field: str) -> tuple[str, RegistrationOutcome | None]:
-    """The key naming ``row`` in outcomes; with an ``invalid`` outcome when the row has none.
-
-    Rows without a usable key are named by their 1-based position, ``#<position>``.
-    """
-    fallback = f"#{position}"
-    if not isinstance(row, Mapping):
-        message = f"a lead must be a mapping of attribute names, got {type(row).__name__}"
-        return fallback, invalid_outcome(fallback, message)
-    value = row.get(key_field)
-    if value is None or not str(value).strip():
-        message = f"field {key_field!r}: the row key is missing or empty"
-        return fallback, invalid_outcome(fallback, message)
-    return str(value), None
+    from airflow_provider_lsq.registration_run import Row
 
 
 class RegisterPortalUserOperator(BaseOperator):
@@ -92,6 +48,10 @@ class RegisterPortalUserOperator(BaseOperator):
     :param dry_run: validate and map every row; make no call at all.
     :param max_workers: concurrent calls (default: the hook's choice from the rate limit).
     :param leadsquared_conn_id: the LeadSquared connection. Templated.
+    :param flush_interval_seconds: how often outcomes are handed to XCom's list at the latest.
+
+    ``on_kill`` (Airflow stopping the task) stops taking rows, lets the calls in flight finish and
+    pushes every outcome made so far to XCom; the task then fails.
     """
 
     template_fields: Sequence[str] = ("leads", "leadsquared_conn_id")
@@ -110,6 +70,7 @@ class RegisterPortalUserOperator(BaseOperator):
         dry_run: bool = False,
         max_workers: int | None = None,
         leadsquared_conn_id: str = LeadSquaredHook.default_conn_name,
+        flush_interval_seconds: float = 2.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -125,6 +86,8 @@ class RegisterPortalUserOperator(BaseOperator):
         self.is_dry_run = dry_run  # not ``self.dry_run``: that would shadow BaseOperator.dry_run()
         self.max_workers = max_workers
         self.leadsquared_conn_id = leadsquared_conn_id
+        self.flush_interval_seconds = flush_interval_seconds
+        self._run: RegistrationRun | None = None
         self.registration_counts: dict[str, Any] | None = None  # set by execute: lineage reads it
 
     def _rendered_leads(self) -> Sequence[Any]:
@@ -143,12 +106,23 @@ class RegisterPortalUserOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         leads = self._rendered_leads()
         started = time.monotonic()
-        outcomes: list[dict[str, Any]] = []
+        sink = MemorySink()
         progress = RegistrationProgress(
             len(leads),
             interval=self.progress_interval,
             logger=self.log,
             conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
+        )
+        self._run = run = RegistrationRun(
+            hook=LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id),
+            sink=sink,
+            progress=progress,
+            log=self.log,
+            identifier_attribute=self.identifier_attribute,
+            only_new_leads=self.only_new_leads,
+            password_callable=self.password_callable,
+            max_workers=self.max_workers,
+            flush_interval=self.flush_interval_seconds,
         )
         self.log.info(
             "%s %d leads as portal users (connection %r).",
@@ -156,64 +130,29 @@ class RegisterPortalUserOperator(BaseOperator):
             len(leads),
             self.leadsquared_conn_id,
         )
+        rows = self._keyed(leads)
         try:
             with progress:
-                if self.is_dry_run:
-                    self._dry_run(leads, outcomes, progress)
-                else:
-                    self._register(leads, outcomes, progress)
-        finally:  # a run stopped by a bad login still shows what it finished
-            context["ti"].xcom_push(key="outcomes", value=outcomes)
-        summary = progress.summary(self.is_dry_run, time.monotonic() - started)
-        self.registration_counts = add_counts_to_portal_events(
-            context, self.outlets, summary, leadsquared_conn_id=self.leadsquared_conn_id, log=self.log
+                run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.register(rows))
+        finally:  # a run stopped by a bad login or a kill still shows what it finished
+            context["ti"].xcom_push(key="outcomes", value=sink.outcomes)
+        return run.finish(
+            self.is_dry_run,
+            time.monotonic() - started,
+            self.max_failure_ratio,
+            on_summary=lambda summary: publish_counts(self, context, summary),
         )
-        self.log.info("LeadSquared registration summary: %s", summary)
-        progress.raise_if_too_many_failures(self.max_failure_ratio)
-        return summary
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """OpenLineage (Airflow's OpenLineage provider calls it): see :mod:`airflow_provider_lsq.lineage`."""
         return portal_lineage(self)
 
-    def _dry_run(
-        self, leads: Iterable[Any], outcomes: list[dict[str, Any]], progress: RegistrationProgress
-    ) -> None:
+    def on_kill(self) -> None:
+        """Stop taking rows, let the calls in flight finish and record them; return within seconds."""
+        if self._run is not None:
+            self._run.on_kill()
+
+    def _keyed(self, leads: Iterable[Any]) -> Iterator[Row]:
         for position, row in enumerate(leads, 1):
             key, outcome = row_key(position, row, self.key_field)
-            outcome = outcome or check_lead(key, row, self.identifier_attribute)
-            if outcome is None:
-                progress.add_valid()
-                outcomes.append(valid_outcome_dict(key))
-            else:
-                progress.add(outcome)
-                outcomes.append(outcome.to_dict())
-
-    def _register(
-        self, leads: Iterable[Any], outcomes: list[dict[str, Any]], progress: RegistrationProgress
-    ) -> None:
-        def record(outcome: RegistrationOutcome) -> None:
-            progress.add(outcome)
-            outcomes.append(outcome.to_dict())
-
-        def keyed() -> Iterator[tuple[str, Mapping[str, Any]]]:
-            for position, row in enumerate(leads, 1):
-                key, outcome = row_key(position, row, self.key_field)
-                if outcome is None:
-                    yield key, row
-                else:
-                    record(outcome)  # no usable key: named by position, never sent
-
-        stream = keyed()
-        first = next(stream, None)
-        if first is None:
-            return  # nothing to send: no call at all
-        hook = LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id)
-        for outcome in hook.register_portal_users(
-            itertools.chain((first,), stream),
-            password_callable=self.password_callable,
-            only_new_leads=self.only_new_leads,
-            identifier_attribute=self.identifier_attribute,
-            max_workers=self.max_workers,
-        ):
-            record(outcome)
+            yield (key, row) if outcome is None else outcome  # no usable key: named by position, never sent

@@ -280,6 +280,15 @@ class SandboxState:
             lead = self._find(*identifier)
             if lead is not None and only_new:
                 raise ApiError("MXDuplicateEntryException", "User already exists.")
+            # Uniqueness is wider than the identifier sent first: any unique field's value held by
+            # another lead is a duplicate (API notes, "Field behaviour worth designing for").
+            for attribute, value in fields.items():
+                if attribute.lower() in uniques and value.strip() and attribute != identifier[0]:
+                    holder = self._find(attribute, value)
+                    if holder is not None and holder is not lead:
+                        raise ApiError(
+                            "MXDuplicateEntryException", f"A lead with the same {attribute} already exists."
+                        )
             if lead is None:
                 lead = _Lead(str(uuid.uuid4()), {})
                 self._leads[lead.lead_id] = lead

@@ -5,27 +5,41 @@ again, a transient failure is retried on the next run, a permanent one only when
 lead ids, statuses and error messages: never a password and no other lead data.
 
 Plain DB-API, portable across SQLite and PostgreSQL (and kept generic for other databases): writes
-are a DELETE of the batch's keys then an INSERT, in one transaction, with the hook's placeholder.
+are a DELETE of the batch's keys then an INSERT, in one transaction, with the hook's placeholder and
+dialect (common-sql's ``DbApiHook.placeholder`` and ``dialect_name``).
+
+Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``) and
+``pending``, written before a row is handed over for its call, so a run that dies without warning
+leaves its in-flight rows visible. Every write retries with backoff (and a busy timeout on SQLite)
+for up to ``write_timeout`` seconds before it raises :class:`LedgerUnavailableError`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import sqlite3
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import tenacity
+from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_lsq.outcomes import RegistrationStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from types import TracebackType
 
     from airflow.providers.common.sql.hooks.sql import DbApiHook
 
     from airflow_provider_lsq.outcomes import RegistrationOutcome
 
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+PENDING = "pending"  # handed over for a call whose outcome is not recorded yet
+SQLITE_BUSY_TIMEOUT_MS = 10_000
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S"
 _LOOKUP_CHUNK = 400  # keys per SELECT/DELETE: well under SQLite's oldest 999-parameter limit
@@ -52,6 +66,10 @@ _TYPES = {
     "postgresql": ("TEXT", "TIMESTAMP", "BOOLEAN", "FALSE"),
     "generic": ("VARCHAR(255)", "TIMESTAMP", "BOOLEAN", "FALSE"),
 }
+
+
+class LedgerUnavailableError(AirflowException):
+    """The ledger could not be written within its ``write_timeout``, retries included."""
 
 
 def validate_table_name(table: str) -> str:
@@ -86,6 +104,11 @@ class LedgerRow:
         """The lead is a portal user: registered now or earlier (``already_registered``)."""
         return self.status in OK_STATUSES
 
+    @property
+    def pending(self) -> bool:
+        """Handed over for a call by a run that has not recorded its outcome (yet, or ever)."""
+        return self.status == PENDING
+
 
 class RegistrationLedger:
     """Read and write the ledger table through a common-sql hook's plain DB-API connection.
@@ -96,32 +119,82 @@ class RegistrationLedger:
     :param db_hook: any common-sql ``DbApiHook`` (SQLite and PostgreSQL are tested).
     :param table: the ledger table, optionally schema-qualified; checked to be a plain identifier.
     :param portal_id: the portal whose registrations this ledger tracks (part of the primary key).
+    :param write_timeout: seconds a write keeps retrying (with backoff, reconnecting) before it raises
+        :class:`LedgerUnavailableError`.
     """
 
-    def __init__(self, db_hook: DbApiHook, table: str, portal_id: str) -> None:
+    def __init__(
+        self, db_hook: DbApiHook, table: str, portal_id: str, *, write_timeout: float = 60.0
+    ) -> None:
         self.db_hook = db_hook
         self.table = validate_table_name(table)
         self.portal_id = str(portal_id)
+        self.write_timeout = write_timeout
         self._conn: Any = None
-        self._dialect = "generic"
-        self._placeholder = "%s"
+        name = str(getattr(db_hook, "dialect_name", "") or "")
+        self._dialect = name if name in _TYPES else "generic"
+        self._placeholder = str(getattr(db_hook, "placeholder", None) or "%s")
 
     # -- connection ------------------------------------------------------------------------------
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite``, ``postgresql`` or ``generic``: from the hook's ``dialect_name``."""
+        return self._dialect
 
     @property
     def conn(self) -> Any:
         if self._conn is None:
             conn = self.db_hook.get_conn()
-            module = type(conn).__module__.split(".")[0]
             if isinstance(conn, sqlite3.Connection):
-                self._dialect = "sqlite"
-            elif module in ("psycopg2", "psycopg"):
-                self._dialect = "postgresql"
-            self._placeholder = getattr(self.db_hook, "placeholder", None) or (
-                "?" if self._dialect == "sqlite" else "%s"
-            )
+                # Wait out other writers' locks (within the write bound) instead of failing at once.
+                busy_ms = int(min(SQLITE_BUSY_TIMEOUT_MS, self.write_timeout * 1000))
+                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
             self._conn = conn
         return self._conn
+
+    def _with_retries(self, what: str, write: Callable[[], T]) -> T:
+        """Run ``write`` (one transaction), retrying with backoff for up to ``write_timeout`` seconds.
+
+        Between attempts the transaction is rolled back and the connection reopened (a restarted
+        PostgreSQL drops it). Raises :class:`LedgerUnavailableError` when time runs out.
+        """
+
+        def reset(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "Ledger %s on %s failed (attempt %d: %s); retrying.",
+                what,
+                self.table,
+                state.attempt_number,
+                type(error).__name__,
+            )
+            try:
+                self._conn.rollback()
+            except Exception:
+                self.close_quietly()
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_delay(self.write_timeout),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=5) + tenacity.wait_random(0, 0.2),
+            retry=tenacity.retry_if_exception_type(Exception),
+            before_sleep=reset,
+            reraise=True,
+        )
+        try:
+            return retrying(write)
+        except Exception as error:
+            self.close_quietly()
+            raise LedgerUnavailableError(
+                f"The ledger {self.table} could not be written for {self.write_timeout:g} s "
+                f"({what}; last error {type(error).__name__})."
+            ) from error
+
+    def close_quietly(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            self._conn = None
 
     def close(self) -> None:
         if self._conn is not None:
@@ -154,6 +227,11 @@ class RegistrationLedger:
         On SQLite the file is switched to WAL, so that the transfer's streaming read of a warehouse
         in the same file does not lock out the ledger's writes.
         """
+        self._with_retries("table creation", self._create_table)
+
+    def _create_table(self) -> None:
+        # Two runs creating the table at once on PostgreSQL: one may fail on the catalog's unique
+        # index; its retry then finds the table.
         conn = self.conn
         text, timestamp, boolean, false = _TYPES[self._dialect]
         if self._dialect == "sqlite":
@@ -190,12 +268,16 @@ class RegistrationLedger:
 
     def lookup(self, keys: Iterable[str]) -> dict[str, LedgerRow]:
         """The ledger's rows for ``keys`` (absent keys are left out)."""
-        conn = self.conn
-        try:
-            rows = self._select(keys)
-        finally:
-            conn.commit()  # end the read transaction: no snapshot or lock held between batches
-        return rows
+        wanted = list(keys)
+
+        def read() -> dict[str, LedgerRow]:
+            conn = self.conn
+            try:
+                return self._select(wanted)
+            finally:
+                conn.commit()  # end the read transaction: no snapshot or lock held between batches
+
+        return self._with_retries("lookup", read)
 
     def _select(self, keys: Iterable[str]) -> dict[str, LedgerRow]:
         wanted = list(dict.fromkeys(str(key) for key in keys))
@@ -259,19 +341,139 @@ class RegistrationLedger:
         batch = list(outcomes)
         if not batch:
             return 0
+
+        def write() -> int:
+            conn = self.conn
+            now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+            try:
+                merged = self._select(outcome.key for outcome in batch)
+                for outcome in batch:
+                    merged[outcome.key] = self._merge(merged.get(outcome.key), outcome, now, dag_id, run_id)
+                written = [merged[key] for key in dict.fromkeys(outcome.key for outcome in batch)]
+                self._replace(written)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            return len(written)
+
+        return self._with_retries(f"write of {len(batch)} outcomes", write)
+
+    def claim(self, previous: Mapping[str, LedgerRow | None], *, dag_id: str, run_id: str) -> set[str]:
+        """Mark keys ``pending`` before their calls; return the keys this run now holds.
+
+        A key is claimed only if its ledger row is still what ``previous`` says (absent, or the same
+        status and run): a concurrent run that claimed it first keeps it, so no row is sent twice.
+        """
+        if not previous:
+            return set()
+
+        def write() -> set[str]:
+            conn = self.conn
+            now = self._to_db(dt.datetime.now(dt.timezone.utc).replace(microsecond=0))
+            claimed: set[str] = set()
+            cursor = conn.cursor()
+            p = self._placeholder
+            try:
+                for key, row in previous.items():
+                    if row is None:
+                        cursor.execute(
+                            f"INSERT INTO {self.table} (portal_id, row_key, status, attempts, "
+                            f"first_attempt_at, last_attempt_at, dag_id, run_id) "
+                            f"VALUES ({self._marks(8)}) ON CONFLICT (portal_id, row_key) DO NOTHING",
+                            [self.portal_id, key, PENDING, 0, now, now, dag_id, run_id],
+                        )
+                    else:
+                        cursor.execute(
+                            f"UPDATE {self.table} SET status = {p}, last_attempt_at = {p}, dag_id = {p}, "
+                            f"run_id = {p} WHERE portal_id = {p} AND row_key = {p} AND status = {p} "
+                            f"AND COALESCE(run_id, '') = {p}",
+                            [PENDING, now, dag_id, run_id, self.portal_id, key, row.status, row.run_id or ""],
+                        )
+                    if cursor.rowcount != 1:
+                        # Ours already? (an earlier attempt of this write committed but its answer was lost)
+                        cursor.execute(
+                            f"UPDATE {self.table} SET last_attempt_at = {p} WHERE portal_id = {p} "
+                            f"AND row_key = {p} AND status = {p} AND run_id = {p}",
+                            [now, self.portal_id, key, PENDING, run_id],
+                        )
+                    if cursor.rowcount == 1:
+                        claimed.add(key)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                cursor.close()
+            return claimed
+
+        return self._with_retries(f"claim of {len(previous)} rows", write)
+
+    def release(self, previous: Mapping[str, LedgerRow | None], *, run_id: str) -> None:
+        """Undo this run's claims of rows it never sent: each goes back to what ``previous`` says."""
+        if not previous:
+            return
+
+        def write() -> None:
+            conn = self.conn
+            cursor = conn.cursor()
+            p = self._placeholder
+            try:
+                restore: list[LedgerRow] = []
+                for key, row in previous.items():
+                    cursor.execute(
+                        f"DELETE FROM {self.table} WHERE portal_id = {p} AND row_key = {p} AND status = {p} "
+                        f"AND run_id = {p}",
+                        [self.portal_id, key, PENDING, run_id],
+                    )
+                    if cursor.rowcount == 1 and row is not None:
+                        restore.append(row)
+                if restore:
+                    self._replace(restore)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                cursor.close()
+
+        self._with_retries(f"release of {len(previous)} unsent rows", write)
+
+    def run_counts(self, *, dag_id: str, run_id: str) -> dict[str, int]:
+        """Rows of this portal last recorded by run ``run_id`` of ``dag_id``, counted by status."""
+
+        def read() -> dict[str, int]:
+            conn = self.conn
+            cursor = conn.cursor()
+            try:
+                p = self._placeholder
+                cursor.execute(
+                    f"SELECT status, COUNT(*) FROM {self.table} WHERE portal_id = {p} AND dag_id = {p} "
+                    f"AND run_id = {p} GROUP BY status",
+                    [self.portal_id, dag_id, run_id],
+                )
+                return {str(status): int(count) for status, count in cursor.fetchall()}
+            finally:
+                cursor.close()
+                conn.commit()
+
+        return self._with_retries("count of the run's rows", read)
+
+    def pending_runs(self) -> dict[str, int]:
+        """Rows left ``pending`` in this portal, counted by the run that left them."""
         conn = self.conn
-        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        cursor = conn.cursor()
         try:
-            merged = self._select(outcome.key for outcome in batch)
-            for outcome in batch:
-                merged[outcome.key] = self._merge(merged.get(outcome.key), outcome, now, dag_id, run_id)
-            written = [merged[key] for key in dict.fromkeys(outcome.key for outcome in batch)]
-            self._replace(written)
+            p = self._placeholder
+            cursor.execute(
+                f"SELECT run_id, COUNT(*) FROM {self.table} WHERE portal_id = {p} AND status = {p} "
+                "GROUP BY run_id",
+                [self.portal_id, PENDING],
+            )
+            return {str(run_id): int(count) for run_id, count in cursor.fetchall()}
+        finally:
+            cursor.close()
             conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
-        return len(written)
 
     @staticmethod
     def _merge(

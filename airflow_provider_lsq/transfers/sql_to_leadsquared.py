@@ -8,37 +8,52 @@ each row key's outcome, which makes reruns and retries safe and cheap.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import datetime as dt
 import sqlite3
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowException, BaseHook, BaseOperator
+from airflow.providers.common.compat.sdk import AirflowFailException, BaseHook, BaseOperator
 from airflow.providers.common.sql.hooks.sql import DbApiHook
 
-from airflow_provider_lsq.assets import add_counts_to_portal_events
+from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS
 from airflow_provider_lsq.lineage import transfer_lineage
-from airflow_provider_lsq.operators.portal import check_lead, invalid_outcome
+from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
-from airflow_provider_lsq.transfers.ledger import RegistrationLedger
+from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
+from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
     from airflow.providers.common.compat.sdk import Context
 
-    from airflow_provider_lsq.outcomes import RegistrationOutcome
+    from airflow_provider_lsq.registration_run import Row
 
 MAX_LOGGED_KEYS = 50  # duplicate keys and NULL-key positions logged one by one, then only counted
+# LeadSquared's standard attribute schema names: a result column equal to one but for case was folded
+# (PostgreSQL lower-cases unquoted aliases) and would be refused on every row.
+STANDARD_ATTRIBUTES = (
+    *UNIQUE_IDENTIFIERS,
+    "FirstName",
+    "LastName",
+    "Source",
+    "SourceCampaign",
+    "SourceMedium",
+    "Notes",
+    "OwnerId",
+    "ProspectStage",
+)
 
 
 def get_db_hook(conn_id: str, parameter: str) -> DbApiHook:
     """The common-sql hook of connection ``conn_id``, or a clear error naming ``parameter``."""
     hook = BaseHook.get_connection(conn_id).get_hook()
     if not isinstance(hook, DbApiHook):
-        raise AirflowException(
+        raise AirflowFailException(
             f"{parameter}={conn_id!r}: its hook, {type(hook).__name__}, is not a common-sql DbApiHook "
             "(use a database connection such as postgres or sqlite)."
         )
@@ -77,14 +92,20 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     (a server-side cursor on PostgreSQL), so memory stays flat however large the result:
 
     - a key the ledger holds as registered (or already registered) is skipped: no call;
-    - a key recorded as failed or invalid is skipped unless the failure was transient
-      (``retryable``) or ``retry_failed`` is set;
+    - a key recorded as invalid is validated again (the data may have been fixed): no call if still bad;
+    - a key recorded as failed is skipped unless the failure was transient (``retryable``) or
+      ``retry_failed`` is set; skipped ones are counted (``skipped_failed``) and logged at WARNING.
+      A retry of the same run counts its own failed rows again, so it ends the way the first try did;
+    - a key left ``pending`` (a run died with its call in flight) is sent again, logged at WARNING;
+      a fresh ``pending`` of another run (within ``pending_timeout``) is that run's: skipped;
     - a key met twice in the query is reported (``duplicates``) and sent once;
     - a row with a NULL key is invalid (named by its position; it cannot go in the ledger).
 
-    Outcomes are written to the ledger every ``batch_size`` rows and when the task ends, failing or
-    not, so a retried task never registers again a row it had recorded. The task returns counts only
-    and fails when more than ``max_failure_ratio`` of the rows sent are invalid or failed.
+    Rows are marked ``pending`` in the ledger just before they are handed over (a few at a time),
+    and outcomes are written every ``batch_size`` outcomes or ``flush_interval_seconds``, whichever
+    comes first, and whatever stops the task (``on_kill`` included). The task returns counts only
+    and fails when more than ``max_failure_ratio`` of the rows sent are invalid or failed. Errors no
+    retry can fix (bad keys, no ``portal_id``, unusable columns) raise ``AirflowFailException``.
 
     :param sql: the query (a single SELECT, no trailing statement). Templated; ``.sql`` files work.
     :param sql_conn_id: the warehouse connection (any common-sql database). Templated.
@@ -103,7 +124,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     :param ledger_table: the ledger table, optionally schema-qualified. Templated.
     :param ledger_conn_id: where the ledger lives (default: ``sql_conn_id``). Templated.
     :param batch_size: rows fetched per batch, and outcomes written to the ledger per transaction.
-    :param retry_failed: also retry rows recorded as permanently failed or invalid.
+    :param retry_failed: also retry rows recorded as permanently failed.
+    :param flush_interval_seconds: outcomes wait at most this long (seconds) before they are written.
+    :param ledger_write_timeout: seconds a ledger write keeps retrying before the task stops and fails.
+    :param pending_timeout: a ``pending`` row of another run younger than this belongs to a run still
+        going and is skipped; an older one was left by a run that died and is sent again.
     """
 
     template_fields: Sequence[str] = (
@@ -138,6 +163,9 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         ledger_conn_id: str | None = None,
         batch_size: int = 500,
         retry_failed: bool = False,
+        flush_interval_seconds: float = 2.0,
+        ledger_write_timeout: float = 60.0,
+        pending_timeout: dt.timedelta = dt.timedelta(minutes=10),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -162,6 +190,10 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         self.ledger_conn_id = ledger_conn_id
         self.batch_size = batch_size
         self.retry_failed = retry_failed
+        self.flush_interval_seconds = flush_interval_seconds
+        self.ledger_write_timeout = ledger_write_timeout
+        self.pending_timeout = pending_timeout
+        self._run: RegistrationRun | None = None
 
     def execute(self, context: Context) -> dict[str, Any]:
         started = time.monotonic()
@@ -171,50 +203,52 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         lsq_hook = LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id)
         portal_id = lsq_hook.config.portal_id
         if not portal_id:
-            raise AirflowException(
+            raise AirflowFailException(
                 f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: the ledger and "
                 "the registration need it (Workflow > Manage Portals in LeadSquared, in the page URL)."
             )
         dag_id, run_id = self._run_names(context)
-        with (
-            RegistrationLedger(ledger_hook, self.ledger_table, portal_id) as ledger,
-            contextlib.closing(_SeenKeys()) as seen,
-        ):
-            ledger.ensure_table()  # first: the query may anti-join it
-            conn = sql_hook.get_conn()
-            try:
-                total = self._count(conn, sql)
-                progress = RegistrationProgress(
-                    total,
-                    interval=self.progress_interval,
-                    logger=self.log,
-                    track_skips=True,
-                    conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
-                )
-                self.log.info(
-                    "%s rows of %r as portal users of portal %r (%s rows; ledger %s on %r).",
-                    "Validating (dry run)" if self.is_dry_run else "Registering",
-                    self.sql_conn_id,
-                    portal_id,
-                    "unknown" if total is None else total,
-                    self.ledger_table,
-                    self.ledger_conn_id or self.sql_conn_id,
-                )
-                transfer = _Transfer(self, ledger, seen, progress, dag_id=dag_id, run_id=run_id)
-                with progress:
-                    transfer.run(conn, sql, lsq_hook)
-            finally:
-                with contextlib.suppress(Exception):
-                    conn.rollback()  # only read: end the transaction (and a server-side cursor)
-                with contextlib.suppress(Exception):
-                    conn.close()
-        summary = progress.summary(self.is_dry_run, time.monotonic() - started)
-        self.registration_counts = add_counts_to_portal_events(
-            context, self.outlets, summary, leadsquared_conn_id=self.leadsquared_conn_id, log=self.log
+        ledger = RegistrationLedger(
+            ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
         )
-        self.log.info("LeadSquared registration summary: %s", summary)
-        progress.raise_if_too_many_failures(self.max_failure_ratio)
-        return summary
+        progress = RegistrationProgress(
+            None,
+            interval=self.progress_interval,
+            logger=self.log,
+            track_skips=True,
+            conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
+        )
+        sink = LedgerSink(ledger, dag_id=dag_id, run_id=run_id)
+        self._run = run = RegistrationRun(
+            hook=lsq_hook,
+            sink=sink,
+            progress=progress,
+            log=self.log,
+            identifier_attribute=self.identifier_attribute,
+            only_new_leads=self.only_new_leads,
+            password_callable=self.password_callable,
+            max_workers=self.max_workers,
+            batch_size=self.batch_size,
+            flush_interval=self.flush_interval_seconds,
+        )
+        transfer = _Transfer(self, ledger, sink, run, dag_id=dag_id, run_id=run_id)
+        with progress:
+            run.execute(lambda: transfer.run(sql_hook, sql, portal_id))
+        return run.finish(
+            self.is_dry_run,
+            time.monotonic() - started,
+            self.max_failure_ratio,
+            verdict=transfer.verdict,
+            skipped_failed=transfer.skipped_failed,
+            resent_pending=transfer.resent_pending,
+            from_earlier_tries=transfer.earlier_tries,
+            on_summary=lambda summary: publish_counts(self, context, summary),
+        )
+
+    def on_kill(self) -> None:
+        """Stop taking rows, let the calls in flight finish and record them; return within seconds."""
+        if self._run is not None:
+            self._run.on_kill()
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """OpenLineage (Airflow's OpenLineage provider calls it): see :mod:`airflow_provider_lsq.lineage`."""
@@ -248,15 +282,44 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 cursor.close()
 
 
+class LedgerSink(OutcomeSink):
+    """The engine's records go to the ledger; claims mark rows ``pending`` before their calls."""
+
+    def __init__(self, ledger: RegistrationLedger, *, dag_id: str, run_id: str) -> None:
+        self.ledger = ledger
+        self.dag_id = dag_id
+        self.run_id = run_id
+        self.known: dict[str, LedgerRow | None] = {}  # what the ledger held for rows about to be claimed
+        self.claimed: dict[str, LedgerRow | None] = {}  # claimed rows not yet recorded: their previous rows
+
+    def claim(self, keys: list[str]) -> set[str]:
+        previous = {key: self.known.pop(key, None) for key in keys}
+        claimed = self.ledger.claim(previous, dag_id=self.dag_id, run_id=self.run_id)
+        self.claimed.update((key, previous[key]) for key in claimed)
+        return claimed
+
+    def release_unrecorded(self, keep: set[str]) -> None:
+        released = {key: row for key, row in self.claimed.items() if key not in keep}
+        self.ledger.release(released, run_id=self.run_id)
+        for key in released:
+            del self.claimed[key]
+
+    def write(self, outcomes: list[RegistrationOutcome]) -> None:
+        self.ledger.record(outcomes, dag_id=self.dag_id, run_id=self.run_id)
+        for outcome in outcomes:
+            self.claimed.pop(outcome.key, None)
+            self.known.pop(outcome.key, None)  # invalid rows are recorded without a claim
+
+
 class _Transfer:
-    """One execution's state: the stream of rows to send, the outcomes to record, the counts."""
+    """One execution's stream: the query's rows, keyed, checked against the ledger, for the engine."""
 
     def __init__(
         self,
         op: SqlToLeadSquaredPortalOperator,
         ledger: RegistrationLedger,
-        seen: _SeenKeys,
-        progress: RegistrationProgress,
+        sink: LedgerSink,
+        run: RegistrationRun,
         *,
         dag_id: str,
         run_id: str,
@@ -264,109 +327,170 @@ class _Transfer:
         self.op = op
         self.log = op.log
         self.ledger = ledger
-        self.seen = seen
-        self.progress = progress
+        self.sink = sink
+        self.engine = run
+        self.progress = run.progress
         self.dag_id = dag_id
         self.run_id = run_id
-        self.unrecorded: list[RegistrationOutcome] = []
-        self.stream_error: Exception | None = None
-        self.skipped_done = self.skipped_failed = 0
+        self.verdict: tuple[int, int] | None = None  # (considered, failures) of the whole run
+        self.null_keys = 0
+        self.skipped_done = self.skipped_failed = self.earlier_tries = 0
+        self.resent_pending = self.pending_elsewhere = 0
         self.reported_duplicates = self.reported_null = 0
 
-    # -- the whole run ---------------------------------------------------------------------------
+    # -- the whole run (in the engine's thread: database connections stay in it) -------------------
 
-    def run(self, conn: Any, sql: str, hook: LeadSquaredHook) -> None:
-        is_postgres = type(conn).__module__.split(".")[0] in ("psycopg2", "psycopg")
-        # A named cursor is server-side on psycopg: rows come batch by batch. sqlite3 is lazy already.
-        cursor = conn.cursor(name="lsq_transfer") if is_postgres else conn.cursor()
-        try:
-            self.op._execute(cursor, sql)
-            rows = self._rows_to_send(cursor)
-            if self.op.is_dry_run:
-                self._dry_run(rows)
-            else:
+    def run(self, sql_hook: DbApiHook, sql: str, portal_id: str) -> None:
+        with self.ledger, contextlib.closing(_SeenKeys()) as seen:
+            self.ledger.ensure_table()  # first: the query may anti-join it
+            self._warn_pending()
+            conn = sql_hook.get_conn()
+            try:
+                self.progress.total = self.op._count(conn, sql)
+                self.log.info(
+                    "%s rows of %r as portal users of portal %r (%s rows; ledger %s on %r).",
+                    "Validating (dry run)" if self.op.is_dry_run else "Registering",
+                    self.op.sql_conn_id,
+                    portal_id,
+                    "unknown" if self.progress.total is None else self.progress.total,
+                    self.op.ledger_table,
+                    self.op.ledger_conn_id or self.op.sql_conn_id,
+                )
+                # A named cursor is server-side on psycopg: rows come batch by batch. sqlite3 is lazy.
+                is_postgres = self.ledger.dialect == "postgresql" or sql_hook.dialect_name == "postgresql"
+                cursor = conn.cursor(name="lsq_transfer") if is_postgres else conn.cursor()
                 try:
-                    self._register(rows, hook)
+                    self.op._execute(cursor, sql)
+                    rows = self._rows(cursor, seen)
+                    if self.op.is_dry_run:
+                        self.engine.dry_run(rows)
+                    else:
+                        self.engine.register(rows)
+                        self.verdict = self._run_verdict()
                 finally:
-                    self._flush()  # whatever happened, record what finished
-        finally:
-            with contextlib.suppress(Exception):
-                cursor.close()
-        self._log_skips()
-        if self.stream_error is not None:
-            raise self.stream_error
+                    with contextlib.suppress(Exception):
+                        cursor.close()
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.rollback()  # only read: end the transaction (and a server-side cursor)
+                with contextlib.suppress(Exception):
+                    conn.close()
+                self._log_skips()
 
-    def _register(self, rows: Iterator[tuple[str, dict[str, Any]]], hook: LeadSquaredHook) -> None:
-        first = next(rows, None)
-        if first is None:
-            return  # nothing to send: no call at all
-        outcomes = hook.register_portal_users(
-            itertools.chain((first,), rows),
-            password_callable=self.op.password_callable,
-            only_new_leads=self.op.only_new_leads,
-            identifier_attribute=self.op.identifier_attribute,
-            max_workers=self.op.max_workers,
-        )
-        for outcome in outcomes:
-            self.progress.add(outcome)
-            self.unrecorded.append(outcome)
-            if len(self.unrecorded) >= self.op.batch_size:
-                self._flush()
+    def _run_verdict(self) -> tuple[int, int]:
+        """``(considered, failures)`` over every row this run recorded, in this try or an earlier one.
 
-    def _dry_run(self, rows: Iterator[tuple[str, dict[str, Any]]]) -> None:
-        for key, lead in rows:
-            outcome = check_lead(key, lead, self.op.identifier_attribute)
-            if outcome is None:
-                self.progress.add_valid()
-            else:
-                self.progress.add(outcome)
+        Read from the ledger, so a retry ends the way the first try did even when the query leaves out
+        the rows registered by then (an anti-join on the ledger). Rows without a key count too.
+        """
+        counts = self.ledger.run_counts(dag_id=self.dag_id, run_id=self.run_id)
+        failures = counts.get("invalid", 0) + counts.get("failed", 0) + self.null_keys
+        considered = failures + counts.get("registered", 0) + counts.get("already_registered", 0)
+        return considered, failures
 
-    def _flush(self) -> None:
-        if self.unrecorded:
-            batch, self.unrecorded = self.unrecorded, []
-            self.ledger.record(batch, dag_id=self.dag_id, run_id=self.run_id)
+    def _warn_pending(self) -> None:
+        pending = self.ledger.pending_runs()
+        if pending:
+            self.log.warning(
+                "The ledger holds %d rows left pending (in flight when a run stopped: %s). Each is "
+                "sent again when the query returns it (its registration may or may not have happened).",
+                sum(pending.values()),
+                ", ".join(f"{run}: {count}" for run, count in sorted(pending.items())),
+            )
 
     # -- the stream ------------------------------------------------------------------------------
 
-    def _rows_to_send(self, cursor: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-        """``(key, lead)`` for every row that needs a call, read lazily batch by batch.
+    def _rows(self, cursor: Any, seen: _SeenKeys) -> Iterator[Row]:
+        """Rows for the engine, read lazily batch by batch; the columns are checked before any call."""
+        records = cursor.fetchmany(self.op.batch_size)
+        if not records:
+            return iter(())
+        columns = [str(column[0]) for column in cursor.description]  # psycopg: known after a fetch
+        key_index = self._key_index(columns)
+        self._check_columns(columns, key_index)
+        return self._stream(cursor, records, columns, key_index, seen)
 
-        A failure of the warehouse stream ends the stream (so rows in flight still finish and are
-        recorded) and is raised once they are.
-        """
+    def _stream(
+        self, cursor: Any, records: Sequence[Any], columns: list[str], key_index: int, seen: _SeenKeys
+    ) -> Iterator[Row]:
         position = 0
-        columns: list[str] | None = None
-        key_index = 0
-        while True:
-            try:
-                records = cursor.fetchmany(self.op.batch_size)
-            except Exception as error:
-                self.log.error("Reading the query's rows failed after %d rows: stopping.", position)
-                self.stream_error = error
-                return
-            if not records:
-                return
-            if columns is None:  # psycopg's named cursors describe the result after the first fetch
-                columns = [str(column[0]) for column in cursor.description]
-                key_index = self._key_index(columns)
+        while records:
             keyed: list[tuple[str, Sequence[Any]]] = []
             for row in records:
                 position += 1
                 record = tuple(row.values()) if isinstance(row, Mapping) else row  # dict cursors too
-                key = self._key(position, record[key_index])
+                key = self._key(position, record[key_index], seen)
                 if key is not None:
                     keyed.append((key, record))
             known = self.ledger.lookup(key for key, _ in keyed)
             for key, record in keyed:
                 previous = known.get(key)
-                if previous is not None and previous.registered:
-                    self.skipped_done += 1
-                    self.progress.add_skipped()
-                elif previous is not None and not previous.retryable and not self.op.retry_failed:
-                    self.skipped_failed += 1
-                    self.progress.add_skipped()
-                else:
-                    yield key, self._lead(columns, key_index, record)
+                lead = self._lead(columns, key_index, record)
+                if self._wanted(key, lead, previous):
+                    if previous is not None and not self.op.is_dry_run:
+                        self.sink.known[key] = previous  # until its claim or its record
+                    yield key, lead
+            try:
+                records = cursor.fetchmany(self.op.batch_size)
+            except Exception:
+                self.log.error("Reading the query's rows failed after %d rows: stopping.", position)
+                raise
+
+    def _wanted(self, key: str, lead: dict[str, Any], previous: LedgerRow | None) -> bool:
+        """Whether a row the ledger knows as ``previous`` goes to the engine (validation, maybe a call)."""
+        if previous is None:
+            return True
+        if previous.status == "invalid" and previous.run_id != self.run_id:
+            # Invalid in an earlier run: validated again (no call), sent if the data was fixed; still
+            # invalid, it is reported like a permanent failure, not counted against this run.
+            if check_lead(key, lead, self.op.identifier_attribute) is None:
+                return True
+            self.skipped_failed += 1
+            self.progress.add_skipped()
+            return False
+        if previous.status == "invalid":
+            return True  # this run's own invalid row: validated and counted again
+        if previous.run_id == self.run_id and previous.registered:
+            self.earlier_tries += 1  # an earlier try of this run registered it (the verdict counts it)
+            self.skipped_done += 1
+            self.progress.add_skipped()
+            return False
+        if previous.run_id == self.run_id and not (
+            previous.pending or previous.retryable or self.op.retry_failed
+        ):
+            # An earlier try of this run failed it for good: it counts again, without a call, so a retry
+            # ends the way the first try did (a failed run stays failed until its rows are fixed).
+            self.earlier_tries += 1
+            self.progress.add(
+                RegistrationOutcome.recorded(
+                    previous.row_key,
+                    previous.status,
+                    lead_id=previous.lead_id,
+                    error_type=previous.error_type,
+                    error_message=previous.error_message,
+                    retryable=previous.retryable,
+                )
+            )
+            return False
+        if previous.registered:
+            self.skipped_done += 1
+            self.progress.add_skipped()
+            return False
+        if previous.pending:
+            age = dt.datetime.now(dt.timezone.utc) - (
+                previous.last_attempt_at or dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+            )
+            if previous.run_id != self.run_id and age < self.op.pending_timeout:
+                self.pending_elsewhere += 1  # another run holds it right now
+                self.progress.add_skipped()
+                return False
+            self.resent_pending += 1
+            return True
+        if previous.retryable or self.op.retry_failed:
+            return True
+        self.skipped_failed += 1
+        self.progress.add_skipped()
+        return False
 
     def _key_index(self, columns: list[str]) -> int:
         wanted = self.op.key_column
@@ -375,24 +499,39 @@ class _Transfer:
         folded = [index for index, name in enumerate(columns) if name.lower() == wanted.lower()]
         if len(folded) == 1:
             return folded[0]
-        raise AirflowException(
+        raise AirflowFailException(
             f"key_column {wanted!r} is not a column of the query's result (columns: {', '.join(columns)})."
         )
 
-    def _key(self, position: int, value: Any) -> str | None:
+    def _check_columns(self, columns: list[str], key_index: int) -> None:
+        """Fail before any call on a column that names a LeadSquared attribute in the wrong case."""
+        known = {name.lower(): name for name in (*STANDARD_ATTRIBUTES, self.op.identifier_attribute or "")}
+        for index, column in enumerate(columns):
+            if index == key_index and not self.op.send_key_column:
+                continue
+            meant = known.get(column.lower())
+            if meant and column != meant:
+                raise AirflowFailException(
+                    f"The query's column {column!r} looks like the attribute {meant!r} in the wrong case "
+                    f'(found {column}: quote the alias, e.g. AS "{meant}"; PostgreSQL folds unquoted '
+                    "names to lower case). Nothing was sent."
+                )
+
+    def _key(self, position: int, value: Any, seen: _SeenKeys) -> str | None:
         """The row's key, or None for a row not to send (NULL key, or a duplicate)."""
         if value is None or not str(value).strip():
             message = f"column {self.op.key_column!r}: the row key is NULL or empty"
-            self.progress.add(invalid_outcome(f"#{position}", message))
+            self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
+            self.null_keys += 1
             if self.reported_null < MAX_LOGGED_KEYS:
                 self.reported_null += 1
                 self.log.warning("Row #%d of the query has no %s: not sent.", position, self.op.key_column)
             return None
         key = str(value)
-        if self.seen.add(key):
+        if seen.add(key):
             return key
         self.progress.add_duplicate()
-        if self.seen.first_report(key) and self.reported_duplicates < MAX_LOGGED_KEYS:
+        if seen.first_report(key) and self.reported_duplicates < MAX_LOGGED_KEYS:
             self.reported_duplicates += 1
             self.log.warning("Row key %s appears more than once in the query: sent once.", key)
         return None
@@ -408,10 +547,23 @@ class _Transfer:
         if self.skipped_done:
             self.log.info("%d rows skipped: the ledger has them registered.", self.skipped_done)
         if self.skipped_failed:
-            self.log.info(
-                "%d rows skipped: the ledger has them failed or invalid, not retryable "
-                "(set retry_failed=True to try them again).",
+            self.log.warning(
+                "%d rows skipped: an earlier run recorded them as failed for good or invalid (and they still "
+                "are), so they are not portal users (fix them; failed ones need retry_failed=True).",
                 self.skipped_failed,
+            )
+        if self.earlier_tries:
+            self.log.warning(
+                "%d rows were recorded by an earlier try of this run (%s): counted again, without a call.",
+                self.earlier_tries,
+                self.run_id,
+            )
+        if self.resent_pending:
+            self.log.warning("%d rows left pending by a stopped run were sent again.", self.resent_pending)
+        if self.pending_elsewhere or self.engine.not_claimed:
+            self.log.warning(
+                "%d rows skipped: another run was registering them at the same time.",
+                self.pending_elsewhere + self.engine.not_claimed,
             )
         if self.reported_duplicates >= MAX_LOGGED_KEYS:
             self.log.warning("More duplicate keys were counted but not logged.")

@@ -1,0 +1,458 @@
+"""The registration engine both operators share: one run of rows through LeadSquaredHook.
+
+It keys and validates rows, runs the dry run, hands rows to the hook, records every outcome (in a
+sink the operator chooses: XCom's list, or the ledger), stops cleanly on ``on_kill``, and gives the
+summary and the failure-ratio verdict. The operators configure it and stay thin.
+
+How a stop works. The run's body executes in its own thread (``lsq-registration-run``) while the
+task's main thread only waits, because Airflow calls ``on_kill()`` from its SIGTERM handler in the
+main thread (Airflow 3's task runner, then SIGKILL about 5 s later; Airflow 2's task instance, which
+raises right after ``on_kill`` returns). ``on_kill`` therefore takes no lock the main thread could
+hold: it sets the stop flag and polls, for at most ``kill_wait`` seconds, while the run's thread lets
+calls in flight finish (no new row, no new retry), writes every outcome and ends.
+
+Records reach the sink every ``batch_size`` outcomes and at least every ``flush_interval`` seconds.
+A write that fails keeps its batch in memory and blocks the sending (no new row) while the sink
+retries; past the sink's own bound the run stops taking rows, finishes the calls in flight, tries a
+last write and fails, logging for each outcome it could not record only the row key, status and
+lead id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+
+from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError, LeadSquaredValidationError
+from airflow_provider_lsq.hooks.payload import build_lead_fields
+from airflow_provider_lsq.outcomes import NOT_SENT, RegistrationOutcome
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable, Generator, Iterable, Iterator
+
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+    from airflow_provider_lsq.progress import RegistrationProgress
+
+T = TypeVar("T")
+# Stands in for the password in dry runs and pre-checks, so they validate exactly like real runs. Never sent.
+DRY_RUN_PASSWORD = "DryRun-Placeholder-1!"
+VALID = "valid"  # a dry run's status for a row that would be sent
+MAX_UNRECORDED_LOGGED = 10_000  # per-row lines when outcomes cannot be recorded; beyond, only counted
+
+
+def check_lead(key: str, lead: Any, identifier_attribute: str | None) -> RegistrationOutcome | None:
+    """Validate a lead as the hook would, without any call: an ``invalid`` outcome, or None if valid."""
+    try:
+        build_lead_fields(lead, DRY_RUN_PASSWORD, identifier_attribute=identifier_attribute)
+    except LeadSquaredValidationError as error:
+        return RegistrationOutcome.invalid(key, error.message)
+    return None
+
+
+def valid_outcome_dict(key: str) -> dict[str, Any]:
+    """A dry run's record of a row that passed validation (shaped like ``RegistrationOutcome.to_dict``)."""
+    blank = {field.name: field.default for field in fields(RegistrationOutcome)}
+    return {**blank, "key": key, "status": VALID}
+
+
+def row_key(position: int, row: Any, key_field: str) -> tuple[str, RegistrationOutcome | None]:
+    """The key naming ``row`` in outcomes; with an ``invalid`` outcome when the row has none.
+
+    Rows without a usable key are named by their 1-based position, ``#<position>``.
+    """
+    fallback = f"#{position}"
+    if not isinstance(row, Mapping):
+        message = f"a lead must be a mapping of attribute names, got {type(row).__name__}"
+        return fallback, RegistrationOutcome.invalid(fallback, message)
+    value = row.get(key_field)
+    if value is None or not str(value).strip():
+        message = f"field {key_field!r}: the row key is missing or empty"
+        return fallback, RegistrationOutcome.invalid(fallback, message)
+    return str(value), None
+
+
+class OutcomeSink:
+    """Where a run's outcomes go. This base keeps nothing; subclasses record somewhere.
+
+    ``claim`` runs before rows are handed over for their calls (the ledger writes ``pending``);
+    ``write`` gets each batch once and must raise if it could not record it (it is kept and
+    written again); ``dry_run`` sees each row of a dry run.
+    """
+
+    def claim(self, keys: list[str]) -> set[str]:
+        """The keys this run may send now (default: all)."""
+        return set(keys)
+
+    def write(self, outcomes: list[RegistrationOutcome]) -> None:
+        """Record a batch of outcomes durably, or raise."""
+
+    def release_unrecorded(self, keep: set[str]) -> None:
+        """Undo the claims of rows that got no outcome (never sent, or refused at login), but ``keep``."""
+
+    def dry_run(self, key: str, outcome: RegistrationOutcome | None) -> None:
+        """A dry run's row: its ``invalid`` outcome, or None when it would be sent."""
+
+
+class MemorySink(OutcomeSink):
+    """Outcomes as JSON-ready dicts in a list (what ``RegisterPortalUserOperator`` pushes to XCom)."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[dict[str, Any]] = []
+
+    def write(self, outcomes: list[RegistrationOutcome]) -> None:
+        self.outcomes.extend(outcome.to_dict() for outcome in outcomes)
+
+    def dry_run(self, key: str, outcome: RegistrationOutcome | None) -> None:
+        self.outcomes.append(valid_outcome_dict(key) if outcome is None else outcome.to_dict())
+
+
+# A row for the engine: ``(key, lead)`` to send, or an outcome already decided (e.g. no key).
+Row = tuple[str, Mapping[str, Any]] | RegistrationOutcome
+
+
+class RegistrationRun:
+    """One task execution's registration: rows in, one recorded outcome per row out.
+
+    :param hook: the LeadSquared hook (created by the operator; its ``stopping`` flag is set on stop).
+    :param sink: where outcomes are recorded.
+    :param progress: counts and the steady progress line.
+    :param log: the operator's logger.
+    :param identifier_attribute: see the operators.
+    :param only_new_leads: see the operators.
+    :param password_callable: see the operators.
+    :param max_workers: concurrent calls (None: the hook's choice).
+    :param batch_size: outcomes per write.
+    :param flush_interval: seconds an outcome may wait in memory before it is written.
+    :param kill_wait: seconds ``on_kill`` waits for calls in flight and their records before it
+        returns (Airflow 3 sends SIGKILL about 5 s after SIGTERM).
+    :param drain_timeout: seconds the main thread waits for the run to record what it finished when
+        the task is interrupted (Airflow 2 raises right after ``on_kill``).
+    """
+
+    def __init__(
+        self,
+        *,
+        hook: LeadSquaredHook,
+        sink: OutcomeSink,
+        progress: RegistrationProgress,
+        log: Any,
+        identifier_attribute: str | None,
+        only_new_leads: bool = False,
+        password_callable: Callable[[Mapping[str, Any]], str] | None = None,
+        max_workers: int | None = None,
+        batch_size: int = 500,
+        flush_interval: float = 2.0,
+        kill_wait: float = 3.5,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if flush_interval <= 0:
+            raise ValueError(f"flush_interval_seconds must be positive, got {flush_interval}")
+        self.hook = hook
+        self.sink = sink
+        self.progress = progress
+        self.log = log
+        self.identifier_attribute = identifier_attribute
+        self.only_new_leads = only_new_leads
+        self.password_callable = password_callable
+        self.max_workers = max_workers
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.kill_wait = kill_wait
+        self.drain_timeout = drain_timeout
+        self.killed = False
+        self.not_claimed = 0  # rows another run held when this one came to them
+        self._unrecorded: list[RegistrationOutcome] = []
+        self._unsent: list[str] = []  # keys claimed but never sent (the run stopped first)
+        self.not_sent = 0
+        self._last_flush = time.monotonic()
+        self._stop_error: BaseException | None = None
+        self._source_error: BaseException | None = None
+        self._sink_failed = False  # a write gave up: hold further writes until the final one
+        self._finished = False  # a plain flag: on_kill (a signal handler) must take no lock
+
+    @property
+    def stopping(self) -> threading.Event:
+        return self.hook.stopping
+
+    # -- the thread that runs, and the stop ------------------------------------------------------
+
+    def execute(self, body: Callable[[], T]) -> T:
+        """Run ``body`` in the run's own thread; the calling (main) thread waits and re-raises.
+
+        If the wait is interrupted (Airflow 2 raises in the main thread after ``on_kill``), the run
+        is stopped and given up to ``drain_timeout`` seconds to record what it finished.
+        """
+        import threading
+
+        result: list[T] = []
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                result.append(body())
+            except BaseException as error:
+                errors.append(error)
+            finally:
+                self._finished = True
+
+        thread = threading.Thread(target=target, name="lsq-registration-run", daemon=True)
+        thread.start()
+        try:
+            while not self._finished:
+                time.sleep(0.1)  # no lock: the SIGTERM handler runs on this thread
+        except BaseException:
+            self.stop()
+            self._wait_finished(self.drain_timeout)
+            if not self._finished:
+                self._log_unrecorded("the task was interrupted before they were written")
+            raise
+        if errors:
+            raise errors[0]
+        return result[0]
+
+    def stop(self) -> None:
+        """Take no further row and start no retry; calls in flight finish and are recorded."""
+        self.stopping.set()
+
+    def on_kill(self) -> None:
+        """Airflow's stop: no new row, calls in flight finish, every outcome recorded; then return.
+
+        Returns within ``kill_wait`` seconds. Runs on the main thread (from Airflow's SIGTERM
+        handler) while the run's own thread does the work, so it only sets a flag and polls.
+        """
+        self.log.warning(
+            "Stop requested: no new row is sent; waiting up to %.1f s for the calls in flight and "
+            "their records.",
+            self.kill_wait,
+        )
+        self.killed = True
+        self.stop()
+        self._wait_finished(self.kill_wait)
+        if self._finished:
+            self.log.warning("Stopped: every call made is recorded.")
+        else:
+            self._log_unrecorded("the task is being killed before they were written")
+
+    def _wait_finished(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    # -- dry run -----------------------------------------------------------------------------------
+
+    def dry_run(self, rows: Iterable[Row]) -> None:
+        """Validate every row; make no call and record nothing but the sink's dry-run view."""
+        for row in rows:
+            if isinstance(row, RegistrationOutcome):
+                self.progress.add(row)
+                self.sink.dry_run(row.key, row)
+                continue
+            key, lead = row
+            outcome = check_lead(key, lead, self.identifier_attribute)
+            if outcome is None:
+                self.progress.add_valid()
+            else:
+                self.progress.add(outcome)
+            self.sink.dry_run(key, outcome)
+            if self.stopping.is_set():
+                return
+
+    # -- registering -------------------------------------------------------------------------------
+
+    def register(self, rows: Iterable[Row]) -> None:
+        """Send every valid row, record every outcome, then raise what stopped the run (if anything).
+
+        Whatever stops it (a stream error, a failed login, the sink, a kill), every call already made
+        is recorded before this returns or raises.
+        """
+        stream = iter(rows)
+        first = self._next_chunk(stream, 1)
+        if not first:
+            self._flush(final=True)
+            if self._stop_error is not None:
+                raise self._stop_error
+            if self._source_error is not None:
+                raise self._source_error
+            return  # nothing to send: no call at all, not even a login
+        workers = self.max_workers or self.hook.default_max_workers
+        feed = self._feed(itertools.chain(first, stream), claim_size=2 * workers)
+        try:
+            outcomes = self.hook.register_portal_users(
+                feed,
+                password_callable=self.password_callable,
+                only_new_leads=self.only_new_leads,
+                identifier_attribute=self.identifier_attribute,
+                max_workers=workers,
+                on_idle=self._flush_if_due,
+                idle_seconds=min(1.0, self.flush_interval),
+            )
+            for outcome in outcomes:
+                self._take(outcome)
+        except LeadSquaredAuthenticationError as error:
+            failure = AirflowFailException(self.hook.redact(error.message))
+            failure.__cause__ = error
+            self._stop_because(failure)
+        except Exception as error:
+            self._stop_because(error)
+        finally:
+            feed.close()  # rows claimed but never handed over end as not sent
+            self._flush(final=True)
+            self._release_unsent()
+        if self._unrecorded:
+            self._log_unrecorded("the ledger could not be written")
+            raise AirflowException(
+                f"{len(self._unrecorded)} outcomes could not be recorded (listed above, by row key, "
+                "status and lead id): record them by hand before the next run."
+            ) from self._stop_error
+        if self._stop_error is not None:
+            raise self._stop_error
+        if self._source_error is not None:
+            raise self._source_error
+        if self.killed:
+            raise AirflowException("The registration was stopped (on_kill); every call made is recorded.")
+
+    def _feed(
+        self, rows: Iterator[Row], *, claim_size: int
+    ) -> Generator[tuple[str, Mapping[str, Any]], None, None]:
+        """Rows to send, claimed (``pending``) a few at a time just before they are handed over."""
+        claimed: list[tuple[str, Mapping[str, Any]]] = []
+        try:
+            while not self.stopping.is_set() and self._source_error is None:
+                chunk = self._next_chunk(rows, claim_size)
+                if not chunk:
+                    return
+                keys = self.sink.claim([key for key, _ in chunk])
+                claimed = [(key, lead) for key, lead in chunk if key in keys]
+                self.not_claimed += len(chunk) - len(claimed)
+                self.progress.add_skipped(len(chunk) - len(claimed))
+                while claimed and not self.stopping.is_set():
+                    yield claimed.pop(0)
+        except GeneratorExit:
+            raise
+        except Exception as error:
+            self._stop_because(error)
+        finally:
+            for key, _ in claimed:  # claimed, never handed over: record that no call was made
+                self._take(RegistrationOutcome.not_sent(key))
+
+    def _next_chunk(self, rows: Iterator[Row], size: int) -> list[tuple[str, Mapping[str, Any]]]:
+        """Up to ``size`` valid rows; decided and invalid rows met on the way are recorded."""
+        chunk: list[tuple[str, Mapping[str, Any]]] = []
+        while len(chunk) < size and self._source_error is None:
+            self._flush_if_due()
+            try:
+                row = next(rows, None)
+            except Exception as error:  # the source broke: send what was read, then raise it
+                self.log.error("Reading the rows failed (%s): no further row is taken.", type(error).__name__)
+                self._source_error = error
+                break
+            if row is None:
+                break
+            if isinstance(row, RegistrationOutcome):
+                self._take(row)
+                continue
+            key, lead = row
+            invalid = check_lead(key, lead, self.identifier_attribute)  # no claim, no call
+            if invalid is not None:
+                self._take(invalid)
+            else:
+                chunk.append((key, lead))
+        return chunk
+
+    def _take(self, outcome: RegistrationOutcome) -> None:
+        if outcome.error_type == NOT_SENT:  # never sent: no outcome, the row is as if never claimed
+            self._unsent.append(outcome.key)
+            self.not_sent += 1
+            return
+        self.progress.add(outcome)
+        self._unrecorded.append(outcome)
+        if len(self._unrecorded) >= self.batch_size:
+            self._flush()
+        else:
+            self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        if self._unrecorded and time.monotonic() - self._last_flush >= self.flush_interval:
+            self._flush()
+
+    def _flush(self, final: bool = False) -> None:
+        """Write what is unrecorded; keep it in memory when the write fails."""
+        if not self._unrecorded or (self._stop_error is not None and not final and self._sink_failed):
+            return
+        batch = list(self._unrecorded)
+        try:
+            self.sink.write(batch)
+        except Exception as error:
+            self.log.error(
+                "Recording %d outcomes failed (%s): no new row is sent.", len(batch), type(error).__name__
+            )
+            self._sink_failed = True
+            self._stop_because(error)
+            return
+        del self._unrecorded[: len(batch)]
+        self._last_flush = time.monotonic()
+
+    def _release_unsent(self) -> None:
+        if self._unsent:
+            self.log.warning(
+                "%d rows were handed over but not sent before the run stopped: released.", len(self._unsent)
+            )
+        try:
+            self.sink.release_unrecorded({outcome.key for outcome in self._unrecorded})
+        except Exception as error:  # they stay pending: the next run sends them
+            self.log.error("Releasing the unsent rows failed (%s): they stay pending.", type(error).__name__)
+        self._unsent = []
+
+    def _stop_because(self, error: BaseException) -> None:
+        if self._stop_error is None:
+            self._stop_error = error
+        self.stop()
+
+    def _log_unrecorded(self, why: str) -> None:
+        pending = list(self._unrecorded)  # a copy: the run's thread may still be appending
+        if not pending:
+            return
+        self.log.error(
+            "%d outcomes are NOT in the ledger (%s); reconcile them by hand. Each: row key, status, lead id.",
+            len(pending),
+            why,
+        )
+        for outcome in pending[:MAX_UNRECORDED_LOGGED]:
+            self.log.error(
+                "Unrecorded outcome: row %s, %s, lead id %s", outcome.key, outcome.status, outcome.lead_id
+            )
+        if len(pending) > MAX_UNRECORDED_LOGGED:
+            self.log.error("... and %d more unrecorded outcomes.", len(pending) - MAX_UNRECORDED_LOGGED)
+
+    # -- the verdict -------------------------------------------------------------------------------
+
+    def finish(
+        self,
+        dry_run: bool,
+        duration: float,
+        max_failure_ratio: float,
+        *,
+        verdict: tuple[int, int] | None = None,
+        on_summary: Callable[[dict[str, Any]], None] | None = None,
+        **extra: int,
+    ) -> dict[str, Any]:
+        """Log and return the summary (counts only); raise when too many rows failed.
+
+        ``verdict`` is ``(considered, failures)`` when the operator knows the whole run's counts.
+        ``on_summary`` gets the summary before the verdict, so a failing run publishes its counts too.
+        """
+        summary = {**self.progress.summary(dry_run, duration), **extra}
+        self.log.info("LeadSquared registration summary: %s", summary)
+        if on_summary is not None:
+            on_summary(summary)
+        considered, failures = verdict if verdict is not None else (None, None)
+        self.progress.raise_if_too_many_failures(max_failure_ratio, considered=considered, failures=failures)
+        return summary
