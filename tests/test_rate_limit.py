@@ -81,11 +81,11 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run_three_workers(sandbox: Sandbox, tmp_path: Path, storage: str | None, per_worker: int) -> list[str]:
+def _run_three_workers(
+    sandbox: Sandbox, tmp_path: Path, extra: dict[str, str], per_worker: int, workers: int = 3
+) -> list[str]:
     conn = json.loads(sandbox.connection_json())
-    conn["extra"].update({"retry_wait_seconds": 0.01, "max_retries": 8})
-    if storage:
-        conn["extra"]["rate_limit_storage"] = storage
+    conn["extra"].update({"retry_wait_seconds": 0.01, "max_retries": 8, **extra})
     env = {**os.environ, "AIRFLOW_CONN_LSQ_SHARED": json.dumps(conn)}
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -97,7 +97,7 @@ def _run_three_workers(sandbox: Sandbox, tmp_path: Path, storage: str | None, pe
             stdout=subprocess.PIPE,
             text=True,
         )
-        for n in range(3)
+        for n in range(workers)
     ]
     statuses: list[str] = []
     for proc in procs:
@@ -107,17 +107,18 @@ def _run_three_workers(sandbox: Sandbox, tmp_path: Path, storage: str | None, pe
     return statuses
 
 
-@pytest.mark.redis
-def test_redis_shares_one_budget_across_three_processes(redis_url: str, tmp_path: Path) -> None:
+def test_default_settings_share_one_budget_across_three_processes(tmp_path: Path) -> None:
+    """No storage configured: the machine's SQLite file is shared, so processes at once are never refused.
+
+    The control: the same processes with ``rate_limit_storage: memory`` (one budget each) overrun it.
+    """
     limit, per_worker = 10, 12
-    with Sandbox(rate_limit_calls=limit, rate_limit_period=1.0) as sandbox:
-        statuses = _run_three_workers(sandbox, tmp_path, redis_url, per_worker)
+    with Sandbox(rate_limit_calls=limit, rate_limit_period=1.0, latency=0.02) as sandbox:
+        statuses = _run_three_workers(sandbox, tmp_path, {}, per_worker)
         assert statuses == ["registered"] * (3 * per_worker)
         assert sandbox.refusals == 0
         assert sandbox.max_calls_in_window() <= limit
 
-    # The control: the same three processes, each with only its own in-process budget, overrun the
-    # account, which is what the shared budget above prevents.
     with Sandbox(rate_limit_calls=limit, rate_limit_period=1.0) as sandbox:
-        _run_three_workers(sandbox, tmp_path, None, per_worker)
+        _run_three_workers(sandbox, tmp_path, {"rate_limit_storage": "memory"}, per_worker)
         assert sandbox.refusals > 0

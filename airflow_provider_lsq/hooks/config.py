@@ -45,8 +45,10 @@ class LeadSquaredConfig:
     rate_limit_calls: int = 25
     rate_limit_period_seconds: float = 5.0
     rate_limit_margin_seconds: float | None = None
+    rate_limit_reserve: float = 0.0
     daily_call_limit: int | None = None
     rate_limit_storage: str | None = field(default=None, repr=False)  # a Redis URI may hold a password
+    rate_limit_redis_conn_id: str | None = None
     timeout_seconds: float = 30.0
     max_retries: int = 5
     retry_wait_seconds: float = 1.0
@@ -54,14 +56,13 @@ class LeadSquaredConfig:
 
     @property
     def margin_seconds(self) -> float:
-        """Time added to the client-side window so the API's own clock never counts one call too many.
+        """Seconds a call is counted past its answer plus the period: 0 unless the user asks for more.
 
-        Calls arrive later than they leave and bunch up on the way; a 5% (at least 250 ms) wider window
-        absorbs that and still keeps the account above 95% of its ceiling on the usual 5 s window.
+        No margin is needed: each call is counted from its send until its answer plus the period, which
+        covers whenever it reached the API (see ``hooks/rate_limit/window.py``). A margin only covers a
+        server whose clock or window differs from its documentation.
         """
-        if self.rate_limit_margin_seconds is not None:
-            return self.rate_limit_margin_seconds
-        return max(0.25, 0.05 * self.rate_limit_period_seconds)
+        return self.rate_limit_margin_seconds or 0.0
 
     @property
     def account_id(self) -> str:
@@ -96,6 +97,20 @@ class LeadSquaredConfig:
             )
         portal_id = _extra(extras, "portal_id")
         storage = _extra(extras, "rate_limit_storage")
+        redis_conn_id = _extra(extras, "rate_limit_redis_conn_id")
+        reserve = number("rate_limit_reserve", float, 0.0, allow_zero=True)
+        if reserve >= 1:
+            raise ValueError(
+                f"Connection {conn.conn_id!r}: extra 'rate_limit_reserve' is the share of the plan left to "
+                f"other integrations, from 0 to below 1 (e.g. 0.2), got {reserve!r}"
+            )
+        daily = number("daily_call_limit", int, None)
+        if daily is not None and storage == "memory" and not redis_conn_id:
+            raise ValueError(
+                f"Connection {conn.conn_id!r}: daily_call_limit needs a shared rate_limit_storage; with "
+                "'memory' each task process would count its own day. Remove rate_limit_storage (a file "
+                "shared on this machine) or set rate_limit_redis_conn_id."
+            )
         return cls(
             base_url=base_url(conn.host, conn.port),
             access_key=conn.login,
@@ -104,8 +119,10 @@ class LeadSquaredConfig:
             rate_limit_calls=number("rate_limit_calls", int, 25),
             rate_limit_period_seconds=number("rate_limit_period_seconds", float, 5.0),
             rate_limit_margin_seconds=number("rate_limit_margin_seconds", float, None, allow_zero=True),
-            daily_call_limit=number("daily_call_limit", int, None),
-            rate_limit_storage=str(storage) if storage and storage != "memory" else None,
+            rate_limit_reserve=reserve,
+            daily_call_limit=daily,
+            rate_limit_storage=str(storage) if storage else None,
+            rate_limit_redis_conn_id=str(redis_conn_id) if redis_conn_id else None,
             timeout_seconds=number("timeout_seconds", float, 30.0),
             max_retries=number("max_retries", int, 5, allow_zero=True),
             retry_wait_seconds=number("retry_wait_seconds", float, 1.0),
