@@ -145,7 +145,13 @@ class RedisLeaseStore:
         self._settle(self._keys, [policy.after_answer, lease_id])
 
     def refused(self, policy: Policy, sent_at: float) -> None:
-        args = [policy.cap, policy.recovery_per_second, policy.decrease, policy.pause, repr(sent_at)]
+        args: list[str | int | float] = [
+            policy.cap,
+            policy.recovery_per_second,
+            policy.decrease,
+            policy.pause,
+            repr(sent_at),
+        ]
         self._refused(self._keys, args)
 
     def snapshot(self) -> dict[str, Any]:
