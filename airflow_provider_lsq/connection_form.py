@@ -29,10 +29,20 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
         "description": "Optional: your plan's calls per day.",
         "schema": {"type": ["integer", "null"], "minimum": 1},
     },
+    "rate_limit_reserve": {
+        "label": "Rate Limit Reserve",
+        "description": "Share of the plan left to the account's other integrations (0 to 0.9; default 0.1).",
+        "schema": {"type": ["number", "null"], "default": 0.1, "minimum": 0, "maximum": 0.9},
+    },
+    "rate_limit_redis_conn_id": {
+        "label": "Rate Limit Redis Connection Id",
+        "description": "Optional: a 'redis' connection that shares the budget across machines.",
+        "schema": {"type": ["string", "null"]},
+    },
     "rate_limit_storage": {
         "label": "Rate Limit Storage",
-        "description": "Empty: this process. A redis:// URI shares the budget across processes and machines.",
-        "schema": {"type": ["string", "null"], "format": "password"},
+        "description": "Empty: a file shared by this machine's tasks. 'memory': this process. Or a path.",
+        "schema": {"type": ["string", "null"]},
     },
     "timeout_seconds": {
         "label": "Timeout (seconds)",
@@ -56,6 +66,7 @@ UI_FIELD_BEHAVIOUR: dict[str, Any] = {
         "login": "u$r...",
         "password": "the admin user's Secret Key",
         "portal_id": "e.g. 8d4f...c2",
-        "rate_limit_storage": "redis://localhost:6379/0",
+        "rate_limit_redis_conn_id": "redis_default",
+        "rate_limit_storage": "(a file in the system temp dir)",
     },
 }

@@ -45,7 +45,7 @@ class LeadSquaredConfig:
     rate_limit_calls: int = 25
     rate_limit_period_seconds: float = 5.0
     rate_limit_margin_seconds: float | None = None
-    rate_limit_reserve: float = 0.0
+    rate_limit_reserve: float = 0.1
     daily_call_limit: int | None = None
     rate_limit_storage: str | None = field(default=None, repr=False)  # a Redis URI may hold a password
     rate_limit_redis_conn_id: str | None = None
@@ -98,7 +98,7 @@ class LeadSquaredConfig:
         portal_id = _extra(extras, "portal_id")
         storage = _extra(extras, "rate_limit_storage")
         redis_conn_id = _extra(extras, "rate_limit_redis_conn_id")
-        reserve = number("rate_limit_reserve", float, 0.0, allow_zero=True)
+        reserve = number("rate_limit_reserve", float, 0.1, allow_zero=True)
         if reserve >= 1:
             raise ValueError(
                 f"Connection {conn.conn_id!r}: extra 'rate_limit_reserve' is the share of the plan left to "

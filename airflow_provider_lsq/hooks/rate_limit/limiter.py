@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from airflow_provider_lsq.hooks.rate_limit.stores import LeaseStore
 
 log = logging.getLogger(__name__)
+DECREASE = 0.75  # the allowed count after a refusal, as a share of what it was
+RECOVERY_PERIODS_PER_CALL = 4.0  # then one more call per this many windows, up to the cap
 _shared: dict[tuple[Any, ...], AccountRateLimiter] = {}
 _shared_lock = threading.Lock()
 
@@ -39,10 +41,11 @@ class Lease:
 def policy_for(config: LeadSquaredConfig) -> Policy:
     """The window a connection asks for: its plan less the reserve, held from send to answer + period.
 
-    After a refusal the allowed count drops to 70% at once and climbs back by one call per two
-    windows: halving (TCP's choice) would give up more than needed when the other traffic is a
-    steady share of the plan, and a slow climb keeps lockouts, each of which refuses every caller on
-    the account for a whole window, rare.
+    After a refusal the allowed count drops to 75% at once and climbs back by one call per four
+    windows: halving (TCP's choice) gives up more than needed when the other traffic is a steady
+    share of the plan, and a slow climb keeps lockouts rare: each one refuses every caller on the
+    account, theirs too, for a whole window. Both were tuned on the sandbox with other integrations
+    at 20% of the plan (``make bench``).
     """
     period = config.rate_limit_period_seconds
     return Policy(
@@ -50,7 +53,8 @@ def policy_for(config: LeadSquaredConfig) -> Policy:
         period=period,
         margin=config.margin_seconds,
         hold=config.timeout_seconds + period + config.margin_seconds,
-        recovery_per_second=1.0 / (2.0 * period),
+        recovery_per_second=1.0 / (RECOVERY_PERIODS_PER_CALL * period),
+        decrease=DECREASE,
         daily_limit=config.daily_call_limit,
     )
 

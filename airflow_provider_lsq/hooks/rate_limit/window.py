@@ -46,7 +46,7 @@ class Policy:
     margin: float
     hold: float
     recovery_per_second: float
-    decrease: float = 0.7
+    decrease: float = 0.75
     daily_limit: int | None = None
 
     @property
