@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DECREASE = 0.75  # the allowed count after a refusal, as a share of what it was
-RECOVERY_PERIODS_PER_CALL = 4.0  # then one more call per this many windows, up to the cap
+RECOVERY_PERIODS_PER_CALL = 8.0  # then one more call per this many windows, up to the cap
 _shared: dict[tuple[Any, ...], AccountRateLimiter] = {}
 _shared_lock = threading.Lock()
 
@@ -41,11 +41,11 @@ class Lease:
 def policy_for(config: LeadSquaredConfig) -> Policy:
     """The window a connection asks for: its plan less the reserve, held from send to answer + period.
 
-    After a refusal the allowed count drops to 75% at once and climbs back by one call per four
+    After a refusal the allowed count drops to 75% at once and climbs back by one call per eight
     windows: halving (TCP's choice) gives up more than needed when the other traffic is a steady
     share of the plan, and a slow climb keeps lockouts rare: each one refuses every caller on the
     account, theirs too, for a whole window. Both were tuned on the sandbox with other integrations
-    at 20% of the plan (``make bench``).
+    at 20% of the plan (``make bench``); halving or a faster climb did worse on both counts.
     """
     period = config.rate_limit_period_seconds
     return Policy(
