@@ -221,10 +221,7 @@ PAUSED_WORKER = textwrap.dedent(
 
 def _read_until(stream: IO[str], word: str) -> bool:
     """Read the worker's output up to a line that is ``word`` (Airflow 2 logs to stdout too)."""
-    for line in stream:
-        if line.strip() == word:
-            return True
-    return False
+    return any(line.strip() == word for line in stream)  # stops at the first match
 
 
 def test_a_refusal_pauses_a_second_process(tmp_path: Path) -> None:
