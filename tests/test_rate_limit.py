@@ -188,6 +188,21 @@ def test_a_refusal_pauses_everyone_lowers_once_per_lockout_and_recovers() -> Non
     assert state.limit(policy, 10.0 + 1000) == 20  # never above the cap
 
 
+def test_calls_are_spread_out_only_while_the_account_is_known_busy() -> None:
+    """At the cap (nobody refused us) a whole window may go at once; after a refusal, while the rate
+    recovers, calls leave at least half the spacing apart, so a lockout catches few of ours in flight."""
+    policy, state = _policy(cap=10, period=1.0, recovery_per_second=0.01), WindowState()
+    assert all(state.acquire(policy, 0.0, f"a{i}").lease_id for i in range(10))
+    for i in range(10):
+        state.settle(policy, 0.1, f"a{i}")
+    state.refused(policy, now=0.1, sent_at=0.0)  # allowed: 7
+    later = 5.0  # past the pause and every lease
+    assert state.acquire(policy, later, "b1").lease_id == "b1"
+    second = state.acquire(policy, later, "b2")
+    assert second.lease_id is None and second.wait == pytest.approx(0.5 / 7)
+    assert state.acquire(policy, later + 0.5 / 7, "b2").lease_id == "b2"
+
+
 def test_stores_on_one_file_share_the_pause_the_lowered_rate_and_the_day(tmp_path: Path) -> None:
     policy = _policy(cap=10, period=5.0, daily_limit=3)
     first, second = SqliteLeaseStore(tmp_path / "a.db", "acct"), SqliteLeaseStore(tmp_path / "a.db", "acct")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_lsq.hooks.rate_limit.window import DAILY_BUCKETS, HOUR_SECONDS, Grant
+from airflow_provider_lsq.hooks.rate_limit.window import DAILY_BUCKETS, HOUR_SECONDS, PACING, Grant
 
 if TYPE_CHECKING:
     import redis
@@ -33,12 +33,12 @@ local function limit(cap, recovery)
 end
 """
 
-# ARGV: cap, hold, recovery, daily_limit (0: none), lease id. Returns {kind, number}.
+# ARGV: cap, hold, recovery, daily_limit (0: none), lease id, period. Returns {kind, number}.
 _ACQUIRE = (
     _PRELUDE
     + f"""
 local cap, hold, recovery = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local daily_limit, lease = tonumber(ARGV[4]), ARGV[5]
+local daily_limit, lease, period = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local paused = tonumber(redis.call('HGET', KEYS[2], 'paused_until') or '0')
 if paused > now then return {{'wait', tostring(paused - now)}} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -47,6 +47,12 @@ local live = redis.call('ZCARD', KEYS[1])
 if live >= allowed then
     local e = redis.call('ZRANGE', KEYS[1], live - allowed, live - allowed, 'WITHSCORES')
     return {{'wait', tostring(math.max(0, tonumber(e[2]) - now))}}
+end
+if allowed < cap then
+    local last = tonumber(redis.call('HGET', KEYS[2], 'last_grant') or '0')
+    local spacing = {PACING} * period / allowed
+    if now < last + spacing then return {{'wait', tostring(last + spacing - now)}} end
+    redis.call('HSET', KEYS[2], 'last_grant', tostring(now))
 end
 local hour = math.floor(now / {HOUR_SECONDS})
 if daily_limit > 0 then

@@ -91,7 +91,7 @@ def default_storage_dir() -> Path:
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (account TEXT, lease TEXT, expiry REAL, PRIMARY KEY (account, lease));
 CREATE TABLE IF NOT EXISTS state (account TEXT PRIMARY KEY, allowed REAL, allowed_at REAL,
-                                  decreased_at REAL, paused_until REAL);
+                                  decreased_at REAL, paused_until REAL, last_grant REAL);
 CREATE TABLE IF NOT EXISTS daily (account TEXT, hour INTEGER, calls INTEGER, PRIMARY KEY (account, hour));
 """
 
@@ -140,11 +140,12 @@ class SqliteLeaseStore:
         rows = cur.execute("SELECT lease, expiry FROM leases WHERE account = ?", (self.account,))
         state.leases = {lease: expiry for lease, expiry in rows}
         row = cur.execute(
-            "SELECT allowed, allowed_at, decreased_at, paused_until FROM state WHERE account = ?",
+            "SELECT allowed, allowed_at, decreased_at, paused_until, last_grant FROM state WHERE account = ?",
             (self.account,),
         ).fetchone()
         if row is not None:
-            state.allowed, state.allowed_at, state.decreased_at, state.paused_until = row
+            state.allowed, state.allowed_at, state.decreased_at, state.paused_until, last_grant = row
+            state.last_grant = last_grant or 0.0
         rows = cur.execute("SELECT hour, calls FROM daily WHERE account = ?", (self.account,))
         state.daily = {hour: calls for hour, calls in rows}
         return state
@@ -156,8 +157,15 @@ class SqliteLeaseStore:
             "INSERT INTO leases VALUES (?, ?, ?)", [(account, k, e) for k, e in state.leases.items()]
         )
         cur.execute(
-            "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?)",
-            (account, state.allowed, state.allowed_at, state.decreased_at, state.paused_until),
+            "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                account,
+                state.allowed,
+                state.allowed_at,
+                state.decreased_at,
+                state.paused_until,
+                state.last_grant,
+            ),
         )
         cur.execute("DELETE FROM daily WHERE account = ?", (account,))
         cur.executemany(

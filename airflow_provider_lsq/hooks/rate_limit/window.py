@@ -11,7 +11,8 @@ API's windows, whatever the network delay or jitter. The cost is the round trip,
 
 The same state carries what every caller on the account must share: the pause after a refusal (the
 API locks the whole account out for a window) and the adaptive allowed count (lowered at once on a
-refusal, recovered gradually, never above the policy's cap), and the daily call count.
+refusal, recovered gradually, never above the policy's cap, with calls spread out while it is
+below the cap), and the daily call count.
 
 Times are seconds on the store's clock (``time.time()`` for the one-machine stores, Redis's ``TIME``
 for Redis), so a lease is comparable across every process sharing the store.
@@ -26,6 +27,10 @@ DAY_SECONDS = 86_400.0
 HOUR_SECONDS = 3_600.0
 # The daily count lives in hourly buckets; the last 25 cover at least any 24 h window the API may use.
 DAILY_BUCKETS = 25
+# While the allowed count is below the cap (the account was found busy), calls are spread out at
+# least this share of ``period / allowed`` apart: a lockout then catches one or two of ours in flight,
+# not a whole window's burst, and the steady rate (bound by the leases) is unchanged.
+PACING = 0.5
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class WindowState:
     allowed_at: float = 0.0
     decreased_at: float = 0.0
     paused_until: float = 0.0
+    last_grant: float = 0.0
     daily: dict[int, int] = field(default_factory=dict)  # hour number -> calls
 
     def limit(self, policy: Policy, now: float) -> int:
@@ -107,9 +113,14 @@ class WindowState:
         if len(self.leases) >= limit:
             expiries = sorted(self.leases.values())
             return Grant(None, wait=max(0.0, expiries[len(expiries) - limit] - now))
+        if limit < policy.cap:
+            spacing = PACING * policy.period / limit
+            if now < self.last_grant + spacing:
+                return Grant(None, wait=self.last_grant + spacing - now)
         if policy.daily_limit is not None and self.daily_calls(now) >= policy.daily_limit:
             return Grant(None, daily_spent=True)
         self.leases[lease_id] = now + policy.hold
+        self.last_grant = now
         hour = int(now // HOUR_SECONDS)
         self.daily[hour] = self.daily.get(hour, 0) + 1
         return Grant(lease_id, at=now)
