@@ -3,6 +3,7 @@ processes (a real Redis shares one budget)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -216,6 +217,21 @@ def test_stores_on_one_file_share_the_pause_the_lowered_rate_and_the_day(tmp_pat
     assert snapshot["paused_for"] > 0 and snapshot["allowed"] == 7  # 75% of 10, seen by the other
     assert snapshot["live_leases"] == 3 and snapshot["daily_calls"] == 3
     assert second.acquire(policy, "l4").wait > 0
+
+
+def test_a_file_from_an_earlier_version_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(
+            "CREATE TABLE state (account TEXT PRIMARY KEY, allowed REAL, allowed_at REAL, "
+            "decreased_at REAL, paused_until REAL);"
+            "INSERT INTO state VALUES ('acct', 3, 0, 0, 0);"
+        )
+    store = SqliteLeaseStore(path, "acct")
+    assert store.acquire(_policy(cap=5), "l1").lease_id == "l1"
+    assert store.snapshot()["allowed"] == 3  # the old file's state is kept
 
 
 # -- across real processes ----------------------------------------------------------------------------

@@ -114,11 +114,22 @@ class SqliteLeaseStore:
                     self._conn.execute("PRAGMA journal_mode=WAL")
                     self._conn.execute("PRAGMA synchronous=NORMAL")
                     self._conn.executescript(_SCHEMA)
+                    self._migrate()
                 break
             except sqlite3.OperationalError as error:
                 if "locked" not in str(error) or attempt == 199:
                     raise
                 time.sleep(random.uniform(0.01, 0.05))
+
+    def _migrate(self) -> None:
+        """Add the columns a file made by an earlier version lacks (another process may race us)."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(state)")}
+        if "last_grant" not in columns:
+            try:
+                self._conn.execute("ALTER TABLE state ADD COLUMN last_grant REAL")
+            except sqlite3.OperationalError as error:
+                if "duplicate column" not in str(error):
+                    raise
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[tuple[WindowState, float]]:
