@@ -38,13 +38,27 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
         "description": "Optional: your plan's calls per day.",
         "schema": {"type": ["integer", "null"], "minimum": 1},
     },
+    "rate_limit_reserve": {
+        "label": "Rate Limit Reserve",
+        "description": "Share of the plan left to the account's other integrations (0 to 0.9; default 0.1).",
+        "schema": {"type": ["number", "null"], "default": 0.1, "minimum": 0, "maximum": 0.9},
+    },
+    "rate_limit_redis_conn_id": {
+        "label": "Rate Limit Redis Connection Id",
+        "description": (
+            "Optional: the id of an Airflow 'redis' connection (e.g. redis_default) that shares the budget "
+            "across machines."
+        ),
+        "schema": {"type": ["string", "null"]},
+    },
     "rate_limit_storage": {
         "label": "Rate Limit Storage",
         "description": (
-            "Empty: each process keeps its own budget. A Redis URI (e.g. redis://redis:6379/0) shares "
-            "one budget across processes and machines; needs the [redis] extra."
+            "Empty: a file shared by this machine's tasks. 'memory': this process only. Or a file path "
+            "(e.g. /shared/lsq-budget). "
+            "Across machines, use Rate Limit Redis Connection Id instead."
         ),
-        "schema": {"type": ["string", "null"], "format": "password"},
+        "schema": {"type": ["string", "null"]},
     },
     "timeout_seconds": {
         "label": "Timeout (seconds)",
@@ -68,7 +82,8 @@ UI_FIELD_BEHAVIOUR: dict[str, Any] = {
         "login": "u$r...",
         "password": "the admin user's Secret Key",
         "portal_id": "e.g. 8d4f...c2",
-        "rate_limit_storage": "redis://localhost:6379/0",
+        "rate_limit_redis_conn_id": "redis_default",
+        "rate_limit_storage": "(a file in the system temp dir)",
     },
 }
 

@@ -58,11 +58,11 @@ ORDER BY a.applicant_id
 
 
 def quiet_logs() -> None:
-    """Keep the hook's per-call logging out of the tables."""
+    """Keep the hook's per-call logging (and the expected refusal warnings) out of the tables."""
     import logging
 
     for name in ("airflow", "airflow.task", "airflow_provider_lsq", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def leads(count: int, prefix: str) -> list[tuple[str, dict[str, str]]]:
@@ -80,7 +80,7 @@ def bench_provider(count: int) -> dict[str, Any]:
     from airflow_provider_lsq.sandbox import Sandbox
 
     with Sandbox(rate_limit_calls=CALLS, rate_limit_period=PERIOD, latency=LATENCY, seed=1) as sandbox:
-        os.environ["AIRFLOW_CONN_LSQ_BENCH"] = sandbox.connection_json()
+        os.environ["AIRFLOW_CONN_LSQ_BENCH"] = connection(sandbox, rate_limit_reserve=0)
         hook = LeadSquaredHook("lsq_bench")
         started = time.monotonic()
         outcomes = list(hook.register_portal_users(leads(count, "p"), password_callable=lambda _: PASSWORD))
@@ -137,6 +137,176 @@ def throughput_row(client: str, count: int, registered: int, seconds: float, san
         "seconds": seconds,
         "refusals": sandbox.refusals,
         "max_window": sandbox.max_calls_in_window(),
+    }
+
+
+def connection(sandbox: Any, **extra: Any) -> str:
+    """The sandbox's connection JSON with ``extra`` merged in (logs of retries kept short)."""
+    conn = json.loads(sandbox.connection_json())
+    conn["extra"].update(extra)
+    return json.dumps(conn)
+
+
+# -- (d) the account shared: processes, other integrations, round trips, Redis --------------------------
+
+
+def steady_share(sandbox: Any, calls: int, period: float, generation: int | None = None) -> float:
+    """The accepted calls' steady rate as a share of the ceiling ``calls / period``.
+
+    A client at the ceiling sends in generations: a full window at once, then the next as the first
+    ones' places free up. So the rate is measured over whole generations (``generation`` calls each:
+    the plan less the reserve), ``k * generation`` calls from the first accepted one to the first of
+    generation ``k + 1``: a partial last generation would otherwise read as a slow client.
+    """
+    size = generation or calls
+    times = sorted(c.at for c in sandbox.calls if c.outcome == "ok")
+    generations = (len(times) - 1) // size
+    if generations < 1 or times[generations * size] <= times[0]:
+        return float("nan")
+    return (generations * size / (times[generations * size] - times[0])) / (calls / period)
+
+
+def run_processes(conn_json: str, processes: int, per_process: int, extra_env: dict[str, str]) -> float:
+    """``processes`` task-like processes at once, each registering ``per_process`` leads; seconds."""
+    env = {**os.environ, "AIRFLOW_CONN_LSQ_BENCH": conn_json, **extra_env}
+    start_at = time.time() + 6  # time for every interpreter to import Airflow before the start line
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", f"w{n}-", str(per_process), str(start_at)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for n in range(processes)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise SystemExit(f"a bench worker failed: {out[-2000:]}")
+    return time.time() - start_at
+
+
+def worker(prefix: str, count: int, start_at: float) -> None:
+    """A task process: one hook on AIRFLOW_CONN_LSQ_BENCH, ``count`` leads from ``start_at`` on."""
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+
+    quiet_logs()
+    hook = LeadSquaredHook("lsq_bench")
+    hook.rate_limiter  # open the shared store before the start line  # noqa: B018
+    time.sleep(max(0.0, start_at - time.time()))
+    outcomes = list(hook.register_portal_users(leads(count, prefix), password_callable=lambda _: PASSWORD))
+    print(json.dumps([o.status.value for o in outcomes]))
+
+
+def bench_two_tasks(per_process: int) -> dict[str, Any]:
+    """Two task processes at once on one account, default settings (the machine's shared file)."""
+    from airflow_provider_lsq.sandbox import Sandbox
+
+    calls, period = 25, 2.0
+    with Sandbox(rate_limit_calls=calls, rate_limit_period=period, latency=0.05, latency_jitter=0.05) as sb:
+        run_processes(connection(sb), 2, per_process, {})
+        return {
+            "scenario": f"2 task processes at once, defaults ({calls}/{period:g} s, 50-100 ms, 10% reserve)",
+            "share": steady_share(sb, calls, period, generation=int(calls * 0.9)),
+            "refusals": sb.refusals,
+            "max_window": f"{sb.max_calls_in_window()}/{calls}",
+        }
+
+
+def bench_round_trip(latency: float, jitter: float, count: int) -> dict[str, Any]:
+    """One process, nobody else on the account, reserve 0: the cost of the round trip alone."""
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+    from airflow_provider_lsq.sandbox import Sandbox
+
+    calls, period = 25, 5.0
+    with Sandbox(
+        rate_limit_calls=calls, rate_limit_period=period, latency=latency, latency_jitter=jitter, seed=3
+    ) as sb:
+        os.environ["AIRFLOW_CONN_LSQ_BENCH_RT"] = connection(sb, rate_limit_reserve=0)
+        hook = LeadSquaredHook("lsq_bench_rt")
+        list(hook.register_portal_users(leads(count, f"rt{latency}-"), password_callable=lambda _: PASSWORD))
+        mean = (latency + jitter / 2) * 1000
+        return {
+            "scenario": f"1 process, {mean:.0f} ms round trips (+/-{jitter * 500:.0f}), {calls}/{period:g} s",
+            "share": steady_share(sb, calls, period),
+            "refusals": sb.refusals,
+            "max_window": f"{sb.max_calls_in_window()}/{calls}",
+        }
+
+
+def bench_redis(calls: int, period: float, per_process: int, redis_db: str) -> dict[str, Any]:
+    """Three processes sharing one budget through an Airflow ``redis`` connection, reserve 0."""
+    from airflow_provider_lsq.sandbox import Sandbox
+
+    redis_conn = json.dumps(
+        {"conn_type": "redis", "host": "127.0.0.1", "port": 6379, "extra": {"db": redis_db}}
+    )
+    with Sandbox(rate_limit_calls=calls, rate_limit_period=period, latency=0.02, latency_jitter=0.01) as sb:
+        conn = connection(sb, rate_limit_reserve=0, rate_limit_redis_conn_id="lsq_bench_redis")
+        run_processes(conn, 3, per_process, {"AIRFLOW_CONN_LSQ_BENCH_REDIS": redis_conn})
+        return {
+            "scenario": f"3 processes via Redis, {calls}/{period:g} s (20-30 ms)",
+            "share": steady_share(sb, calls, period),
+            "refusals": sb.refusals,
+            "max_window": f"{sb.max_calls_in_window()}/{calls}",
+        }
+
+
+def bench_coexistence(seconds: float, period: float) -> dict[str, Any]:
+    """Another integration at 20% of the plan (random arrivals) while a hook registers, defaults.
+
+    On a ``period`` other than 5 s, the plan, the other's rate and the latency are scaled with it, so
+    the same run covers more windows; refusals per minute are then given per 12 windows (5 s' minute).
+    """
+    import itertools
+    import logging
+
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+    from airflow_provider_lsq.sandbox import Sandbox
+
+    scale = period / 5.0
+    calls, background = 25, 1.0 / scale
+    with Sandbox(
+        rate_limit_calls=calls,
+        rate_limit_period=period,
+        latency=0.1 * scale,
+        background_rate=background,
+        seed=7,
+    ) as sb:
+        conn_id = f"lsq_bench_co_{int(period * 1000)}"
+        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = connection(sb, max_retries=50)
+        hook = LeadSquaredHook(conn_id)
+        hook.config  # noqa: B018 - Airflow sets its logging up on first use: quiet it after that
+        quiet_logs()
+        quiet = logging.getLogger("lsq.bench.quiet")
+        quiet.setLevel(logging.ERROR)
+        hook._log = quiet  # each expected refusal's retry line would bury the table (structlog on 3.x)
+        started = time.monotonic()
+
+        def timed_leads() -> Any:
+            for i in itertools.count():
+                if time.monotonic() - started > seconds:
+                    return
+                yield str(i), {"EmailAddress": f"co{i}@bench.example"}
+
+        list(hook.register_portal_users(timed_leads(), password_callable=lambda _: PASSWORD))
+        elapsed = time.monotonic() - started
+        by_caller = sb.calls_by_caller()
+    ours, theirs = by_caller["ours"], by_caller["background"]
+    left = calls / period - theirs["accepted"] / elapsed
+    return {
+        "period": period,
+        "windows": elapsed / period,
+        "seconds": elapsed,
+        "ours_per_second": ours["accepted"] / elapsed,
+        "left_per_second": left,
+        "share_of_left": ours["accepted"] / elapsed / left,
+        "their_calls": theirs["calls"],
+        "their_refused": theirs["refused"],
+        "their_refused_share": theirs["refused"] / max(1, theirs["calls"]),
+        "our_refused": ours["refused"],
+        "refusals_per_minute": (ours["refused"] + theirs["refused"]) / (elapsed / scale) * 60,
     }
 
 
@@ -243,31 +413,14 @@ def mib(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark the LeadSquared provider against its sandbox.")
-    parser.add_argument("--leads", type=int, default=1000)
-    parser.add_argument("--naive-leads", type=int, default=50)
-    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--memory-child", nargs=2, metavar=("ROWS", "WAREHOUSE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.memory_child:
-        memory_child(int(args.memory_child[0]), args.memory_child[1])
-        return 0
-
-    quiet_logs()
-    print(
-        f"LeadSquared provider benchmark: Airflow {version('apache-airflow')}, Python "
-        f"{platform.python_version()}, {os.cpu_count()} CPUs",
-        flush=True,
-    )
+def print_throughput(leads_count: int, naive_count: int) -> None:
     print(
         f"\n(a, b) Throughput against the sandbox: {LATENCY * 1000:.0f} ms per answer, limit {CALLS} calls / "
         f"{PERIOD:g} s = {CEILING:g} calls/s ceiling",
         flush=True,
     )
-    ours = bench_provider(args.leads)
-    naive = bench_naive(args.naive_leads)
+    ours = bench_provider(leads_count)
+    naive = bench_naive(naive_count)
     rows = []
     for run in (ours, naive):
         rate = run["calls"] / run["seconds"]
@@ -294,6 +447,82 @@ def main(argv: list[str] | None = None) -> int:
         "the token fetches (2 in all for the provider, 2 per lead for the naive loop).",
         flush=True,
     )
+
+
+def print_sharing(coexistence_seconds: float) -> None:
+    print(
+        "\n(d) One account, shared. Steady rate (first window left out) as a share of the ceiling, "
+        "nobody else on the account unless said; targets in brackets.",
+        flush=True,
+    )
+    redis_db = os.environ.get("LSQ_BENCH_REDIS_DB", os.environ.get("LSQ_TEST_REDIS_DB", "15"))
+    runs = [
+        (bench_two_tasks(60), "zero refusals"),
+        (bench_round_trip(0.01, 0.02, 150), ">= 97%"),
+        (bench_round_trip(0.15, 0.1, 150), ">= 95%"),
+        (bench_redis(10, 1.0, 40, redis_db), ">= 90%"),
+        (bench_redis(25, 5.0, 40, redis_db), ""),
+    ]
+    rows = [
+        [run["scenario"], f"{run['share']:.1%}", str(run["refusals"]), run["max_window"], target]
+        for run, target in runs
+    ]
+    print(table(rows, ["scenario", "of ceiling", "refusals", "max calls in a window", "target"]), flush=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # two accounts, side by side: mostly waiting, so cheap
+        runs_co = list(pool.map(lambda p: bench_coexistence(coexistence_seconds, p), (5.0, 1.0)))
+    print(
+        "\n    Coexistence, default settings: another integration at 20% of the plan (random arrivals), "
+        f"sandbox answering in 2% of the window, {coexistence_seconds:.0f} s on a 25/5 s account and on "
+        "the same scaled to 25/1 s (5 times the windows: closer to a long run's steady state; refusals "
+        "per minute counted per 12 windows).",
+        flush=True,
+    )
+    co_rows = []
+    for co in runs_co:
+        co_rows += [
+            [f"{co['windows']:.0f} windows of {co['period']:g} s", "our rate / what the other leaves",
+             f"{co['share_of_left']:.1%}", f"{co['ours_per_second']:.2f}/{co['left_per_second']:.2f} calls/s",
+             ">= 70%"],
+            ["", "the other's calls refused", f"{co['their_refused_share']:.1%}",
+             f"{co['their_refused']} of {co['their_calls']}", "<= 10%"],
+            ["", "refusals per minute, all callers", f"{co['refusals_per_minute']:.1f}",
+             f"ours {co['our_refused']}, theirs {co['their_refused']}", "<= 2"],
+        ]  # fmt: skip
+    print(table(co_rows, ["run", "measure", "value", "detail", "target"]), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the LeadSquared provider against its sandbox.")
+    parser.add_argument("--leads", type=int, default=1000)
+    parser.add_argument("--naive-leads", type=int, default=50)
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true", help="skip (a, b)")
+    parser.add_argument("--skip-sharing", action="store_true", help="skip (d), the shared-account table")
+    parser.add_argument("--coexistence-seconds", type=float, default=120.0)
+    parser.add_argument("--memory-child", nargs=2, metavar=("ROWS", "WAREHOUSE"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("PREFIX", "COUNT", "START_AT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(int(args.memory_child[0]), args.memory_child[1])
+        return 0
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), float(args.worker[2]))
+        return 0
+
+    quiet_logs()
+    print(
+        f"LeadSquared provider benchmark: Airflow {version('apache-airflow')}, Python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    if not args.skip_throughput:
+        print_throughput(args.leads, args.naive_leads)
+
+    if not args.skip_sharing:
+        print_sharing(args.coexistence_seconds)
 
     if not args.skip_memory:
         print("\n(c) Peak memory, dry-run SqlToLeadSquaredPortalOperator (SQLite warehouse, a process each)")

@@ -41,11 +41,13 @@ def test_provider_info_and_hook_form_declare_the_same_fields() -> None:
     behaviour = LeadSquaredHook.get_ui_field_behaviour()
     assert info["ui-field-behaviour"]["hidden-fields"] == behaviour["hidden_fields"]
     assert info["ui-field-behaviour"]["relabeling"] == behaviour["relabeling"]
-    assert CONN_FIELDS["rate_limit_storage"]["schema"]["format"] == "password"  # may hold a Redis password
+    # Airflow 2.11's form renders a password-format extra empty and drops it on save: secrets (a Redis
+    # password) live in their own connection instead (rate_limit_redis_conn_id).
+    assert not [name for name, spec in CONN_FIELDS.items() if spec["schema"].get("format") == "password"]
     assert UI_FIELD_BEHAVIOUR["relabeling"]["password"] == "Secret Key"
 
 
-def test_airflow3_form_shows_an_example_for_portal_id_and_rate_limit_storage() -> None:
+def test_airflow3_form_shows_an_example_for_portal_id_and_the_rate_limit_storage() -> None:
     """Airflow 3.2+ builds extra fields from their JSON Schema: the example sits in the description.
 
     Its form shows a placeholder only for the built-in fields; 2.11 to 3.1 show ``placeholders``.
@@ -57,11 +59,13 @@ def test_airflow3_form_shows_an_example_for_portal_id_and_rate_limit_storage() -
     assert (
         "e.g." in extra["portal_id"]["description"] and "Manage Portals" in extra["portal_id"]["description"]
     )
-    assert "redis://" in extra["rate_limit_storage"]["description"]
-    assert extra["rate_limit_storage"]["schema"]["format"] == "password"
+    assert "e.g." in extra["rate_limit_storage"]["description"]
+    assert "e.g. redis_default" in extra["rate_limit_redis_conn_id"]["description"]
+    # No password-format extra: Airflow 2.11's form renders it empty and drops it on save.
+    assert all(field["schema"].get("format") != "password" for field in extra.values())
     assert extra["rate_limit_calls"]["value"] == 25  # numbers show their default
     assert meta.standard_fields.host.placeholder.startswith("portalapi.leadsquared.com")
-    for name in ("portal_id", "rate_limit_storage"):
+    for name in ("portal_id", "rate_limit_storage", "rate_limit_redis_conn_id"):
         assert UI_FIELD_BEHAVIOUR["placeholders"][name]  # what Airflow 2.11 to 3.1 show inside the field
 
 

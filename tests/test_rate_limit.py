@@ -3,18 +3,27 @@ processes (a real Redis shares one budget)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import random
 import subprocess
 import sys
 import textwrap
 import time
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
+from airflow.providers.common.compat.sdk import Connection
 
-from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError
+from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError, LeadSquaredRateLimitError
+from airflow_provider_lsq.hooks.config import LeadSquaredConfig
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+from airflow_provider_lsq.hooks.rate_limit import policy_for
+from airflow_provider_lsq.hooks.rate_limit.redis_store import RedisLeaseStore
+from airflow_provider_lsq.hooks.rate_limit.stores import SqliteLeaseStore
+from airflow_provider_lsq.hooks.rate_limit.window import Policy, WindowState
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.sandbox import Sandbox
 from tests.helpers import connect
@@ -81,11 +90,11 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run_three_workers(sandbox: Sandbox, tmp_path: Path, storage: str | None, per_worker: int) -> list[str]:
+def _run_three_workers(
+    sandbox: Sandbox, tmp_path: Path, extra: dict[str, str], per_worker: int, workers: int = 3
+) -> list[str]:
     conn = json.loads(sandbox.connection_json())
-    conn["extra"].update({"retry_wait_seconds": 0.01, "max_retries": 8})
-    if storage:
-        conn["extra"]["rate_limit_storage"] = storage
+    conn["extra"].update({"retry_wait_seconds": 0.01, "max_retries": 8, **extra})
     env = {**os.environ, "AIRFLOW_CONN_LSQ_SHARED": json.dumps(conn)}
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -97,7 +106,7 @@ def _run_three_workers(sandbox: Sandbox, tmp_path: Path, storage: str | None, pe
             stdout=subprocess.PIPE,
             text=True,
         )
-        for n in range(3)
+        for n in range(workers)
     ]
     statuses: list[str] = []
     for proc in procs:
@@ -107,17 +116,325 @@ def _run_three_workers(sandbox: Sandbox, tmp_path: Path, storage: str | None, pe
     return statuses
 
 
-@pytest.mark.redis
-def test_redis_shares_one_budget_across_three_processes(redis_url: str, tmp_path: Path) -> None:
+def test_default_settings_share_one_budget_across_three_processes(tmp_path: Path) -> None:
+    """No storage configured: the machine's SQLite file is shared, so processes at once are never refused.
+
+    The control: the same processes with ``rate_limit_storage: memory`` (one budget each) overrun it.
+    """
     limit, per_worker = 10, 12
-    with Sandbox(rate_limit_calls=limit, rate_limit_period=1.0) as sandbox:
-        statuses = _run_three_workers(sandbox, tmp_path, redis_url, per_worker)
+    with Sandbox(rate_limit_calls=limit, rate_limit_period=1.0, latency=0.02) as sandbox:
+        statuses = _run_three_workers(sandbox, tmp_path, {}, per_worker)
         assert statuses == ["registered"] * (3 * per_worker)
         assert sandbox.refusals == 0
         assert sandbox.max_calls_in_window() <= limit
 
-    # The control: the same three processes, each with only its own in-process budget, overrun the
-    # account, which is what the shared budget above prevents.
     with Sandbox(rate_limit_calls=limit, rate_limit_period=1.0) as sandbox:
-        _run_three_workers(sandbox, tmp_path, None, per_worker)
+        _run_three_workers(sandbox, tmp_path, {"rate_limit_storage": "memory"}, per_worker)
         assert sandbox.refusals > 0
+
+
+# -- the window's rule, on a clock the test controls ---------------------------------------------------
+
+
+def _policy(cap: int = 5, period: float = 1.0, **kwargs: Any) -> Policy:
+    values: dict[str, Any] = {"margin": 0.0, "hold": 31.0, "recovery_per_second": 0.25, **kwargs}
+    return Policy(cap=cap, period=period, **values)
+
+
+def test_any_network_delay_never_puts_more_calls_in_an_api_window_than_the_cap() -> None:
+    """The provable bound: calls admitted by the leases, each reaching the API at a random moment
+    between its send and its answer (round trips up to 3 windows long), never exceed the cap in any
+    of the API's windows."""
+    rng = random.Random(7)
+    policy, state = _policy(cap=5, period=1.0), WindowState()
+    now, arrivals, in_flight = 0.0, [], []  # in_flight: (answer time, lease id)
+    for n in range(4000):
+        now += rng.expovariate(20.0)
+        for answer, lease in [f for f in in_flight if f[0] <= now]:
+            state.settle(policy, answer, lease)  # settled at its answer time, not later
+            in_flight.remove((answer, lease))
+        grant = state.acquire(policy, now, f"l{n}")
+        if grant.lease_id is None:
+            continue
+        answer = now + rng.choice([0.001, 0.05, rng.uniform(0, 3.0)])
+        arrivals.append(rng.uniform(now, answer))
+        in_flight.append((answer, grant.lease_id))
+    arrivals.sort()
+    start = 0
+    for end, at in enumerate(arrivals):
+        while at - arrivals[start] >= policy.period:
+            start += 1
+        assert end - start + 1 <= policy.cap
+    assert len(arrivals) > 500  # and the window was kept busy, not starved
+
+
+def test_a_lease_ends_one_period_after_its_answer() -> None:
+    policy, state = _policy(cap=1, period=1.0), WindowState()
+    assert state.acquire(policy, 0.0, "a").lease_id == "a"
+    refused = state.acquire(policy, 0.5, "b")
+    assert refused.lease_id is None and refused.wait == pytest.approx(31.0 - 0.5)  # in flight: held
+    state.settle(policy, 2.0, "a")  # answered after 2 s
+    assert state.acquire(policy, 2.9, "b").lease_id is None
+    assert state.acquire(policy, 3.0, "b").lease_id == "b"
+
+
+def test_a_refusal_pauses_everyone_lowers_once_per_lockout_and_recovers() -> None:
+    policy, state = _policy(cap=20, period=5.0, recovery_per_second=0.05), WindowState()
+    state.refused(policy, now=10.0, sent_at=9.9)
+    assert state.acquire(policy, 12.0, "x").wait == pytest.approx(3.0)  # paused until 15
+    assert state.limit(policy, 10.0) == 15  # 75% of 20
+    state.refused(policy, now=10.2, sent_at=9.8)  # the same lockout's other refusals: no second cut
+    assert state.limit(policy, 10.2) == 15
+    assert state.limit(policy, 10.0 + 40) == 17  # + 0.05 call/s
+    assert state.limit(policy, 10.0 + 1000) == 20  # never above the cap
+
+
+def test_calls_are_spread_out_only_while_the_account_is_known_busy() -> None:
+    """At the cap (nobody refused us) a whole window may go at once; after a refusal, while the rate
+    recovers, calls leave at least half the spacing apart, so a lockout catches few of ours in flight."""
+    policy, state = _policy(cap=10, period=1.0, recovery_per_second=0.01), WindowState()
+    assert all(state.acquire(policy, 0.0, f"a{i}").lease_id for i in range(10))
+    for i in range(10):
+        state.settle(policy, 0.1, f"a{i}")
+    state.refused(policy, now=0.1, sent_at=0.0)  # allowed: 7
+    later = 5.0  # past the pause and every lease
+    assert state.acquire(policy, later, "b1").lease_id == "b1"
+    second = state.acquire(policy, later, "b2")
+    assert second.lease_id is None and second.wait == pytest.approx(0.5 / 7)
+    assert state.acquire(policy, later + 0.5 / 7, "b2").lease_id == "b2"
+
+
+def test_stores_on_one_file_share_the_pause_the_lowered_rate_and_the_day(tmp_path: Path) -> None:
+    policy = _policy(cap=10, period=5.0, daily_limit=3)
+    first, second = SqliteLeaseStore(tmp_path / "a.db", "acct"), SqliteLeaseStore(tmp_path / "a.db", "acct")
+    other_account = SqliteLeaseStore(tmp_path / "a.db", "other")
+    assert [first.acquire(policy, f"l{i}").lease_id for i in range(2)] == ["l0", "l1"]
+    assert second.acquire(policy, "l2").lease_id == "l2"
+    assert second.acquire(policy, "l3").daily_spent  # the day's 3 calls were spent through both
+    assert other_account.acquire(policy, "o1").lease_id == "o1"  # accounts never share
+    first.refused(policy, sent_at=0.0)
+    snapshot = second.snapshot()
+    assert snapshot["paused_for"] > 0 and snapshot["allowed"] == 7  # 75% of 10, seen by the other
+    assert snapshot["live_leases"] == 3 and snapshot["daily_calls"] == 3
+    assert second.acquire(policy, "l4").wait > 0
+
+
+def test_a_file_from_an_earlier_version_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(
+            "CREATE TABLE state (account TEXT PRIMARY KEY, allowed REAL, allowed_at REAL, "
+            "decreased_at REAL, paused_until REAL);"
+            "INSERT INTO state VALUES ('acct', 3, 0, 0, 0);"
+        )
+    store = SqliteLeaseStore(path, "acct")
+    assert store.acquire(_policy(cap=5), "l1").lease_id == "l1"
+    assert store.snapshot()["allowed"] == 3  # the old file's state is kept
+
+
+# -- across real processes ----------------------------------------------------------------------------
+
+PAUSED_WORKER = textwrap.dedent(
+    """
+    import sys
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+    hook = LeadSquaredHook("lsq_shared")
+    hook.rate_limiter  # open the shared store before the go
+    print("ready", flush=True)
+    sys.stdin.readline()
+    hook.request("GET", "/api/Access/PublicToken")
+    print("done", flush=True)
+    """
+)
+
+
+def _read_until(stream: IO[str], word: str) -> bool:
+    """Read the worker's output up to a line that is ``word`` (Airflow 2 logs to stdout too)."""
+    return any(line.strip() == word for line in stream)  # stops at the first match
+
+
+def test_a_refusal_pauses_a_second_process(tmp_path: Path) -> None:
+    """A refusal in this process pauses another task process sharing the default store: its call
+    reaches the account only once the lockout's window has passed."""
+    period = 3.0
+    with Sandbox(rate_limit_calls=50, rate_limit_period=period) as sandbox:
+        conn = json.loads(sandbox.connection_json())
+        conn["extra"].update({"max_retries": 0, "retry_wait_seconds": 0.01})
+        env = {**os.environ, "AIRFLOW_CONN_LSQ_SHARED": json.dumps(conn)}
+        script = tmp_path / "paused.py"
+        script.write_text(PAUSED_WORKER)
+        other = subprocess.Popen(
+            [sys.executable, str(script)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert other.stdout is not None and other.stdin is not None
+            assert _read_until(other.stdout, "ready")
+            os.environ["AIRFLOW_CONN_LSQ_SHARED"] = env["AIRFLOW_CONN_LSQ_SHARED"]
+            sandbox.inject("ratelimit")
+            with pytest.raises(LeadSquaredRateLimitError):
+                LeadSquaredHook("lsq_shared").request("GET", "/api/Access/PublicToken")
+            refused_at = sandbox.calls[-1].at
+            other.stdin.write("go\n")
+            other.stdin.flush()
+            assert _read_until(other.stdout, "done")
+        finally:
+            os.environ.pop("AIRFLOW_CONN_LSQ_SHARED", None)
+            other.communicate(timeout=60)
+        second = sandbox.calls[-1]
+        assert second.outcome == "ok"
+        assert second.at >= refused_at + period  # the other process waited the lockout out
+
+
+DAILY_WORKER = textwrap.dedent(
+    """
+    import json
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+    leads = ((f"k{i}", {"EmailAddress": f"day{i}@example.com"}) for i in range(10))
+    try:
+        outcomes = list(LeadSquaredHook("lsq_shared").register_portal_users(leads, max_workers=2))
+        print(json.dumps([o.status.value for o in outcomes]))
+    except Exception as error:
+        print(json.dumps([type(error).__name__]))
+    """
+)
+
+
+def test_daily_cap_is_shared_by_task_processes(tmp_path: Path) -> None:
+    """Two task tries, one after the other, with a cap of 6 calls: 6 calls in all reach the account
+    (today each process counted its own 6)."""
+    with Sandbox(rate_limit_calls=50, rate_limit_period=1.0) as sandbox:
+        conn = json.loads(sandbox.connection_json())
+        conn["extra"].update({"daily_call_limit": 6, "retry_wait_seconds": 0.01})
+        env = {**os.environ, "AIRFLOW_CONN_LSQ_SHARED": json.dumps(conn)}
+        script = tmp_path / "daily.py"
+        script.write_text(DAILY_WORKER)
+        runs = [
+            json.loads(
+                subprocess.run(
+                    [sys.executable, str(script)], env=env, capture_output=True, text=True, check=True
+                ).stdout.splitlines()[-1]
+            )
+            for _ in range(2)
+        ]
+        assert len(sandbox.calls) == 6  # 2 token calls and 4 registrations, all by the first try
+    assert sorted(runs[0]).count("registered") == 4
+    assert runs[1] == ["LeadSquaredDailyLimitError"]  # the second try is refused before any call
+
+
+def test_daily_cap_with_a_per_process_budget_is_refused_at_connection_time() -> None:
+    conn = Connection(
+        conn_id="lsq_day", conn_type="leadsquared", login="a", password="b",
+        extra=json.dumps({"daily_call_limit": 100, "rate_limit_storage": "memory"}),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="'daily_call_limit' needs a shared rate_limit_storage"):
+        LeadSquaredConfig.from_connection(conn)
+
+
+def test_reserve_is_read_and_bounded() -> None:
+    def config(**extra: Any) -> LeadSquaredConfig:
+        conn = Connection(
+            conn_id="lsq_r", conn_type="leadsquared", login="a", password="b", extra=json.dumps(extra)
+        )
+        return LeadSquaredConfig.from_connection(conn)
+
+    assert config().rate_limit_reserve == 0.1
+    assert policy_for(config()).cap == 22  # 25 less 10%, rounded down: 3 calls per 5 s left to others
+    assert policy_for(config(rate_limit_reserve=0, rate_limit_calls=10)).cap == 10
+    assert policy_for(config(rate_limit_reserve=0.5, rate_limit_calls=1)).cap == 1
+    with pytest.raises(ValueError, match="rate_limit_reserve"):
+        config(rate_limit_reserve=1)
+
+
+# -- Redis, through an Airflow connection of the official ``redis`` type --------------------------------
+
+REDIS_PASSWORD = "lsq-redis-pw-5f3a9c"
+
+
+def _redis_conn(redis_url: str, password: str | None = None) -> str:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(redis_url)
+    conn: dict[str, Any] = {
+        "conn_type": "redis", "host": url.hostname, "port": url.port,
+        "extra": {"db": int(url.path.strip("/") or 0)},
+    }  # fmt: skip
+    if password:
+        conn["password"] = password
+    return json.dumps(conn)
+
+
+@pytest.mark.redis
+def test_redis_connection_shares_one_budget_across_three_processes(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("airflow.providers.redis", reason="needs apache-airflow-providers-redis")
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_REDIS", _redis_conn(redis_url))
+    limit, per_worker = 10, 12
+    with Sandbox(rate_limit_calls=limit, rate_limit_period=1.0, latency=0.02) as sandbox:
+        extra = {"rate_limit_redis_conn_id": "lsq_redis", "rate_limit_reserve": "0"}
+        statuses = _run_three_workers(sandbox, tmp_path, extra, per_worker)
+        assert statuses == ["registered"] * (3 * per_worker)
+        assert sandbox.refusals == 0
+        assert sandbox.max_calls_in_window() <= limit
+
+
+@pytest.mark.redis
+def test_redis_store_shares_pause_rate_and_day_between_clients(redis_url: str) -> None:
+    import redis
+
+    policy = _policy(cap=4, period=5.0, daily_limit=3)
+    account = f"test-{random.getrandbits(32):x}"
+    first = RedisLeaseStore(redis.Redis.from_url(redis_url), account, "Redis")
+    second = RedisLeaseStore(redis.Redis.from_url(redis_url), account, "Redis")
+    grants = [first.acquire(policy, "a"), second.acquire(policy, "b"), first.acquire(policy, "c")]
+    assert [g.lease_id for g in grants] == ["a", "b", "c"]
+    assert second.acquire(policy, "d").daily_spent
+    first.settle(policy, "a")
+    first.refused(policy, sent_at=grants[2].at)
+    snapshot = second.snapshot()
+    assert snapshot["paused_for"] > 0 and snapshot["allowed"] == 3 and snapshot["daily_calls"] == 3
+    assert snapshot["live_leases"] == 3
+
+
+@pytest.mark.redis
+def test_redis_password_is_masked_and_never_in_an_error(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis connection's password is registered with Airflow's masker, and neither a working call's
+    logs nor an unreachable server's error show it."""
+    pytest.importorskip("airflow.providers.redis", reason="needs apache-airflow-providers-redis")
+    from airflow.providers.common.compat.sdk import redact
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_REDIS_PW", _redis_conn(redis_url, REDIS_PASSWORD))
+    down = json.loads(_redis_conn("redis://127.0.0.1:9/0", REDIS_PASSWORD))  # nothing listens there
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_REDIS_DOWN", json.dumps(down))
+    with Sandbox() as sandbox:
+        hook = LeadSquaredHook(connect(monkeypatch, sandbox, rate_limit_redis_conn_id="lsq_redis_pw"))
+        hook.request("GET", "/api/Access/PublicToken")  # our Redis has no password: AUTH is let through
+        broken = LeadSquaredHook(
+            connect(monkeypatch, sandbox, "lsq_test_down", rate_limit_redis_conn_id="lsq_redis_down")
+        )
+        with pytest.raises(Exception) as err:
+            broken.request("GET", "/api/Access/PublicToken")
+    assert "127.0.0.1:9" in str(err.value) or "Connection refused" in str(err.value)
+    for text in (str(err.value), repr(err.value), caplog.text, repr(hook.config)):
+        assert REDIS_PASSWORD not in text
+    assert REDIS_PASSWORD not in str(redact(f"password={REDIS_PASSWORD}"))  # Airflow's masker knows it
+
+
+@pytest.mark.redis
+def test_deprecated_redis_uri_extra_still_shares_the_budget_with_a_warning(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.exceptions import AirflowProviderDeprecationWarning
+
+    with Sandbox(rate_limit_calls=5, rate_limit_period=1.0) as sandbox:
+        hook = LeadSquaredHook(connect(monkeypatch, sandbox, rate_limit_storage=redis_url))
+        with pytest.warns(AirflowProviderDeprecationWarning, match="rate_limit_redis_conn_id"):
+            limiter = hook.rate_limiter
+        assert isinstance(limiter.store, RedisLeaseStore)
+        hook.request("GET", "/api/Access/PublicToken")
+        assert limiter.store.snapshot()["live_leases"] == 1

@@ -468,6 +468,10 @@ def test_state_endpoint(sb: Sandbox, client: Client) -> None:
         "register_calls": 1,
         "refusals": 0,
         "calls": 1,
+        "by_caller": {
+            "ours": {"calls": 1, "accepted": 1, "refused": 0},
+            "background": {"calls": 0, "accepted": 0, "refused": 0},
+        },
     }
     assert isinstance(sb.calls[0], CallRecord) and sb.calls[0].path == REGISTER
 
@@ -564,3 +568,53 @@ def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5 passed" in result.stdout
+
+
+# --- the account's other integrations ----------------------------------------------------------------
+
+
+def test_background_traffic_spends_the_budget_and_a_lockout_refuses_both_callers() -> None:
+    """Other integrations at 40 calls/s on a 10 per 1 s account: they alone push it over, and the
+    lockout refuses our calls too; every refusal is counted against the caller whose call it was."""
+    with Sandbox(rate_limit_calls=10, rate_limit_period=1.0, background_rate=40.0, seed=3) as sandbox:
+        keys = {"accessKey": sandbox.access_key, "secretKey": sandbox.secret_key}
+        deadline = time.monotonic() + 30
+        while sandbox.calls_by_caller()["background"]["refused"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        statuses = [
+            requests.get(sandbox.url + PUBLIC_TOKEN, params=keys, timeout=10).status_code for _ in range(30)
+        ]
+        by_caller = sandbox.calls_by_caller()
+        state = requests.get(sandbox.url + "/_sandbox/state", timeout=10).json()
+    assert by_caller["background"]["accepted"] > 0 and by_caller["background"]["refused"] > 0
+    assert 429 in statuses  # the account was locked out by the others' calls: ours were refused too
+    assert by_caller["ours"]["refused"] == statuses.count(429)
+    assert by_caller["ours"]["calls"] == 30
+    assert sandbox.refusals == by_caller["ours"]["refused"] + by_caller["background"]["refused"]
+    assert state["by_caller"]["background"]["refused"] >= by_caller["background"]["refused"]
+    assert sandbox.max_calls_in_window() <= 10  # refused calls never count in the window
+
+
+def test_background_rate_is_off_by_default_and_validated() -> None:
+    with Sandbox() as sandbox:
+        time.sleep(0.2)
+        assert sandbox.calls_by_caller()["background"]["calls"] == 0
+    with pytest.raises(ValueError, match="background_rate"):
+        Sandbox(background_rate=-1)
+
+
+@pytest.mark.leadsquared_sandbox(rate_limit_calls=5, background_rate=50.0, seed=4)
+def test_pytest_plugin_passes_background_rate(leadsquared_sandbox: Sandbox) -> None:
+    deadline = time.monotonic() + 30
+    while leadsquared_sandbox.refusals_by_caller["background"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leadsquared_sandbox.config.background_rate == 50.0
+    assert leadsquared_sandbox.refusals_by_caller["background"] > 0
+    assert leadsquared_sandbox.refusals_by_caller["ours"] == 0
+
+
+def test_cli_takes_background_rate() -> None:
+    from airflow_provider_lsq.sandbox.__main__ import build_parser
+
+    assert build_parser().parse_args(["--background-rate", "1.5"]).background_rate == 1.5
+    assert build_parser().parse_args([]).background_rate == 0.0

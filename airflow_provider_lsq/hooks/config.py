@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PORTAL_HOST = "portalapi.leadsquared.com"
 CONN_TYPE = "leadsquared"
-_STORAGE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 # Characters no HTTP header can carry and no LeadSquared key or id holds: controls (a pasted newline or
@@ -35,6 +34,16 @@ def _extra(extras: dict[str, Any], name: str) -> Any:
     if value in (None, ""):
         value = extras.get(f"extra__{CONN_TYPE}__{name}")
     return None if value == "" else value
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# A storage value that cannot be meant as a file: another URI scheme, or a bare ``host:port``.
+_NOT_A_PATH = re.compile(r"^(?!sqlite:///)[A-Za-z][A-Za-z0-9+.-]*://|^[A-Za-z0-9.-]+:\d+$")
+
+
+def is_redis_uri(storage: str | None) -> bool:
+    """Whether a ``rate_limit_storage`` value is a (deprecated) Redis URI."""
+    return bool(storage) and str(storage).lower().startswith(REDIS_SCHEMES)
 
 
 def base_url(host: str | None, port: int | None = None) -> str:
@@ -140,8 +149,10 @@ class LeadSquaredConfig:
     rate_limit_calls: int = 25
     rate_limit_period_seconds: float = 5.0
     rate_limit_margin_seconds: float | None = None
+    rate_limit_reserve: float = 0.1
     daily_call_limit: int | None = None
     rate_limit_storage: str | None = field(default=None, repr=False)  # a Redis URI may hold a password
+    rate_limit_redis_conn_id: str | None = None
     timeout_seconds: float = 30.0
     max_retries: int = 5
     retry_wait_seconds: float = 1.0
@@ -149,14 +160,13 @@ class LeadSquaredConfig:
 
     @property
     def margin_seconds(self) -> float:
-        """Time added to the client-side window so the API's own clock never counts one call too many.
+        """Seconds a call is counted past its answer plus the period: 0 unless the user asks for more.
 
-        Calls arrive later than they leave and bunch up on the way; a 5% (at least 250 ms) wider window
-        absorbs that and still keeps the account above 95% of its ceiling on the usual 5 s window.
+        No margin is needed: each call is counted from its send until its answer plus the period, which
+        covers whenever it reached the API (see ``hooks/rate_limit/window.py``). A margin only covers a
+        server whose clock or window differs from its documentation.
         """
-        if self.rate_limit_margin_seconds is not None:
-            return self.rate_limit_margin_seconds
-        return max(0.25, 0.05 * self.rate_limit_period_seconds)
+        return self.rate_limit_margin_seconds or 0.0
 
     @property
     def account_id(self) -> str:
@@ -185,16 +195,34 @@ class LeadSquaredConfig:
                 conn_id=conn.conn_id,
             )
         host = read.host("host", conn.host)
-        storage = read.extra_text("rate_limit_storage", secret=True)
-        if storage and storage != "memory" and not storage.startswith(_STORAGE_SCHEMES):
+        storage = read.extra_text("rate_limit_storage", secret=True)  # a deprecated Redis URI has one
+        redis_conn_id = read.extra_text("rate_limit_redis_conn_id")
+        if storage and not is_redis_uri(storage) and _NOT_A_PATH.match(storage):
             raise read.error(
-                "rate_limit_storage", "must be empty, 'memory' or a redis://, rediss:// or unix:// URI"
+                "rate_limit_storage",
+                "must be empty (a file shared by this machine's tasks), 'memory', or a file path; to share "
+                "the budget through Redis, set rate_limit_redis_conn_id to an Airflow 'redis' connection",
             )
-        if storage and storage != "memory" and importlib.util.find_spec("redis") is None:
+        if is_redis_uri(storage) and importlib.util.find_spec("redis") is None:
             raise read.error(
                 "rate_limit_storage",
                 "names a Redis server, but the redis package is missing: "
                 "pip install 'airflow-provider-leadsquared[redis]'",
+            )
+        reserve = read.number("rate_limit_reserve", float, 0.1, allow_zero=True)
+        if reserve >= 1:
+            raise read.error(
+                "rate_limit_reserve",
+                f"is the share of the plan left to other integrations, from 0 to below 1 (e.g. 0.2), "
+                f"got {reserve!r}",
+            )
+        daily = read.number("daily_call_limit", int, None)
+        if daily is not None and storage == "memory" and not redis_conn_id:
+            raise read.error(
+                "daily_call_limit",
+                "needs a shared rate_limit_storage; with 'memory' each task process would count its own "
+                "day. Remove rate_limit_storage (a file shared on this machine) or set "
+                "rate_limit_redis_conn_id",
             )
         return cls(
             base_url=base_url(host, conn.port),
@@ -204,8 +232,10 @@ class LeadSquaredConfig:
             rate_limit_calls=read.number("rate_limit_calls", int, 25),
             rate_limit_period_seconds=read.number("rate_limit_period_seconds", float, 5.0),
             rate_limit_margin_seconds=read.number("rate_limit_margin_seconds", float, None, allow_zero=True),
-            daily_call_limit=read.number("daily_call_limit", int, None),
-            rate_limit_storage=storage if storage and storage != "memory" else None,
+            rate_limit_reserve=reserve,
+            daily_call_limit=daily,
+            rate_limit_storage=storage,
+            rate_limit_redis_conn_id=redis_conn_id,
             timeout_seconds=read.number("timeout_seconds", float, 30.0),
             max_retries=read.number("max_retries", int, 5, allow_zero=True),
             retry_wait_seconds=read.number("retry_wait_seconds", float, 1.0),

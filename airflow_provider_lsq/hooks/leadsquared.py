@@ -235,8 +235,7 @@ class LeadSquaredHook(BaseHook):
         def wait(state: tenacity.RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
             if isinstance(error, LeadSquaredRateLimitError):
-                # The API refuses every call until its window has passed: wait it out, all threads.
-                self.rate_limiter.pause(self.rate_limiter.window_seconds)
+                # The refusal paused every caller on the account (``_attempt``): the next acquire waits.
                 return 0.0
             return backoff(state)
 
@@ -266,11 +265,7 @@ class LeadSquaredHook(BaseHook):
             for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    with metrics.rate_limit_wait(self.leadsquared_conn_id):
-                        self.rate_limiter.acquire()
-                    with metrics.api_call(self.leadsquared_conn_id):
-                        response = self._send(method, url, query, json, headers, extra_secrets)
-                        return parse_response(response, extra_secrets), attempts
+                    return self._attempt(method, url, query, json, headers, extra_secrets), attempts
         except LeadSquaredError as error:
             error.attempts = attempts
             if isinstance(error, _RETRYABLE) and attempts > 1:
@@ -282,6 +277,29 @@ class LeadSquaredHook(BaseHook):
     def _sleep_unless_stopping(self, seconds: float) -> None:
         """Tenacity's backoff sleep, cut short when the hook is told to stop."""
         self.stopping.wait(seconds)
+
+    def _attempt(
+        self,
+        method: str,
+        url: str,
+        query: Mapping[str, Any],
+        json: Any,
+        headers: Mapping[str, str] | None,
+        secrets: Iterable[str],
+    ) -> Any:
+        """One call inside the account's window: it holds its place from send until answer + period."""
+        with metrics.rate_limit_wait(self.leadsquared_conn_id):
+            lease = self.rate_limiter.acquire()
+        with metrics.api_call(self.leadsquared_conn_id):  # counts a refusal as it leaves
+            try:
+                response = self._send(method, url, query, json, headers, secrets)
+            finally:
+                self.rate_limiter.release(lease)
+            try:
+                return parse_response(response, secrets)
+            except LeadSquaredRateLimitError:
+                self.rate_limiter.refused(lease)
+                raise
 
     def _send(
         self,

@@ -83,7 +83,7 @@ def parse_response(response: requests.Response, secrets: Iterable[str]) -> Any:
     if exception_type == RATE_LIMIT_TYPE or (status == 429 and envelope is None):
         error = LeadSquaredRateLimitError(
             f"{said}. The account's rate limit was exceeded; it is shared by every integration using "
-            "this account, so lower rate_limit_calls in the connection extra if this keeps happening.",
+            "this account, so raise rate_limit_reserve in the connection extra if this keeps happening.",
             **kwargs,
         )
     elif status == 401:

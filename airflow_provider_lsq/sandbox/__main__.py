@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refusal-form", choices=["429", "403", "200", "cycle"], default="429")
     parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--latency-jitter", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument(
+        "--background-rate",
+        type=float,
+        default=0.0,
+        metavar="CALLS_PER_SECOND",
+        help="the account's other integrations: calls at random arrivals spending the same budget",
+    )
     parser.add_argument("--fault-rate", type=float, default=0.0, metavar="P")
     parser.add_argument("--lost-response-rate", type=float, default=0.0, metavar="P")
     parser.add_argument("--access-key", default=None)
@@ -62,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             refusal_form=args.refusal_form,
             latency=args.latency,
             latency_jitter=args.latency_jitter,
+            background_rate=args.background_rate,
             fault_rate=args.fault_rate,
             lost_response_rate=args.lost_response_rate,
             seed=args.seed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import random
 import secrets
 import socket
 import threading
@@ -296,6 +297,9 @@ class Sandbox:
 
     Faithful to the portal API contract including its failure modes: per-account moving-window rate
     limit with lockout, refusals as 429/403/200, gateway faults, lost responses and wrong-region 401s.
+    ``background_rate`` (calls per second, random arrivals) plays the account's other integrations:
+    they spend the same budget, are locked out like us, and their refusals are counted apart
+    (:attr:`refusals_by_caller`).
     """
 
     def __init__(
@@ -312,6 +316,7 @@ class Sandbox:
         fault_rate: float = 0.0,
         lost_response_rate: float = 0.0,
         seed: int | None = None,
+        background_rate: float = 0.0,
         unique_attributes: tuple[str, ...] = DEFAULT_UNIQUE_ATTRIBUTES,
         known_attributes: tuple[str, ...] | None = None,
         host: str = "127.0.0.1",
@@ -325,6 +330,7 @@ class Sandbox:
             refusal_form=str(refusal_form),
             latency=latency,
             latency_jitter=latency_jitter,
+            background_rate=background_rate,
             fault_rate=fault_rate,
             lost_response_rate=lost_response_rate,
             unique_attributes=tuple(unique_attributes),
@@ -340,6 +346,9 @@ class Sandbox:
         self.port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._background: threading.Thread | None = None
+        self._background_stop = threading.Event()
+        self._background_rng = random.Random(None if seed is None else seed + 1)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -353,7 +362,19 @@ class Sandbox:
             )
             self._server = server
             self._thread.start()
+            if self.config.background_rate > 0:
+                self._background_stop.clear()
+                self._background = threading.Thread(
+                    target=self._play_background, name="lsq-sandbox-background", daemon=True
+                )
+                self._background.start()
         return self
+
+    def _play_background(self) -> None:
+        """The account's other integrations: calls at random (Poisson) arrivals, ``background_rate``/s."""
+        rate = self.config.background_rate
+        while not self._background_stop.wait(self._background_rng.expovariate(rate)):
+            self.state.admit_background(time.monotonic())
 
     def stop(self) -> None:
         """Stop serving, hang up on open connections and release the port. Idempotent."""
@@ -361,6 +382,10 @@ class Sandbox:
         self._server = self._thread = None
         if server is None:
             return
+        self._background_stop.set()
+        if self._background is not None:
+            self._background.join(timeout=5)
+            self._background = None
         server.shutdown()
         server.close_connections()
         server.server_close()
@@ -418,7 +443,17 @@ class Sandbox:
 
     @property
     def refusals(self) -> int:
+        """Every refusal on the account: ours and the background's."""
         return self.state.counters()[1]
+
+    @property
+    def refusals_by_caller(self) -> dict[str, int]:
+        """Refusals per caller: ``ours`` (HTTP clients) and ``background`` (``background_rate``)."""
+        return {caller: counts["refused"] for caller, counts in self.state.by_caller().items()}
+
+    def calls_by_caller(self) -> dict[str, dict[str, int]]:
+        """Per caller: calls that reached the rate limit, ``accepted`` and ``refused``."""
+        return self.state.by_caller()
 
     def max_calls_in_window(self) -> int:
         return self.state.max_calls_in_window()

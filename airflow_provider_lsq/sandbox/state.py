@@ -35,6 +35,7 @@ DEFAULT_KNOWN_ATTRIBUTES: tuple[str, ...] = (
     CONFIRM_PASSWORD,
 )
 REFUSAL_FORMS = ("429", "403", "200", "cycle")
+OURS, BACKGROUND = "ours", "background"  # who spent the account's budget: HTTP clients, or the sandbox
 _CYCLE = (429, 403, 200)
 GATEWAY_STATUSES = (500, 502, 503, 504)
 
@@ -122,6 +123,7 @@ class SandboxConfig:
     refusal_form: str = "429"
     latency: float = 0.0
     latency_jitter: float = 0.0
+    background_rate: float = 0.0
     fault_rate: float = 0.0
     lost_response_rate: float = 0.0
     unique_attributes: tuple[str, ...] = DEFAULT_UNIQUE_ATTRIBUTES
@@ -132,6 +134,8 @@ class SandboxConfig:
             raise ValueError(f"refusal_form must be one of {REFUSAL_FORMS}, not {self.refusal_form!r}")
         if self.rate_limit_calls < 1 or self.rate_limit_period <= 0:
             raise ValueError("the rate limit needs at least 1 call in a positive period")
+        if self.background_rate < 0:
+            raise ValueError("background_rate must be zero or positive (calls per second)")
         for name in ("fault_rate", "lost_response_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
@@ -152,9 +156,14 @@ class SandboxState:
         self._lockout_until: float | None = None
         self._daily_count = 0
         self._refusals = 0
+        self._by_caller = self._zero_by_caller()
         self._register_calls = 0
         self._cycle_index = 0
         self._faults: list[tuple[str, str | None]] = []
+
+    @staticmethod
+    def _zero_by_caller() -> dict[str, dict[str, int]]:
+        return {caller: {"calls": 0, "accepted": 0, "refused": 0} for caller in (OURS, BACKGROUND)}
 
     # --- rate limit, faults and latency -------------------------------------------------------------
 
@@ -162,15 +171,14 @@ class SandboxState:
         """Decide, at arrival time ``at``, whether a call is refused, faulted, lost or served."""
         cfg = self.config
         with self._lock:
-            refusal = self._rate_refusal(at)
+            self._by_caller[OURS]["calls"] += 1
+            refusal = self._rate_refusal(at, OURS)
             if refusal is not None:
                 return refusal
             scripted = self._pop_fault(path)
             if scripted == "ratelimit":
-                return self._refuse(self._limit_message())
-            bisect.insort(self._window, at)
-            self._accepted.append(at)
-            self._daily_count += 1
+                return self._refuse(self._limit_message(), OURS)
+            self._accept(at, OURS)
             if scripted is not None:
                 if scripted.startswith("slow:"):
                     return Decision("serve", delay=float(scripted[5:]))
@@ -186,6 +194,25 @@ class SandboxState:
                 return Decision("lost", status=502)
             return Decision("serve")
 
+    def admit_background(self, at: float) -> bool:
+        """One call of the account's other integrations (``background_rate``): True if it was accepted.
+
+        It spends the same budget as ours, and is refused and locked out the same way. Scripted faults
+        are left for our calls.
+        """
+        with self._lock:
+            self._by_caller[BACKGROUND]["calls"] += 1
+            if self._rate_refusal(at, BACKGROUND) is not None:
+                return False
+            self._accept(at, BACKGROUND)
+            return True
+
+    def _accept(self, at: float, caller: str) -> None:
+        bisect.insort(self._window, at)
+        self._accepted.append(at)
+        self._daily_count += 1
+        self._by_caller[caller]["accepted"] += 1
+
     def latency_delay(self) -> float:
         """Seconds to wait before answering: the fixed latency plus a random jitter."""
         cfg = self.config
@@ -194,11 +221,11 @@ class SandboxState:
         with self._lock:
             return cfg.latency + self._rng.uniform(0.0, cfg.latency_jitter)
 
-    def _rate_refusal(self, at: float) -> Decision | None:
+    def _rate_refusal(self, at: float, caller: str) -> Decision | None:
         cfg = self.config
         if self._lockout_until is not None:
             if at < self._lockout_until:
-                return self._refuse(self._limit_message())
+                return self._refuse(self._limit_message(), caller)
             self._lockout_until = None
         # Arrivals are stamped before the lock, so threads can enter out of order: keep the window sorted,
         # count every accepted arrival after ``at - period`` (later ones too), and prune only far back.
@@ -207,9 +234,10 @@ class SandboxState:
         recent = len(self._window) - bisect.bisect_right(self._window, at - cfg.rate_limit_period)
         if recent >= cfg.rate_limit_calls:
             self._lockout_until = at + cfg.rate_limit_period
-            return self._refuse(self._limit_message())
+            return self._refuse(self._limit_message(), caller)
         if cfg.daily_call_limit is not None and self._daily_count >= cfg.daily_call_limit:
             self._refusals += 1
+            self._by_caller[caller]["refused"] += 1
             message = f"API calls exceeded the daily limit of {cfg.daily_call_limit}"
             return Decision("refuse", status=429, message=message)
         return None
@@ -219,8 +247,9 @@ class SandboxState:
         shown = int(period) if float(period).is_integer() else period
         return f"API calls exceeded the limit of {self.config.rate_limit_calls} in {shown} second(s)"
 
-    def _refuse(self, message: str) -> Decision:
+    def _refuse(self, message: str, caller: str) -> Decision:
         self._refusals += 1
+        self._by_caller[caller]["refused"] += 1
         form = self.config.refusal_form
         if form == "cycle":
             status = _CYCLE[self._cycle_index % len(_CYCLE)]
@@ -347,7 +376,13 @@ class SandboxState:
         with self._lock:
             return self._register_calls, self._refusals
 
-    def summary(self) -> dict[str, int]:
+    def by_caller(self) -> dict[str, dict[str, int]]:
+        """Per caller (``ours``: HTTP clients; ``background``: the other integrations the sandbox plays):
+        calls that reached the rate limit, accepted and refused."""
+        with self._lock:
+            return {caller: dict(counts) for caller, counts in self._by_caller.items()}
+
+    def summary(self) -> dict[str, object]:
         """Counts for the ``/_sandbox/state`` endpoint."""
         with self._lock:
             return {
@@ -356,6 +391,7 @@ class SandboxState:
                 "register_calls": self._register_calls,
                 "refusals": self._refusals,
                 "calls": len(self._calls),
+                "by_caller": {caller: dict(counts) for caller, counts in self._by_caller.items()},
             }
 
     def max_calls_in_window(self) -> int:
@@ -379,6 +415,7 @@ class SandboxState:
             self._lockout_until = None
             self._daily_count = 0
             self._refusals = 0
+            self._by_caller = self._zero_by_caller()
             self._register_calls = 0
             self._cycle_index = 0
             self._faults.clear()

@@ -7,6 +7,9 @@ Installed as a pytest plugin (entry point ``leadsquared``), so the fixtures are 
   ``@pytest.mark.leadsquared_sandbox(rate_limit_calls=5, fault_rate=0.1, seed=1)``, or with indirect
   parametrization, ``@pytest.mark.parametrize("leadsquared_sandbox", [{"refusal_form": "200"}],
   indirect=True)``.
+  ``background_rate=1.0`` makes the sandbox play the account's other integrations (web forms,
+  telephony) at 1 call per second, random arrivals, on the same budget; ``sandbox.refusals_by_caller``
+  then tells whose calls were refused (``ours``, ``background``).
 - ``leadsquared_sandbox_factory``: ``make(**kwargs) -> Sandbox`` for several sandboxes in one test.
 - ``leadsquared_conn``: the sandbox above, also exported as ``AIRFLOW_CONN_LEADSQUARED_DEFAULT``.
 

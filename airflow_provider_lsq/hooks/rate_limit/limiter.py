@@ -1,0 +1,131 @@
+"""AccountRateLimiter: what a hook asks before each call, and tells after it.
+
+``acquire`` waits for the account's window (and any shared pause) and returns a lease; ``release``
+moves the lease's end to one window after the answer; ``refused`` tells every caller on the account
+that LeadSquared refused a call (everyone pauses, the allowed rate drops, then recovers).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError
+from airflow_provider_lsq.hooks.rate_limit.storage import open_store
+from airflow_provider_lsq.hooks.rate_limit.window import Policy
+
+if TYPE_CHECKING:
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+    from airflow_provider_lsq.hooks.rate_limit.stores import LeaseStore
+
+log = logging.getLogger(__name__)
+DECREASE = 0.75  # the allowed count after a refusal, as a share of what it was
+RECOVERY_PERIODS_PER_CALL = 8.0  # then one more call per this many windows, up to the cap
+_shared: dict[tuple[Any, ...], AccountRateLimiter] = {}
+_shared_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One call's place in the window: its id and its send time on the store's clock."""
+
+    lease_id: str
+    sent_at: float
+
+
+def policy_for(config: LeadSquaredConfig) -> Policy:
+    """The window a connection asks for: its plan less the reserve, held from send to answer + period.
+
+    After a refusal the allowed count drops to 75% at once and climbs back by one call per eight
+    windows: halving (TCP's choice) gives up more than needed when the other traffic is a steady
+    share of the plan, and a slow climb keeps lockouts rare: each one refuses every caller on the
+    account, theirs too, for a whole window. Both were tuned on the sandbox with other integrations
+    at 20% of the plan (``make bench``); halving or a faster climb did worse on both counts.
+    """
+    period = config.rate_limit_period_seconds
+    return Policy(
+        cap=max(1, int(config.rate_limit_calls * (1.0 - config.rate_limit_reserve))),
+        period=period,
+        margin=config.margin_seconds,
+        hold=config.timeout_seconds + period + config.margin_seconds,
+        recovery_per_second=1.0 / (RECOVERY_PERIODS_PER_CALL * period),
+        decrease=DECREASE,
+        daily_limit=config.daily_call_limit,
+    )
+
+
+class AccountRateLimiter:
+    """Blocks each caller until the account's window has room; see :mod:`.window` for the bound.
+
+    Threads of a process queue on a local lock, so one of them at a time asks the store: the shared
+    store sees one poller per process, and the threads of a process are served in turn.
+    """
+
+    def __init__(self, config: LeadSquaredConfig, store: LeaseStore | None = None) -> None:
+        self.policy = policy_for(config)
+        self.store = store if store is not None else open_store(config)
+        self._daily_limit = config.daily_call_limit
+        # How often a waiter asks again while leases are in flight (their answers may free a place
+        # before their expiry): a fraction of the spacing between calls, within reason.
+        self._poll_seconds = min(0.05, max(0.005, self.policy.period / self.policy.cap / 4))
+        self._turn = threading.Lock()
+
+    @classmethod
+    def for_account(cls, config: LeadSquaredConfig) -> AccountRateLimiter:
+        """The one limiter of this process for the account, its limits and its storage: hooks share it."""
+        key = (
+            config.account_id,
+            config.rate_limit_calls,
+            config.rate_limit_period_seconds,
+            config.rate_limit_reserve,
+            config.margin_seconds,
+            config.timeout_seconds,
+            config.daily_call_limit,
+            config.rate_limit_storage,
+            config.rate_limit_redis_conn_id,
+        )
+        with _shared_lock:
+            if key not in _shared:
+                _shared[key] = cls(config)
+            return _shared[key]
+
+    @property
+    def window_seconds(self) -> float:
+        """How long the API's lockout after a refusal lasts, as we count it."""
+        return self.policy.pause
+
+    def acquire(self) -> Lease:
+        """Wait for a place in the window; raise ``LeadSquaredDailyLimitError`` when the day is spent."""
+        with self._turn:
+            while True:
+                lease_id = uuid.uuid4().hex
+                grant = self.store.acquire(self.policy, lease_id)
+                if grant.lease_id is not None:
+                    return Lease(grant.lease_id, grant.at)
+                if grant.daily_spent:
+                    raise LeadSquaredDailyLimitError(
+                        f"The daily call limit of {self._daily_limit} set in the connection is spent for "
+                        "the account over the last 24 hours; the remaining rows are left for a later run.",
+                        exception_type="DailyCallLimitReached",
+                    )
+                poll = self._poll_seconds * random.uniform(0.5, 1.0)
+                time.sleep(max(0.001, min(grant.wait, poll)))
+
+    def release(self, lease: Lease) -> None:
+        """The call's answer (or error) came: its lease ends one window from now."""
+        self.store.settle(self.policy, lease.lease_id)
+
+    def refused(self, lease: Lease) -> None:
+        """LeadSquared refused the call of ``lease``: pause every caller, lower the shared rate."""
+        self.store.refused(self.policy, lease.sent_at)
+        log.warning(
+            "LeadSquared refused a call for the account's rate limit: every caller sharing %s pauses "
+            "for %.1f s and slows down, then speeds up gradually.",
+            self.store.description,
+            self.policy.pause,
+        )
