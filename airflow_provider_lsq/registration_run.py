@@ -31,13 +31,13 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError, LeadSquaredValidationError
 from airflow_provider_lsq.hooks.payload import build_lead_fields
 from airflow_provider_lsq.outcomes import NOT_SENT, RegistrationOutcome
+from airflow_provider_lsq.progress import RegistrationProgress
 
 if TYPE_CHECKING:
     import threading
     from collections.abc import Callable, Generator, Iterable, Iterator
 
     from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-    from airflow_provider_lsq.progress import RegistrationProgress
 
 T = TypeVar("T")
 # Stands in for the password in dry runs and pre-checks, so they validate exactly like real runs. Never sent.
@@ -177,6 +177,44 @@ class RegistrationRun:
         self._source_error: BaseException | None = None
         self._sink_failed = False  # a write gave up: hold further writes until the final one
         self._finished = False  # a plain flag: on_kill (a signal handler) must take no lock
+
+    @classmethod
+    def for_operator(
+        cls,
+        operator: Any,
+        *,
+        hook: LeadSquaredHook,
+        sink: OutcomeSink,
+        total: int | None,
+        track_skips: bool = False,
+        **options: Any,
+    ) -> RegistrationRun:
+        """The run of one of this provider's operators, set up from the options they share.
+
+        Reads the operator's ``log``, ``progress_interval``, ``is_dry_run``, ``leadsquared_conn_id``
+        (metrics are tagged by it, dry runs send none), ``identifier_attribute``, ``only_new_leads``,
+        ``password_callable``, ``max_workers`` and ``flush_interval_seconds``; ``options`` go to the
+        constructor (e.g. ``batch_size``).
+        """
+        progress = RegistrationProgress(
+            total,
+            interval=operator.progress_interval,
+            logger=operator.log,
+            track_skips=track_skips,
+            conn_id=None if operator.is_dry_run else operator.leadsquared_conn_id,
+        )
+        return cls(
+            hook=hook,
+            sink=sink,
+            progress=progress,
+            log=operator.log,
+            identifier_attribute=operator.identifier_attribute,
+            only_new_leads=operator.only_new_leads,
+            password_callable=operator.password_callable,
+            max_workers=operator.max_workers,
+            flush_interval=operator.flush_interval_seconds,
+            **options,
+        )
 
     @property
     def stopping(self) -> threading.Event:

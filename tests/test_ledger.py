@@ -255,3 +255,32 @@ def test_ledger_row_registered() -> None:
     assert LedgerRow("k", "already_registered").registered
     assert not LedgerRow("k", "failed").registered
     assert not LedgerRow("k", "invalid").registered
+
+
+@pytest.mark.parametrize("generic_sql", [False, True], ids=["native", "generic-sql"])
+def test_a_key_is_claimed_by_one_run_only_and_released_back(db: Db, generic_sql: bool) -> None:
+    """Claims mark rows ``pending``; a second run cannot take them; a release restores the old row.
+
+    ``generic-sql`` runs the plain-SQL claim that databases without ``ON CONFLICT`` get, on the same
+    real database.
+    """
+    first, second = db.ledger(), db.ledger()
+    first.ensure_table()
+    first.record([outcome("old", FAILED, retryable=True)], dag_id="d", run_id="before")
+    if generic_sql:
+        first._dialect = second._dialect = "generic"
+    known = first.lookup(["new", "old"])
+    previous = {"new": known.get("new"), "old": known.get("old")}
+    assert first.claim(previous, dag_id="d", run_id="run-1") == {"new", "old"}
+    assert second.claim(previous, dag_id="d", run_id="run-2") == set()  # held by run-1
+    assert {row.row_key: (row.status, row.run_id) for row in second.lookup(["new", "old"]).values()} == {
+        "new": ("pending", "run-1"),
+        "old": ("pending", "run-1"),
+    }
+    assert first.claim(previous, dag_id="d", run_id="run-1") == {"new", "old"}  # a retried claim: ours
+    first.release(previous, run_id="run-1")
+    after = second.lookup(["new", "old"])
+    assert "new" not in after
+    assert (after["old"].status, after["old"].run_id, after["old"].retryable) == ("failed", "before", True)
+    first.close()
+    second.close()

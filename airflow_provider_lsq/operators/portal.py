@@ -17,7 +17,7 @@ from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
 from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.lineage import portal_lineage
-from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
+from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
 
 if TYPE_CHECKING:
@@ -107,23 +107,13 @@ class RegisterPortalUserOperator(BaseOperator):
         leads = self._rendered_leads()
         started = time.monotonic()
         sink = MemorySink()
-        progress = RegistrationProgress(
-            len(leads),
-            interval=self.progress_interval,
-            logger=self.log,
-            conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
-        )
-        self._run = run = RegistrationRun(
+        self._run = run = RegistrationRun.for_operator(
+            self,
             hook=LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id),
             sink=sink,
-            progress=progress,
-            log=self.log,
-            identifier_attribute=self.identifier_attribute,
-            only_new_leads=self.only_new_leads,
-            password_callable=self.password_callable,
-            max_workers=self.max_workers,
-            flush_interval=self.flush_interval_seconds,
+            total=len(leads),
         )
+        progress = run.progress
         self.log.info(
             "%s %d leads as portal users (connection %r).",
             "Validating (dry run)" if self.is_dry_run else "Registering",

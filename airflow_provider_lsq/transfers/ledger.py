@@ -16,6 +16,7 @@ for up to ``write_timeout`` seconds before it raises :class:`LedgerUnavailableEr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import re
@@ -29,7 +30,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 from airflow_provider_lsq.outcomes import RegistrationStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from types import TracebackType
 
     from airflow.providers.common.sql.hooks.sql import DbApiHook
@@ -211,6 +212,20 @@ class RegistrationLedger:
     ) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A cursor in one transaction: committed when the block ends, rolled back when it raises."""
+        conn = self.conn
+        cursor = conn.cursor()
+        try:
+            yield cursor
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            cursor.close()
+
     def _marks(self, count: int) -> str:
         return ", ".join([self._placeholder] * count)
 
@@ -254,15 +269,8 @@ class RegistrationLedger:
                 PRIMARY KEY (portal_id, row_key)
             )
         """
-        cursor = conn.cursor()
-        try:
+        with self._transaction() as cursor:
             cursor.execute(ddl)
-            conn.commit()
-        except Exception:
-            conn.rollback()
-            raise
-        finally:
-            cursor.close()
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -343,18 +351,13 @@ class RegistrationLedger:
             return 0
 
         def write() -> int:
-            conn = self.conn
             now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-            try:
+            with self._transaction():
                 merged = self._select(outcome.key for outcome in batch)
                 for outcome in batch:
                     merged[outcome.key] = self._merge(merged.get(outcome.key), outcome, now, dag_id, run_id)
                 written = [merged[key] for key in dict.fromkeys(outcome.key for outcome in batch)]
                 self._replace(written)
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
             return len(written)
 
         return self._with_retries(f"write of {len(batch)} outcomes", write)
@@ -369,20 +372,13 @@ class RegistrationLedger:
             return set()
 
         def write() -> set[str]:
-            conn = self.conn
             now = self._to_db(dt.datetime.now(dt.timezone.utc).replace(microsecond=0))
             claimed: set[str] = set()
-            cursor = conn.cursor()
             p = self._placeholder
-            try:
+            with self._transaction() as cursor:
                 for key, row in previous.items():
                     if row is None:
-                        cursor.execute(
-                            f"INSERT INTO {self.table} (portal_id, row_key, status, attempts, "
-                            f"first_attempt_at, last_attempt_at, dag_id, run_id) "
-                            f"VALUES ({self._marks(8)}) ON CONFLICT (portal_id, row_key) DO NOTHING",
-                            [self.portal_id, key, PENDING, 0, now, now, dag_id, run_id],
-                        )
+                        cursor.execute(*self._insert_if_absent(key, now, dag_id, run_id))
                     else:
                         cursor.execute(
                             f"UPDATE {self.table} SET status = {p}, last_attempt_at = {p}, dag_id = {p}, "
@@ -399,15 +395,31 @@ class RegistrationLedger:
                         )
                     if cursor.rowcount == 1:
                         claimed.add(key)
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
-            finally:
-                cursor.close()
             return claimed
 
         return self._with_retries(f"claim of {len(previous)} rows", write)
+
+    def _insert_if_absent(self, key: str, now: Any, dag_id: str, run_id: str) -> tuple[str, list[Any]]:
+        """The statement (and parameters) that claims an absent ``key``; a no-op when a row exists.
+
+        SQLite and PostgreSQL say it with ``ON CONFLICT DO NOTHING``; other databases with plain SQL
+        (``INSERT ... SELECT ... WHERE NOT EXISTS``), where a concurrent claim fails on the primary key
+        and the write's retry then finds the row held.
+        """
+        columns = "portal_id, row_key, status, attempts, first_attempt_at, last_attempt_at, dag_id, run_id"
+        values = [self.portal_id, key, PENDING, 0, now, now, dag_id, run_id]
+        if self._dialect in ("sqlite", "postgresql"):
+            return (
+                f"INSERT INTO {self.table} ({columns}) VALUES ({self._marks(8)}) "
+                "ON CONFLICT (portal_id, row_key) DO NOTHING",
+                values,
+            )
+        where, params = self._where_keys([key])
+        return (
+            f"INSERT INTO {self.table} ({columns}) SELECT {self._marks(8)} "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {self.table} {where})",
+            [*values, *params],
+        )
 
     def release(self, previous: Mapping[str, LedgerRow | None], *, run_id: str) -> None:
         """Undo this run's claims of rows it never sent: each goes back to what ``previous`` says."""
@@ -415,10 +427,8 @@ class RegistrationLedger:
             return
 
         def write() -> None:
-            conn = self.conn
-            cursor = conn.cursor()
             p = self._placeholder
-            try:
+            with self._transaction() as cursor:
                 restore: list[LedgerRow] = []
                 for key, row in previous.items():
                     cursor.execute(
@@ -430,12 +440,6 @@ class RegistrationLedger:
                         restore.append(row)
                 if restore:
                     self._replace(restore)
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
-            finally:
-                cursor.close()
 
         self._with_retries(f"release of {len(previous)} unsent rows", write)
 

@@ -22,7 +22,7 @@ from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS
 from airflow_provider_lsq.lineage import transfer_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome
-from airflow_provider_lsq.progress import RegistrationProgress, check_failure_ratio
+from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger
 
@@ -211,26 +211,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
         )
-        progress = RegistrationProgress(
-            None,
-            interval=self.progress_interval,
-            logger=self.log,
-            track_skips=True,
-            conn_id=None if self.is_dry_run else self.leadsquared_conn_id,
-        )
         sink = LedgerSink(ledger, dag_id=dag_id, run_id=run_id)
-        self._run = run = RegistrationRun(
-            hook=lsq_hook,
-            sink=sink,
-            progress=progress,
-            log=self.log,
-            identifier_attribute=self.identifier_attribute,
-            only_new_leads=self.only_new_leads,
-            password_callable=self.password_callable,
-            max_workers=self.max_workers,
-            batch_size=self.batch_size,
-            flush_interval=self.flush_interval_seconds,
+        self._run = run = RegistrationRun.for_operator(
+            self, hook=lsq_hook, sink=sink, total=None, track_skips=True, batch_size=self.batch_size
         )
+        progress = run.progress
         transfer = _Transfer(self, ledger, sink, run, dag_id=dag_id, run_id=run_id)
         with progress:
             run.execute(lambda: transfer.run(sql_hook, sql, portal_id))
