@@ -87,3 +87,7 @@ class LeadSquaredDailyLimitError(LeadSquaredRateLimitError):
 
 class LeadSquaredTransientError(LeadSquaredError):
     """Connection errors, timeouts or gateway failures persisted through every retry."""
+
+
+class LeadSquaredStoppedError(LeadSquaredError):
+    """The task is stopping (``on_kill``): a call still waiting for the rate limit was not sent."""

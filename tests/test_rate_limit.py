@@ -438,3 +438,29 @@ def test_deprecated_redis_uri_extra_still_shares_the_budget_with_a_warning(
         assert isinstance(limiter.store, RedisLeaseStore)
         hook.request("GET", "/api/Access/PublicToken")
         assert limiter.store.snapshot()["live_leases"] == 1
+
+
+def test_a_stop_while_the_account_is_paused_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``on_kill`` during the pause after a refusal: the rows waiting for the window are not sent.
+
+    They end ``NotSent`` (the engine puts their ledger rows back), instead of going out after the
+    task was told to stop, where a SIGKILL could lose their outcomes.
+    """
+    import threading
+
+    from airflow_provider_lsq.hooks.leadsquared import REGISTER_PATH
+    from airflow_provider_lsq.outcomes import NOT_SENT
+    from tests.helpers import calls_to
+
+    with Sandbox(rate_limit_calls=25, rate_limit_period=5.0) as sandbox:
+        hook = LeadSquaredHook(connect(monkeypatch, sandbox, rate_limit_storage="memory"))
+        hook.get_registration_token()
+        hook.get_public_auth_key()
+        limiter = hook.rate_limiter
+        limiter.store.refused(limiter.policy, sent_at=0.0)  # the account is locked out for a window
+        leads = [(f"k{i}", {"EmailAddress": f"stop{i}@example.com"}) for i in range(6)]
+        threading.Timer(0.5, hook.stopping.set).start()
+        outcomes = list(hook.register_portal_users(iter(leads), max_workers=3))
+        assert sorted(outcome.key for outcome in outcomes) == sorted(key for key, _ in leads)
+        assert {outcome.error_type for outcome in outcomes} == {NOT_SENT}
+        assert calls_to(sandbox, REGISTER_PATH) == 0

@@ -26,6 +26,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredLeadExistsError,
     LeadSquaredRateLimitError,
     LeadSquaredRequestError,
+    LeadSquaredStoppedError,
     LeadSquaredTransientError,
     LeadSquaredValidationError,
 )
@@ -289,7 +290,7 @@ class LeadSquaredHook(BaseHook):
     ) -> Any:
         """One call inside the account's window: it holds its place from send until answer + period."""
         with metrics.rate_limit_wait(self.leadsquared_conn_id):
-            lease = self.rate_limiter.acquire()
+            lease = self.rate_limiter.acquire(stop=self.stopping)
         with metrics.api_call(self.leadsquared_conn_id):  # counts a refusal as it leaves
             try:
                 response = self._send(method, url, query, json, headers, secrets)
@@ -567,6 +568,12 @@ class LeadSquaredHook(BaseHook):
             return RegistrationOutcome.invalid(key, error.message, error_type=error.error_type)
         except LeadSquaredAuthenticationError:
             raise
+        except LeadSquaredStoppedError as error:
+            if error.attempts <= 1:
+                return RegistrationOutcome.not_sent(key)  # it waited for the rate limit: never sent
+            return RegistrationOutcome.failed(  # an earlier attempt was sent: keep its record
+                key, error.error_type, error.message, error.attempts, retryable=True
+            )
         except LeadSquaredLeadExistsError as error:
             if only_new_leads and duplicate_is_first_identifier(error.message, lead, identifier_attribute):
                 return RegistrationOutcome.already_registered(

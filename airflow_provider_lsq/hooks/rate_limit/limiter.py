@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError
+from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError, LeadSquaredStoppedError
 from airflow_provider_lsq.hooks.rate_limit.storage import open_store
 from airflow_provider_lsq.hooks.rate_limit.window import Policy
 
@@ -99,10 +98,21 @@ class AccountRateLimiter:
         """How long the API's lockout after a refusal lasts, as we count it."""
         return self.policy.pause
 
-    def acquire(self) -> Lease:
-        """Wait for a place in the window; raise ``LeadSquaredDailyLimitError`` when the day is spent."""
-        with self._turn:
+    def acquire(self, stop: threading.Event | None = None) -> Lease:
+        """Wait for a place in the window (and out any shared pause).
+
+        :param stop: when set while waiting, give up: the call is not sent.
+        :raises LeadSquaredDailyLimitError: the day is spent.
+        :raises LeadSquaredStoppedError: ``stop`` was set first.
+        """
+        stop = stop if stop is not None else threading.Event()
+        while not self._turn.acquire(timeout=0.05):
+            if stop.is_set():
+                raise LeadSquaredStoppedError("The task is stopping: the call was not sent.")
+        try:
             while True:
+                if stop.is_set():
+                    raise LeadSquaredStoppedError("The task is stopping: the call was not sent.")
                 lease_id = uuid.uuid4().hex
                 grant = self.store.acquire(self.policy, lease_id)
                 if grant.lease_id is not None:
@@ -114,7 +124,9 @@ class AccountRateLimiter:
                         exception_type="DailyCallLimitReached",
                     )
                 poll = self._poll_seconds * random.uniform(0.5, 1.0)
-                time.sleep(max(0.001, min(grant.wait, poll)))
+                stop.wait(max(0.001, min(grant.wait, poll)))
+        finally:
+            self._turn.release()
 
     def release(self, lease: Lease) -> None:
         """The call's answer (or error) came: its lease ends one window from now."""
