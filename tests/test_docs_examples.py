@@ -118,4 +118,11 @@ def test_two_accounts(leadsquared_sandbox_factory: SandboxFactory) -> None:
     assert slow.url != fast.url
 
 
+@pytest.mark.leadsquared_sandbox(background_rate=1.0)  # the account's other integrations, 1 call/s
+def test_leaves_room_for_other_integrations(leadsquared_conn: Sandbox) -> None:
+    LeadSquaredHook().register_portal_user({"EmailAddress": "ravi@example.com"}, "Samplepassword@123")
+    assert leadsquared_conn.refusals_by_caller.get("background", 0) == 0
+    assert leadsquared_conn.calls_by_caller()["ours"]["accepted"] >= 1
+
+
 # [END pytest_plugin]
