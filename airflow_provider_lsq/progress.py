@@ -205,7 +205,7 @@ class RegistrationProgress:
         parts.append(f"{done / elapsed:.1f} rows/s, {calls / elapsed:.1f} calls/s")
         if not final and self.total is not None and done and self.total > done:
             parts.append(f"ETA {_duration((self.total - done) * elapsed / done)}")
-        parts.append(f"{failures} failed so far" if not final else f"{failures} failed")
+        parts.append(f"{failures} invalid or failed" + ("" if final else " so far"))
         if self.track_skips:
             parts.append(f"{skipped} skipped, {duplicates} duplicates")
         head = f"{self.label}: done in {_duration(elapsed)}" if final else self.label

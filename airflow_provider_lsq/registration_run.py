@@ -28,7 +28,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
-from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError, LeadSquaredValidationError
+from airflow_provider_lsq.exceptions import (
+    LeadSquaredAuthenticationError,
+    LeadSquaredConfigError,
+    LeadSquaredValidationError,
+)
 from airflow_provider_lsq.hooks.payload import build_lead_fields
 from airflow_provider_lsq.outcomes import NOT_SENT, RegistrationOutcome
 from airflow_provider_lsq.progress import RegistrationProgress
@@ -334,7 +338,7 @@ class RegistrationRun:
             )
             for outcome in outcomes:
                 self._take(outcome)
-        except LeadSquaredAuthenticationError as error:
+        except (LeadSquaredAuthenticationError, LeadSquaredConfigError) as error:  # no retry can fix them
             failure = AirflowFailException(self.hook.redact(error.message))
             failure.__cause__ = error
             self._stop_because(failure)

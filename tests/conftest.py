@@ -31,6 +31,9 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "airflow_provider_lsq" / "example_dags")
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{AIRFLOW_HOME / 'airflow.db'}"
 os.environ.pop("AIRFLOW_CONN_LEADSQUARED_DEFAULT", None)
+# The default shared budget files (one per sandbox account: every test sandbox has its own keys) go
+# under the test home, not the system temp dir, so test runs leave nothing behind there.
+os.environ.setdefault("LSQ_RATE_LIMIT_DIR", str(AIRFLOW_HOME / "rate-limits"))
 
 REQUIRE_SERVICES = os.environ.get("LSQ_REQUIRE_SERVICES") == "1"
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432

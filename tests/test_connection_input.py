@@ -211,3 +211,20 @@ def test_test_connection_with_wrong_keys_fails(sandbox: Sandbox, monkeypatch: py
     ok, message = LeadSquaredHook("lsq_wrong").test_connection()
     assert not ok and "wrong-secret-key" not in message
     assert calls_to(sandbox, PUBLIC_TOKEN_PATH) == 1
+
+
+@pytest.mark.parametrize("where", ["file-under-a-file", "missing-redis-connection"])
+def test_a_budget_storage_that_cannot_be_opened_names_the_field_and_sends_nothing(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, where: str
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the budget's folder should be")
+    if where == "file-under-a-file":
+        extra, field = {"rate_limit_storage": str(blocker / "budget.sqlite3")}, "rate_limit_storage"
+    else:
+        extra, field = {"rate_limit_redis_conn_id": "no_such_redis_conn"}, "rate_limit_redis_conn_id"
+    hook = LeadSquaredHook(connect(monkeypatch, sandbox, "lsq_storage", **extra))
+    with pytest.raises(LeadSquaredConfigError, match=f"'lsq_storage': field '{field}'") as raised:
+        hook.get_public_auth_key()
+    assert raised.value.field == field
+    assert not sandbox.calls  # nothing is sent without the budget

@@ -266,3 +266,18 @@ def test_leads_from_an_upstream_task_in_a_dag_run(
     for i in range(3):
         found = sb.find_lead("EmailAddress", f"upstream{i}@example.edu")
         assert found is not None and found.portal_user
+
+
+def test_a_connection_without_portal_id_fails_the_task_for_good_before_any_call(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No row can be registered without a portal: the task fails without Airflow's retries."""
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    sandbox = leadsquared_sandbox_factory(**FAST)
+    conn = json.loads(sandbox.connection_json())
+    conn["extra"].pop("portal_id")
+    monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+    with pytest.raises(AirflowFailException, match="no portal_id"):
+        run(RegisterPortalUserOperator(task_id="register", leads=[lead(1), lead(2)]))
+    assert not sandbox.calls

@@ -127,7 +127,7 @@ def test_line_with_known_total_has_eta_and_rates() -> None:
     assert "2.0 rows/s" in line
     assert "3.8 calls/s" in line  # 50 attempts in 13 s
     assert "ETA 37s" in line  # 74 rows left at 2 rows/s
-    assert "1 failed so far" in line
+    assert "1 invalid or failed so far" in line
 
 
 def test_line_without_total_has_no_eta() -> None:

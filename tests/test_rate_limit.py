@@ -343,8 +343,10 @@ def test_reserve_is_read_and_bounded() -> None:
     assert policy_for(config()).cap == 22  # 25 less 10%, rounded down: 3 calls per 5 s left to others
     assert policy_for(config(rate_limit_reserve=0, rate_limit_calls=10)).cap == 10
     assert policy_for(config(rate_limit_reserve=0.5, rate_limit_calls=1)).cap == 1
-    with pytest.raises(ValueError, match="rate_limit_reserve"):
-        config(rate_limit_reserve=1)
+    assert config(rate_limit_reserve=0.9).rate_limit_reserve == 0.9  # the form's bound
+    for beyond in (0.95, 1):
+        with pytest.raises(ValueError, match="'rate_limit_reserve' is the share of the plan"):
+            config(rate_limit_reserve=beyond)
 
 
 # -- Redis, through an Airflow connection of the official ``redis`` type --------------------------------

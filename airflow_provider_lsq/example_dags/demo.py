@@ -344,7 +344,10 @@ def main() -> int:
         elif already:
             say(f"Rerun: {calls} register calls, for applicants the ledger did not hold as registered yet.")
         else:
-            say("Run `make demo` again: the ledger makes the second run skip everyone (0 register calls).")
+            say(
+                "Run it again (`python -m airflow_provider_lsq.example_dags.demo`, or `make demo` in the "
+                "repository): the ledger makes the second run skip everyone (0 register calls)."
+            )
         say(f"Done in {time.monotonic() - started:.1f} s.")
         return 0 if code == 0 else 1
     finally:

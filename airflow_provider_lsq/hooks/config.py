@@ -37,6 +37,7 @@ def _extra(extras: dict[str, Any], name: str) -> Any:
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+MAX_RESERVE = 0.9  # the most of the plan a connection may leave to other integrations (the form's bound)
 # A storage value that cannot be meant as a file: another URI scheme, or a bare ``host:port``.
 _NOT_A_PATH = re.compile(r"^(?!sqlite:///)[A-Za-z][A-Za-z0-9+.-]*://|^[A-Za-z0-9.-]+:\d+$")
 
@@ -210,10 +211,10 @@ class LeadSquaredConfig:
                 "pip install 'airflow-provider-leadsquared[redis]'",
             )
         reserve = read.number("rate_limit_reserve", float, 0.1, allow_zero=True)
-        if reserve >= 1:
+        if reserve > MAX_RESERVE:
             raise read.error(
                 "rate_limit_reserve",
-                f"is the share of the plan left to other integrations, from 0 to below 1 (e.g. 0.2), "
+                f"is the share of the plan left to other integrations, from 0 to {MAX_RESERVE} (e.g. 0.2), "
                 f"got {reserve!r}",
             )
         daily = read.number("daily_call_limit", int, None)

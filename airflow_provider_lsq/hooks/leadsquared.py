@@ -21,6 +21,7 @@ from airflow_provider_lsq.connection_form import UI_FIELD_BEHAVIOUR, connection_
 from airflow_provider_lsq.exceptions import (
     LeadSquaredAPIError,
     LeadSquaredAuthenticationError,
+    LeadSquaredConfigError,
     LeadSquaredDailyLimitError,
     LeadSquaredError,
     LeadSquaredLeadExistsError,
@@ -176,7 +177,25 @@ class LeadSquaredHook(BaseHook):
 
     @cached_property
     def rate_limiter(self) -> AccountRateLimiter:
-        return AccountRateLimiter.for_account(self.config)
+        """The account's shared budget (opened once per process and account).
+
+        :raises LeadSquaredConfigError: the storage the connection names cannot be opened (a file
+            location that cannot be written, a missing ``redis`` connection, a Redis server down).
+        """
+        config = self.config
+        try:
+            return AccountRateLimiter.for_account(config)
+        except LeadSquaredError:
+            raise
+        except Exception as error:
+            field = "rate_limit_redis_conn_id" if config.rate_limit_redis_conn_id else "rate_limit_storage"
+            raise LeadSquaredConfigError(
+                f"Connection {self.leadsquared_conn_id!r}: field {field!r}: the shared rate-limit budget "
+                f"could not be opened ({type(error).__name__}: {self.redact(str(error))}). Check that "
+                "place, or set rate_limit_storage to a writable file path, or 'memory' (this process only).",
+                field=field,
+                conn_id=self.leadsquared_conn_id,
+            ) from error
 
     def get_conn(self) -> requests.Session:
         """The hook's pooled session (created once)."""
@@ -420,6 +439,21 @@ class LeadSquaredHook(BaseHook):
             mask_secret(password)  # only the masker: this call's own errors redact it (``_register``)
         return self._register(lead, password, only_new_leads, identifier_attribute)
 
+    def require_portal_id(self) -> str:
+        """The connection's portal id, which every registration needs.
+
+        :raises LeadSquaredConfigError: naming ``portal_id`` and the connection when it is missing.
+        """
+        portal_id = self.config.portal_id
+        if not portal_id:
+            raise LeadSquaredConfigError(
+                f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: registration "
+                "needs it (Workflow > Manage Portals in LeadSquared, in the page URL).",
+                field="portal_id",
+                conn_id=self.leadsquared_conn_id,
+            )
+        return portal_id
+
     def _register(
         self,
         lead: Mapping[str, Any],
@@ -428,13 +462,7 @@ class LeadSquaredHook(BaseHook):
         identifier_attribute: str | None,
     ) -> RegistrationResult:
         fields = build_lead_fields(lead, password, identifier_attribute=identifier_attribute)
-        portal_id = self.config.portal_id
-        if not portal_id:
-            raise LeadSquaredValidationError(
-                f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: registration "
-                "needs it (Workflow > Manage Portals in LeadSquared, in the page URL).",
-                field="portal_id",
-            )
+        portal_id = self.require_portal_id()
         headers = {
             "Authorization": self.get_public_auth_key(),
             "x-lsq-registertoken": self.get_registration_token(),
@@ -483,7 +511,8 @@ class LeadSquaredHook(BaseHook):
         """
         make_password = password_callable or (lambda _lead: generate_password())
         workers = max_workers or self.default_max_workers
-        self.get_public_auth_key()  # fail fast on bad keys or host, before any row is taken
+        self.require_portal_id()  # fail fast on what no row can survive, before any row is taken
+        self.get_public_auth_key()
         self.get_registration_token()
         stopping = self.stopping
 
