@@ -338,7 +338,12 @@ def test_counts_go_to_portal_outlets_only_and_another_portal_is_warned_about(
 ) -> None:
     from airflow_provider_lsq.assets import add_counts_to_portal_events
 
-    conn = {"conn_type": "leadsquared", "host": "portalapi.leadsquared.com", "login": "a", "password": "b"}
+    conn = {
+        "conn_type": "leadsquared",
+        "host": "portalapi.leadsquared.com",
+        "login": "u$AssetTestAccessKey",  # realistic keys: the masker would hide a one-letter key everywhere
+        "password": "AssetTestSecretKey+/=",
+    }
     conn["extra"] = {"portal_id": "mine"}  # type: ignore[assignment]
     monkeypatch.setenv("AIRFLOW_CONN_LSQ_ASSET_TEST", json.dumps(conn))
     mine = portal_asset("portalapi.leadsquared.com", "mine")
