@@ -466,3 +466,35 @@ def test_a_stop_while_the_account_is_paused_sends_nothing(monkeypatch: pytest.Mo
         assert sorted(outcome.key for outcome in outcomes) == sorted(key for key, _ in leads)
         assert {outcome.error_type for outcome in outcomes} == {NOT_SENT}
         assert calls_to(sandbox, REGISTER_PATH) == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", pytest.param("redis", marks=pytest.mark.redis)])
+def test_after_the_pause_every_store_admits_at_the_lowered_rate_spaced_out(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The three stores keep one rule: after a refusal's pause, calls come back at the lowered rate,
+    spread out (a Redis store once failed right here, on a missing script argument)."""
+    from airflow_provider_lsq.hooks.rate_limit.stores import MemoryLeaseStore
+
+    policy = _policy(cap=4, period=0.2)
+    account = f"test-{random.getrandbits(32):x}"
+    if kind == "memory":
+        store: Any = MemoryLeaseStore()
+    elif kind == "file":
+        store = SqliteLeaseStore(tmp_path / "budget.sqlite3", account)
+    else:
+        import redis
+
+        store = RedisLeaseStore(redis.Redis.from_url(request.getfixturevalue("redis_url")), account, "Redis")
+    first = store.acquire(policy, "a")
+    store.refused(policy, sent_at=first.at)
+    assert store.acquire(policy, "b").wait > 0  # paused
+    deadline = time.monotonic() + 10
+    granted = store.acquire(policy, "b")
+    while granted.lease_id is None and time.monotonic() < deadline:
+        time.sleep(max(0.01, granted.wait))
+        granted = store.acquire(policy, "b")
+    assert granted.lease_id == "b"
+    assert store.snapshot()["allowed"] == 3  # 75% of 4
+    spaced = store.acquire(policy, "c")
+    assert spaced.lease_id is None and spaced.wait > 0  # the next call waits its turn

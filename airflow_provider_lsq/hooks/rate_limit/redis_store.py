@@ -137,6 +137,7 @@ class RedisLeaseStore:
             policy.recovery_per_second,
             policy.daily_limit or 0,
             lease_id,
+            policy.period,
         ]
         kind, number = self._acquire(self._keys, args)
         kind = kind.decode() if isinstance(kind, bytes) else kind
