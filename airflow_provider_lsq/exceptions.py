@@ -89,5 +89,13 @@ class LeadSquaredTransientError(LeadSquaredError):
     """Connection errors, timeouts or gateway failures persisted through every retry."""
 
 
+class LeadSquaredBudgetUnavailableError(LeadSquaredError):
+    """The shared rate-limit budget (the Redis server, the file) cannot be reached: no call is sent.
+
+    It stops a bulk run, like a bad login: every row would meet it. Calls already made keep their
+    outcomes.
+    """
+
+
 class LeadSquaredStoppedError(LeadSquaredError):
     """The task is stopping (``on_kill``): a call still waiting for the rate limit was not sent."""

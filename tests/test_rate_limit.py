@@ -498,3 +498,67 @@ def test_after_the_pause_every_store_admits_at_the_lowered_rate_spaced_out(
     assert store.snapshot()["allowed"] == 3  # 75% of 4
     spaced = store.acquire(policy, "c")
     assert spaced.lease_id is None and spaced.wait > 0  # the next call waits its turn
+
+
+@pytest.mark.redis
+def test_redis_lost_mid_run_loses_no_outcome_of_a_call_made(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A Redis budget server that dies mid-run stops the run, naming the budget; every call LeadSquared
+    answered keeps its outcome (a lost lease update never discards an answer)."""
+    import shutil
+    import socket
+    import threading
+
+    from airflow_provider_lsq.exceptions import LeadSquaredBudgetUnavailableError
+
+    server_binary = shutil.which("redis-server")
+    if server_binary is None:
+        pytest.skip("redis-server is not installed: this test runs a Redis server of its own to stop it")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [server_binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                if client.ping():
+                    break
+            time.sleep(0.05)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_LSQ_TEST_REDIS_DOWN", json.dumps({"conn_type": "redis", "port": port})
+        )
+        with Sandbox(rate_limit_calls=20, rate_limit_period=1.0, latency=0.05) as sandbox:
+            hook = LeadSquaredHook(
+                connect(
+                    monkeypatch,
+                    sandbox,
+                    rate_limit_redis_conn_id="lsq_test_redis_down",
+                    max_retries=1,
+                    retry_wait_seconds=0.01,
+                )
+            )
+            leads = [(f"k{i}", {"EmailAddress": f"redis-down{i}@example.com"}) for i in range(60)]
+            threading.Timer(1.0, server.kill).start()
+            outcomes: dict[str, Any] = {}
+            with pytest.raises(LeadSquaredBudgetUnavailableError, match="rate-limit budget \\(Redis"):
+                for outcome in hook.register_portal_users(iter(leads), max_workers=4):
+                    outcomes[outcome.key] = outcome
+            registered_in_sandbox = {
+                key for key, lead in leads if sandbox.find_lead("EmailAddress", lead["EmailAddress"])
+            }
+    finally:
+        server.kill()
+        server.wait()
+    assert registered_in_sandbox  # the run got going before the server died
+    assert len(registered_in_sandbox) < len(leads)  # and stopped sending when it did
+    for key in registered_in_sandbox:  # no call LeadSquared answered is lost
+        assert outcomes[key].status is RegistrationStatus.REGISTERED, outcomes[key]

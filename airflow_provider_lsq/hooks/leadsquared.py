@@ -21,6 +21,7 @@ from airflow_provider_lsq.connection_form import UI_FIELD_BEHAVIOUR, connection_
 from airflow_provider_lsq.exceptions import (
     LeadSquaredAPIError,
     LeadSquaredAuthenticationError,
+    LeadSquaredBudgetUnavailableError,
     LeadSquaredConfigError,
     LeadSquaredDailyLimitError,
     LeadSquaredError,
@@ -40,6 +41,8 @@ from airflow_provider_lsq.passwords import generate_password
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping
+
+    from airflow_provider_lsq.hooks.rate_limit import Lease
 
 PUBLIC_TOKEN_PATH = "/api/Access/PublicToken"
 REGISTER_TOKEN_PATH = "/api/Access/GetRegisterToken"
@@ -308,18 +311,43 @@ class LeadSquaredHook(BaseHook):
         secrets: Iterable[str],
     ) -> Any:
         """One call inside the account's window: it holds its place from send until answer + period."""
+        limiter = self.rate_limiter
         with metrics.rate_limit_wait(self.leadsquared_conn_id):
-            lease = self.rate_limiter.acquire(stop=self.stopping)
+            try:
+                lease = limiter.acquire(stop=self.stopping)
+            except LeadSquaredError:
+                raise
+            except Exception as error:  # the shared store (Redis, the file) failed: nothing was sent
+                raise LeadSquaredBudgetUnavailableError(
+                    f"The shared rate-limit budget ({limiter.store.description}) could not be reached "
+                    f"({type(error).__name__}: {self.redact(str(error))}); nothing was sent."
+                ) from None
         with metrics.api_call(self.leadsquared_conn_id):  # counts a refusal as it leaves
             try:
                 response = self._send(method, url, query, json, headers, secrets)
             finally:
-                self.rate_limiter.release(lease)
+                self._tell_limiter(limiter.release, lease)
             try:
                 return parse_response(response, secrets)
             except LeadSquaredRateLimitError:
-                self.rate_limiter.refused(lease)
+                self._tell_limiter(limiter.refused, lease)
                 raise
+
+    def _tell_limiter(self, tell: Callable[[Lease], None], lease: Lease) -> None:
+        """Tell the shared budget how a sent call went; its failure never discards the call's answer.
+
+        A lease that cannot be settled stays held until it expires on its own (send + timeout + period),
+        which only slows callers down: the answer, and so the row's outcome, matters more.
+        """
+        try:
+            tell(lease)
+        except Exception as error:
+            self.log.warning(
+                "Could not update the shared rate-limit budget after a call (%s: %s); its place in the "
+                "window expires on its own.",
+                type(error).__name__,
+                self.redact(str(error)),
+            )
 
     def _send(
         self,
@@ -595,8 +623,8 @@ class LeadSquaredHook(BaseHook):
             result = self._register(lead, password, only_new_leads, identifier_attribute)
         except LeadSquaredValidationError as error:
             return RegistrationOutcome.invalid(key, error.message, error_type=error.error_type)
-        except LeadSquaredAuthenticationError:
-            raise
+        except (LeadSquaredAuthenticationError, LeadSquaredBudgetUnavailableError):
+            raise  # no row can get past it: the run stops, once every call made has its outcome
         except LeadSquaredStoppedError as error:
             if error.attempts <= 1:
                 return RegistrationOutcome.not_sent(key)  # it waited for the rate limit: never sent
