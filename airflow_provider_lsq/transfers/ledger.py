@@ -602,6 +602,26 @@ class RegistrationLedger:
             [*values, *params],
         )
 
+    def fill_identifiers(self, identifiers: Mapping[str, str]) -> None:
+        """Write ``lead_identifier`` for keys whose row has none yet (rows of an earlier release).
+
+        Rows that have one keep it: it names the lead as it was registered, whatever the data says now.
+        """
+        if not identifiers:
+            return
+
+        def write() -> None:
+            p = self._placeholder
+            with self._transaction() as cursor:
+                for key, fingerprint in identifiers.items():
+                    cursor.execute(
+                        f"UPDATE {self.table} SET {IDENTIFIER_COLUMN} = {p} WHERE portal_id = {p} "
+                        f"AND row_key = {p} AND {IDENTIFIER_COLUMN} IS NULL",
+                        [fingerprint, self.portal_id, key],
+                    )
+
+        self._with_retries(f"fill-in of {len(identifiers)} lead identifiers", write)
+
     def release(self, previous: Mapping[str, LedgerRow | None], *, run_id: str) -> None:
         """Undo this run's claims of rows it never sent: each goes back to what ``previous`` says."""
         if not previous:

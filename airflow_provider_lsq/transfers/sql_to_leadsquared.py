@@ -370,6 +370,7 @@ class _Transfer:
         self.reported_duplicates = self.reported_null = 0
         self.duplicate_leads = self.same_lead = 0  # rows of a lead met earlier in this run / held by a key
         self.reported_duplicate_leads = self.reported_same_lead = 0
+        self.filled_identifiers = 0  # registered rows of an earlier release given their lead identifier
 
     # -- the whole run (in the engine's thread: database connections stay in it) -------------------
 
@@ -457,6 +458,7 @@ class _Transfer:
                     keyed.append(self._keyed(key, self._lead(columns, key_index, record)))
             # One query each per batch: the rows' keys, and the leads other keys hold.
             known = self.ledger.lookup(item.key for item in keyed)
+            self._fill_identifiers(keyed, known)
             holders = self.ledger.lookup_identifiers(item.fingerprint for item in keyed if item.fingerprint)
             for item in keyed:
                 previous = known.get(item.key)
@@ -475,6 +477,24 @@ class _Transfer:
             except Exception:
                 self.log.error("Reading the query's rows failed after %d rows: stopping.", position)
                 raise
+
+    def _fill_identifiers(self, keyed: list[_Keyed], known: Mapping[str, LedgerRow]) -> None:
+        """Give rows an earlier release recorded as registered their lead's fingerprint (no call).
+
+        From then on another key of the same lead is recorded ``already_registered`` instead of sent.
+        Not in a dry run (it writes nothing).
+        """
+        missing = {
+            item.key: item.fingerprint
+            for item in keyed
+            if item.fingerprint is not None
+            and (row := known.get(item.key)) is not None
+            and row.registered
+            and row.lead_identifier is None
+        }
+        if missing and not self.op.is_dry_run:
+            self.ledger.fill_identifiers(missing)
+            self.filled_identifiers += len(missing)
 
     def _keyed(self, key: str, lead: dict[str, Any]) -> _Keyed:
         identifier = first_identifier(lead, self.op.identifier_attribute)
@@ -685,6 +705,11 @@ class _Transfer:
             )
         if self.reported_duplicates >= MAX_LOGGED_KEYS:
             self.log.warning("More duplicate keys were counted but not logged.")
+        if self.filled_identifiers:
+            self.log.info(
+                "%d registered rows recorded by an earlier release got their lead identifier.",
+                self.filled_identifiers,
+            )
         if self.same_lead:
             self.log.warning(
                 "%d rows recorded already_registered without a call: another row key holds the same lead "
