@@ -359,7 +359,7 @@ def describe(summary: dict[str, Any]) -> str:
         "invalid": "invalid",
         "failed": "failed",
         "skipped": "skipped (the ledger holds them as failed or invalid; retry_failed=True retries them)",
-        "duplicates": "duplicate keys",
+        "duplicates": "duplicates (a key or a lead met twice)",
     }
     parts = [f"{summary.get(name, 0)} {label}" for name, label in labels.items() if summary.get(name)]
     parts = parts or ["nothing to do"]

@@ -110,6 +110,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     - a key left ``pending`` (a run died with its call in flight) is sent again, logged at WARNING;
       a fresh ``pending`` of another run (within ``pending_timeout``) is that run's: skipped;
     - a key met twice in the query is reported (``duplicates``) and sent once;
+    - one lead, one registration: another key of this portal that holds the row's lead (the same
+      ``lead_identifier``, a fingerprint of the identifier sent first) as registered makes the row
+      ``already_registered`` with that lead id, no call; one holding it ``pending`` for another run
+      (within ``pending_timeout``) makes it skipped; a lead an earlier row of this run took makes it a
+      duplicate (``duplicates`` and ``duplicate_leads``), not sent and not recorded this run;
     - a row with a NULL key is invalid (named by its position; it cannot go in the ledger).
 
     Rows are marked ``pending`` in the ledger just before they are handed over (a few at a time),
