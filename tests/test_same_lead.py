@@ -151,6 +151,8 @@ def test_a_new_key_for_a_registered_lead_is_recorded_already_registered_without_
         [(9, f" {email(2).title()}", "Robert", None), (10, email(10), first_name(10), None)],
     )
     calls = sb.register_calls
+    dry = transfer(warehouse, dry_run=True).execute(context("dry"))  # foretells it, writes nothing
+    assert dry["already_registered"] == 1 and dry["valid"] == 1 and "9" not in warehouse.ledger()
     summary = transfer(warehouse).execute(context("r2"))
 
     assert sb.register_calls - calls == 1  # applicant 10 only
@@ -166,7 +168,7 @@ def test_a_new_key_for_a_registered_lead_is_recorded_already_registered_without_
     )
     assert ledger["2"]["status"] == "registered" and ledger["2"]["run_id"] == "r1"
     assert identifiers(warehouse)["9"] == identifiers(warehouse)["2"] == fingerprint_of(email(2))
-    assert task_log.count("Row key 9 is the lead of row key 2 (same EmailAddress)") == 1
+    assert task_log.count("Row key 9 is the lead of row key 2 (same EmailAddress)") == 2  # dry run too
     assert_no_raw_identifier(warehouse, [email(i) for i in range(1, 11)])
 
     # Later runs skip both keys: still one registration.

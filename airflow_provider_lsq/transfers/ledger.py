@@ -340,6 +340,12 @@ class RegistrationLedger:
         index = f"{name}_lead_identifier_idx"
         with self._transaction() as cursor:
             if self._dialect == "postgresql":
+                # Made already? Then take no lock at all (CREATE INDEX locks the table's writes first).
+                cursor.execute(
+                    f"SELECT to_regclass({self._placeholder})", [f"{schema}.{index}" if schema else index]
+                )
+                if cursor.fetchone()[0] is not None:
+                    return
                 cursor.execute(f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT}'")
                 statement = (
                     f"CREATE INDEX IF NOT EXISTS {index} ON {self.table} (portal_id, {IDENTIFIER_COLUMN})"
