@@ -27,8 +27,9 @@ class LeadSquaredRegistrationOutputDatasetFacet(OutputDatasetFacet):
     """How a registration run's rows ended on the portal: counts only, never a lead's data.
 
     ``registered``, ``alreadyRegistered``, ``invalid`` and ``failed`` count rows by outcome;
-    ``skipped`` rows the ledger already held, ``duplicates`` keys met twice in the query (the SQL
-    transfer only, else 0); ``total`` every row read; ``dryRun`` a run that made no call.
+    ``skipped`` rows the ledger already held, ``duplicates`` rows repeating a key or a lead met
+    earlier in the query (the SQL transfer only, else 0); ``total`` every row read; ``dryRun`` a
+    run that made no call.
     """
 
     registered: int

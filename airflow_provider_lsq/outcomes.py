@@ -7,6 +7,7 @@ from enum import Enum
 from typing import Any
 
 NOT_SENT = "NotSent"  # error type of a row the run stopped before sending
+SAME_LEAD = "SameLead"  # error type of a row whose lead another row key registered: no call made
 
 
 class RegistrationStatus(str, Enum):
@@ -72,6 +73,28 @@ class RegistrationOutcome:
             error_type=error_type,
             error_message=message,
             attempts=attempts,
+        )
+
+    @classmethod
+    def same_lead(
+        cls, key: str, *, other_key: str, attribute: str, lead_id: str | None, registered: bool = True
+    ) -> RegistrationOutcome:
+        """A row whose lead (found by ``attribute``, the identifier sent first) another row key holds.
+
+        ``registered``: the other key registered it (else it was recorded ``already_registered``).
+        No call is made and no password generated: registering again would reset the password.
+        """
+        how = (
+            "is a portal user already, registered"
+            if registered
+            else "exists already, recorded as already registered"
+        )
+        return cls(
+            key,
+            RegistrationStatus.ALREADY_REGISTERED,
+            lead_id=lead_id,
+            error_type=SAME_LEAD,
+            error_message=f"the lead {how} by row key {other_key} (same {attribute})",
         )
 
     @classmethod

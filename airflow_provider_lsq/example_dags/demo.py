@@ -253,8 +253,9 @@ def show_ledger(warehouse: Path) -> None:
             ).fetchall()
             for _count, low, high, lead_id in shared:
                 say(
-                    f"  #{low} and #{high} share an email: LeadSquared's register is an upsert, so both rows "
-                    f"are lead {lead_id}."
+                    f"  #{low} and #{high} share an email: one lead, {lead_id}, registered once (the "
+                    "other row is recorded already_registered, with no call: a second registration would "
+                    "reset the applicant's password)."
                 )
             say()
 
@@ -362,7 +363,7 @@ def describe(summary: dict[str, Any]) -> str:
         "invalid": "invalid",
         "failed": "failed",
         "skipped": "skipped (the ledger holds them as failed or invalid; retry_failed=True retries them)",
-        "duplicates": "duplicate keys",
+        "duplicates": "duplicates (a key or a lead met twice)",
     }
     parts = [f"{summary.get(name, 0)} {label}" for name, label in labels.items() if summary.get(name)]
     parts = parts or ["nothing to do"]

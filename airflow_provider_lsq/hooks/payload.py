@@ -138,3 +138,28 @@ def build_lead_fields(
     fields.append({"Attribute": PASSWORD_FIELD, "Value": password})
     fields.append({"Attribute": CONFIRM_PASSWORD_FIELD, "Value": password})
     return fields
+
+
+def first_identifier(
+    lead: Mapping[str, Any], identifier_attribute: str | None = None
+) -> tuple[str, str] | None:
+    """The unique identifier LeadSquared finds ``lead`` by: ``(attribute, value as sent)``, or None.
+
+    That is the one :func:`build_lead_fields` puts first: ``identifier_attribute`` when given, else the
+    first of :data:`UNIQUE_IDENTIFIERS` in the lead's order that has a value (a custom field the
+    account marks unique is known only when named by ``identifier_attribute``). None when the lead has
+    none, or its value cannot be sent (the lead is invalid then).
+    """
+    if not isinstance(lead, Mapping):
+        return None
+    wanted = (identifier_attribute,) if identifier_attribute is not None else UNIQUE_IDENTIFIERS
+    for attribute, raw in lead.items():
+        if attribute not in wanted:
+            continue
+        try:
+            value = format_value(attribute, raw)
+        except LeadSquaredValidationError:
+            return None
+        if value is not None:
+            return attribute, value
+    return None

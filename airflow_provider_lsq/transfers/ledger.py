@@ -2,7 +2,12 @@
 
 It is what makes the SQL transfer safe to rerun: a row the ledger holds as registered is never sent
 again, a transient failure is retried on the next run, a permanent one only when asked. It holds keys,
-lead ids, statuses and error messages: never a password and no other lead data.
+lead ids, statuses and error messages: never a password and no other lead data. It also holds, per
+row, a fingerprint of the lead identifier LeadSquared finds the lead by (``lead_identifier``: a sha256,
+see :func:`lead_fingerprint`), so that two row keys of one lead are known to be one person.
+
+A table made by an earlier release, without ``lead_identifier``, is migrated in place by
+:meth:`RegistrationLedger.ensure_table` (``ALTER TABLE ... ADD COLUMN``).
 
 Plain DB-API, portable across SQLite and PostgreSQL (and kept generic for other databases): writes
 are a DELETE of the batch's keys then an INSERT, in one transaction, with the hook's placeholder and
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import re
 import sqlite3
@@ -27,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import tenacity
 from airflow.providers.common.compat.sdk import AirflowException
 
+from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS
 from airflow_provider_lsq.outcomes import RegistrationStatus
 
 if TYPE_CHECKING:
@@ -44,7 +51,8 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S"
 _LOOKUP_CHUNK = 400  # keys per SELECT/DELETE: well under SQLite's oldest 999-parameter limit
-_INSERT_CHUNK = 50  # rows per INSERT: 13 columns, 650 parameters
+_INSERT_CHUNK = 50  # rows per INSERT: 14 columns, 700 parameters
+PG_LOCK_TIMEOUT = "5s"  # a migration waits this long for the table's lock, then retries (backoff)
 OK_STATUSES = frozenset({RegistrationStatus.REGISTERED.value, RegistrationStatus.ALREADY_REGISTERED.value})
 COLUMNS = (
     "portal_id",
@@ -60,13 +68,32 @@ COLUMNS = (
     "dag_id",
     "run_id",
     "retryable",
+    "lead_identifier",
 )
+IDENTIFIER_COLUMN = "lead_identifier"
+_CANONICAL = {name.lower(): name for name in UNIQUE_IDENTIFIERS}
 # Column types per dialect: (key/text, timestamp, boolean, false literal).
 _TYPES = {
     "sqlite": ("TEXT", "TEXT", "INTEGER", "0"),
     "postgresql": ("TEXT", "TIMESTAMP", "BOOLEAN", "FALSE"),
     "generic": ("VARCHAR(255)", "TIMESTAMP", "BOOLEAN", "FALSE"),
 }
+
+
+def lead_fingerprint(attribute: str, value: str) -> str:
+    """The ledger's ``lead_identifier``: sha256 hex of ``"<attribute>\n<normalised value>"``.
+
+    ``attribute`` is the identifier LeadSquared finds the lead by (the one sent first), ``value`` the
+    text sent for it. E-mail addresses are stripped and lower-cased (LeadSquared matches them without
+    regard to case); other values (Phone, Mobile, custom unique fields) are stripped. Standard
+    attribute names are spelled canonically (``emailaddress`` is ``EmailAddress``). The value cannot
+    be read back from the fingerprint, but it is unsalted, so anyone may compute it for an address
+    they know, e.g. in PostgreSQL: ``encode(sha256(convert_to('EmailAddress' || E'\n' ||
+    lower(trim(email)), 'UTF8')), 'hex')``.
+    """
+    name = _CANONICAL.get(attribute.lower(), attribute)
+    normalised = value.strip().lower() if name == "EmailAddress" else value.strip()
+    return hashlib.sha256(f"{name}\n{normalised}".encode()).hexdigest()
 
 
 class LedgerUnavailableError(AirflowException):
@@ -99,6 +126,7 @@ class LedgerRow:
     dag_id: str | None = None
     run_id: str | None = None
     retryable: bool = False
+    lead_identifier: str | None = None  # see lead_fingerprint; None when the row had no identifier
 
     @property
     def registered(self) -> bool:
@@ -239,10 +267,19 @@ class RegistrationLedger:
     def ensure_table(self) -> None:
         """Create the table if needed (committed at once, so a query may anti-join it right after).
 
-        On SQLite the file is switched to WAL, so that the transfer's streaming read of a warehouse
-        in the same file does not lock out the ledger's writes.
+        A table of an earlier release, without ``lead_identifier``, gets the column (``ALTER TABLE``);
+        on SQLite and PostgreSQL an index on ``(portal_id, lead_identifier)`` is created too (not on
+        other databases). Runs doing it at once all succeed: a step that loses the race is retried
+        and then finds the work done. On SQLite the file is switched to WAL, so that the transfer's
+        streaming read of a warehouse in the same file does not lock out the ledger's writes.
         """
-        self._with_retries("table creation", self._create_table)
+
+        def ensure() -> None:
+            self._create_table()
+            self._add_identifier_column()
+            self._create_identifier_index()
+
+        self._with_retries("table creation", ensure)
 
     def _create_table(self) -> None:
         # Two runs creating the table at once on PostgreSQL: one may fail on the catalog's unique
@@ -266,11 +303,59 @@ class RegistrationLedger:
                 dag_id {text},
                 run_id {text},
                 retryable {boolean} NOT NULL DEFAULT {false},
+                {IDENTIFIER_COLUMN} {text},
                 PRIMARY KEY (portal_id, row_key)
             )
         """
         with self._transaction() as cursor:
             cursor.execute(ddl)
+
+    def _columns(self) -> set[str]:
+        """The table's column names, lower-cased: from an empty SELECT's description (any DB-API)."""
+        with self._transaction() as cursor:
+            cursor.execute(f"SELECT * FROM {self.table} WHERE 1 = 0")
+            return {str(column[0]).lower() for column in cursor.description or ()}
+
+    def _add_identifier_column(self) -> None:
+        """Migrate a table of an earlier release: add ``lead_identifier`` (NULL for its rows)."""
+        if IDENTIFIER_COLUMN in self._columns():
+            return
+        text = _TYPES[self._dialect][0]
+        log.info("Ledger %s: adding the column %s (migration).", self.table, IDENTIFIER_COLUMN)
+        with self._transaction() as cursor:
+            if self._dialect == "postgresql":
+                # Wait a little for the table's lock (another run may be reading it), then retry, rather
+                # than queue every other run's writes behind this ALTER.
+                cursor.execute(f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT}'")
+                cursor.execute(
+                    f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {IDENTIFIER_COLUMN} {text}"
+                )
+            else:  # a concurrent run that added it first makes this fail: the retry finds the column
+                cursor.execute(f"ALTER TABLE {self.table} ADD COLUMN {IDENTIFIER_COLUMN} {text}")
+
+    def _create_identifier_index(self) -> None:
+        if self._dialect == "generic":
+            return
+        schema, _, name = self.table.rpartition(".")
+        index = f"{name}_lead_identifier_idx"
+        with self._transaction() as cursor:
+            if self._dialect == "postgresql":
+                # Made already? Then take no lock at all (CREATE INDEX locks the table's writes first).
+                cursor.execute(
+                    f"SELECT to_regclass({self._placeholder})", [f"{schema}.{index}" if schema else index]
+                )
+                if cursor.fetchone()[0] is not None:
+                    return
+                cursor.execute(f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT}'")
+                statement = (
+                    f"CREATE INDEX IF NOT EXISTS {index} ON {self.table} (portal_id, {IDENTIFIER_COLUMN})"
+                )
+            else:  # SQLite names the schema on the index, not on the table
+                qualified = f"{schema}.{index}" if schema else index
+                statement = (
+                    f"CREATE INDEX IF NOT EXISTS {qualified} ON {name} (portal_id, {IDENTIFIER_COLUMN})"
+                )
+            cursor.execute(statement)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -306,7 +391,7 @@ class RegistrationLedger:
 
     def _row(self, record: Sequence[Any]) -> LedgerRow:
         (key, lead_id, status, error_type, error_message, attempts, first, last, registered, dag_id,
-         run_id, retryable) = record  # fmt: skip
+         run_id, retryable, identifier) = record  # fmt: skip
         return LedgerRow(
             row_key=str(key),
             status=str(status),
@@ -320,7 +405,43 @@ class RegistrationLedger:
             dag_id=dag_id,
             run_id=run_id,
             retryable=bool(retryable),
+            lead_identifier=identifier,
         )
+
+    def lookup_identifiers(self, fingerprints: Iterable[str]) -> dict[str, list[LedgerRow]]:
+        """This portal's rows holding each fingerprint as registered, already registered or pending.
+
+        One query per 400 fingerprints (uses the ``(portal_id, lead_identifier)`` index); fingerprints
+        no such row holds are left out. Rows of every key are returned: the caller leaves its own out.
+        """
+        wanted = list(dict.fromkeys(fingerprints))
+        statuses = sorted(OK_STATUSES | {PENDING})
+
+        def read() -> dict[str, list[LedgerRow]]:
+            found: dict[str, list[LedgerRow]] = {}
+            columns = ", ".join(COLUMNS[1:])
+            conn = self.conn
+            cursor = conn.cursor()
+            try:
+                for start in range(0, len(wanted), _LOOKUP_CHUNK):
+                    chunk = wanted[start : start + _LOOKUP_CHUNK]
+                    cursor.execute(
+                        f"SELECT {columns} FROM {self.table} WHERE portal_id = {self._placeholder} "
+                        f"AND {IDENTIFIER_COLUMN} IN ({self._marks(len(chunk))}) "
+                        f"AND status IN ({self._marks(len(statuses))})",
+                        [self.portal_id, *chunk, *statuses],
+                    )
+                    for record in cursor.fetchall():
+                        row = self._row(record)
+                        found.setdefault(str(row.lead_identifier), []).append(row)
+            finally:
+                cursor.close()
+                conn.commit()  # end the read transaction
+            return found
+
+        if not wanted:
+            return {}
+        return self._with_retries("lookup of lead identifiers", read)
 
     @staticmethod
     def _from_db(value: Any) -> dt.datetime | None:
@@ -340,52 +461,90 @@ class RegistrationLedger:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def record(self, outcomes: Iterable[RegistrationOutcome], *, dag_id: str, run_id: str) -> int:
+    def record(
+        self,
+        outcomes: Iterable[RegistrationOutcome],
+        *,
+        dag_id: str,
+        run_id: str,
+        identifiers: Mapping[str, str | None] | None = None,
+    ) -> int:
         """Write a batch of outcomes in one transaction; return how many keys were written.
 
         ``attempts`` accumulate across runs; ``first_attempt_at`` and the first ``registered_at`` are
-        kept; a known lead id is kept when the new outcome has none.
+        kept; a known lead id is kept when the new outcome has none. ``identifiers`` gives each key's
+        ``lead_identifier`` (a :func:`lead_fingerprint`, or None: the row has none now); a key it
+        leaves out keeps the one recorded before.
         """
         batch = list(outcomes)
         if not batch:
             return 0
+        known = identifiers or {}
 
         def write() -> int:
             now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
             with self._transaction():
                 merged = self._select(outcome.key for outcome in batch)
                 for outcome in batch:
-                    merged[outcome.key] = self._merge(merged.get(outcome.key), outcome, now, dag_id, run_id)
+                    row = self._merge(merged.get(outcome.key), outcome, now, dag_id, run_id)
+                    if outcome.key in known:
+                        row = replace(row, lead_identifier=known[outcome.key])
+                    merged[outcome.key] = row
                 written = [merged[key] for key in dict.fromkeys(outcome.key for outcome in batch)]
                 self._replace(written)
             return len(written)
 
         return self._with_retries(f"write of {len(batch)} outcomes", write)
 
-    def claim(self, previous: Mapping[str, LedgerRow | None], *, dag_id: str, run_id: str) -> set[str]:
+    def claim(
+        self,
+        previous: Mapping[str, LedgerRow | None],
+        *,
+        dag_id: str,
+        run_id: str,
+        identifiers: Mapping[str, str | None] | None = None,
+        in_flight_since: dt.datetime | None = None,
+    ) -> set[str]:
         """Mark keys ``pending`` before their calls; return the keys this run now holds.
 
         A key is claimed only if its ledger row is still what ``previous`` says (absent, or the same
         status and run): a concurrent run that claimed it first keeps it, so no row is sent twice.
+        ``identifiers`` gives each key's :func:`lead_fingerprint`, written with the claim; a key is not
+        claimed when another key of this portal holds its fingerprint as registered, already
+        registered, or pending for another run since ``in_flight_since`` (the same lead, being sent
+        right now): no lead is sent twice either. On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a
+        transaction-level advisory lock per table and portal) claims are serialised, so that check
+        cannot race another run's claim; other databases only narrow the window.
         """
         if not previous:
             return set()
+        fingerprints = identifiers or {}
 
         def write() -> set[str]:
             now = self._to_db(dt.datetime.now(dt.timezone.utc).replace(microsecond=0))
+            since = self._to_db(in_flight_since) if in_flight_since is not None else now
             claimed: set[str] = set()
             p = self._placeholder
             with self._transaction() as cursor:
+                self._lock_claims(cursor)
                 for key, row in previous.items():
+                    fingerprint = fingerprints.get(key)
+                    if fingerprint is not None and self._held_elsewhere(
+                        cursor, key, fingerprint, run_id, since
+                    ):
+                        continue
                     if row is None:
-                        cursor.execute(*self._insert_if_absent(key, now, dag_id, run_id))
+                        cursor.execute(*self._insert_if_absent(key, now, dag_id, run_id, fingerprint))
                     else:
                         cursor.execute(
                             f"UPDATE {self.table} SET status = {p}, last_attempt_at = {p}, dag_id = {p}, "
-                            f"run_id = {p} WHERE portal_id = {p} AND row_key = {p} AND status = {p} "
-                            f"AND COALESCE(run_id, '') = {p}",
-                            [PENDING, now, dag_id, run_id, self.portal_id, key, row.status, row.run_id or ""],
-                        )
+                            f"run_id = {p}, {IDENTIFIER_COLUMN} = {p} WHERE portal_id = {p} "
+                            f"AND row_key = {p} AND status = {p} AND COALESCE(run_id, '') = {p}",
+                            [
+                                PENDING, now, dag_id, run_id, fingerprint or row.lead_identifier,
+                                self.portal_id, key, row.status, row.run_id or "",
+                            ],
+                        )  # fmt: skip
                     if cursor.rowcount != 1:
                         # Ours already? (an earlier attempt of this write committed but its answer was lost)
                         cursor.execute(
@@ -399,27 +558,75 @@ class RegistrationLedger:
 
         return self._with_retries(f"claim of {len(previous)} rows", write)
 
-    def _insert_if_absent(self, key: str, now: Any, dag_id: str, run_id: str) -> tuple[str, list[Any]]:
+    def _lock_claims(self, cursor: Any) -> None:
+        """Serialise claims of this table and portal (see :meth:`claim`) until the transaction ends."""
+        conn = self.conn
+        if self._dialect == "sqlite" and isinstance(conn, sqlite3.Connection) and not conn.in_transaction:
+            cursor.execute("BEGIN IMMEDIATE")  # the write lock now, so the checks read the latest rows
+        elif self._dialect == "postgresql":
+            digest = hashlib.sha256(f"{self.table}\n{self.portal_id}".encode()).digest()
+            cursor.execute(
+                f"SELECT pg_advisory_xact_lock({self._placeholder})",
+                [int.from_bytes(digest[:8], "big", signed=True)],
+            )
+
+    def _held_elsewhere(self, cursor: Any, key: str, fingerprint: str, run_id: str, since: Any) -> bool:
+        """Another key holds ``fingerprint``: registered, or pending for another run since ``since``."""
+        p = self._placeholder
+        cursor.execute(
+            f"SELECT row_key FROM {self.table} WHERE portal_id = {p} AND {IDENTIFIER_COLUMN} = {p} "
+            f"AND row_key <> {p} AND (status IN ({p}, {p}) OR (status = {p} "
+            f"AND COALESCE(run_id, '') <> {p} AND last_attempt_at >= {p}))",
+            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES), PENDING, run_id, since],
+        )
+        return cursor.fetchone() is not None
+
+    def _insert_if_absent(
+        self, key: str, now: Any, dag_id: str, run_id: str, fingerprint: str | None = None
+    ) -> tuple[str, list[Any]]:
         """The statement (and parameters) that claims an absent ``key``; a no-op when a row exists.
 
         SQLite and PostgreSQL say it with ``ON CONFLICT DO NOTHING``; other databases with plain SQL
         (``INSERT ... SELECT ... WHERE NOT EXISTS``), where a concurrent claim fails on the primary key
         and the write's retry then finds the row held.
         """
-        columns = "portal_id, row_key, status, attempts, first_attempt_at, last_attempt_at, dag_id, run_id"
-        values = [self.portal_id, key, PENDING, 0, now, now, dag_id, run_id]
+        columns = (
+            "portal_id, row_key, status, attempts, first_attempt_at, last_attempt_at, dag_id, run_id, "
+            f"{IDENTIFIER_COLUMN}"
+        )
+        values = [self.portal_id, key, PENDING, 0, now, now, dag_id, run_id, fingerprint]
         if self._dialect in ("sqlite", "postgresql"):
             return (
-                f"INSERT INTO {self.table} ({columns}) VALUES ({self._marks(8)}) "
+                f"INSERT INTO {self.table} ({columns}) VALUES ({self._marks(len(values))}) "
                 "ON CONFLICT (portal_id, row_key) DO NOTHING",
                 values,
             )
         where, params = self._where_keys([key])
         return (
-            f"INSERT INTO {self.table} ({columns}) SELECT {self._marks(8)} "
+            f"INSERT INTO {self.table} ({columns}) SELECT {self._marks(len(values))} "
             f"WHERE NOT EXISTS (SELECT 1 FROM {self.table} {where})",
             [*values, *params],
         )
+
+    def fill_identifiers(self, identifiers: Mapping[str, str]) -> None:
+        """Write ``lead_identifier`` for keys whose row has none yet (rows of an earlier release).
+
+        Rows that have one keep it: it names the lead as it was registered, whatever the data says now.
+        """
+        if not identifiers:
+            return
+
+        def write() -> None:
+            p = self._placeholder
+            with self._transaction() as cursor:
+                for key, fingerprint in identifiers.items():
+                    cursor.execute(
+                        f"UPDATE {self.table} SET {IDENTIFIER_COLUMN} = {p} WHERE portal_id = {p} "
+                        f"AND row_key = {p} AND {IDENTIFIER_COLUMN} IS NULL",
+                        [fingerprint, self.portal_id, key],
+                    )
+
+        self._with_retries(f"fill-in of {len(identifiers)} lead identifiers", write)
 
     def release(self, previous: Mapping[str, LedgerRow | None], *, run_id: str) -> None:
         """Undo this run's claims of rows it never sent: each goes back to what ``previous`` says."""
@@ -505,6 +712,7 @@ class RegistrationLedger:
             attempts=previous.attempts + row.attempts,
             first_attempt_at=previous.first_attempt_at or now,
             registered_at=previous.registered_at or row.registered_at,
+            lead_identifier=previous.lead_identifier,
         )
 
     def _replace(self, rows: Sequence[LedgerRow]) -> None:
@@ -545,4 +753,5 @@ class RegistrationLedger:
             row.dag_id,
             row.run_id,
             retryable,
+            row.lead_identifier,
         ]

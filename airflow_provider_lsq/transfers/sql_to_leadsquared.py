@@ -12,19 +12,19 @@ import datetime as dt
 import sqlite3
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.providers.common.compat.sdk import AirflowFailException, BaseHook, BaseOperator
 from airflow.providers.common.sql.hooks.sql import DbApiHook
 
 from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS
+from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, first_identifier
 from airflow_provider_lsq.lineage import transfer_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
-from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger
+from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger, lead_fingerprint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from airflow_provider_lsq.registration_run import Row
 
-MAX_LOGGED_KEYS = 50  # duplicate keys and NULL-key positions logged one by one, then only counted
+MAX_LOGGED_KEYS = 50  # duplicate keys and leads, NULL-key positions: logged one by one, then counted
 # LeadSquared's standard attribute schema names: a result column equal to one but for case was folded
 # (PostgreSQL lower-cases unquoted aliases) and would be refused on every row.
 STANDARD_ATTRIBUTES = (
@@ -61,16 +61,27 @@ def get_db_hook(conn_id: str, parameter: str) -> DbApiHook:
 
 
 class _SeenKeys:
-    """The row keys met so far in this run, in a private temporary SQLite file: memory stays flat."""
+    """The row keys and leads (their ``lead_identifier`` fingerprints) met so far in this run, in a
+    private temporary SQLite file: memory stays flat."""
 
     def __init__(self) -> None:
         self._db = sqlite3.connect("")  # "" = a temporary on-disk database, deleted on close
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, reported INTEGER NOT NULL DEFAULT 0)")
+        self._db.execute("CREATE TABLE leads (fingerprint TEXT PRIMARY KEY, key TEXT NOT NULL)")
 
     def add(self, key: str) -> bool:
         """Remember ``key``; False when it was already there."""
         return self._db.execute("INSERT OR IGNORE INTO seen (key) VALUES (?)", (key,)).rowcount == 1
+
+    def add_lead(self, fingerprint: str, key: str) -> str | None:
+        """Remember the lead ``fingerprint`` as handed over by row ``key``; the earlier row's key if any."""
+        if self._db.execute(
+            "INSERT OR IGNORE INTO leads (fingerprint, key) VALUES (?, ?)", (fingerprint, key)
+        ).rowcount:
+            return None
+        first = self._db.execute("SELECT key FROM leads WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        return str(first[0])
 
     def first_report(self, key: str) -> bool:
         """True the first time a duplicate ``key`` is reported."""
@@ -99,6 +110,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     - a key left ``pending`` (a run died with its call in flight) is sent again, logged at WARNING;
       a fresh ``pending`` of another run (within ``pending_timeout``) is that run's: skipped;
     - a key met twice in the query is reported (``duplicates``) and sent once;
+    - one lead, one registration: another key of this portal that holds the row's lead (the same
+      ``lead_identifier``, a fingerprint of the identifier sent first) as registered makes the row
+      ``already_registered`` with that lead id, no call; one holding it ``pending`` for another run
+      (within ``pending_timeout``) makes it skipped; a lead an earlier row of this run took makes it a
+      duplicate (``duplicates`` and ``duplicate_leads``), not sent and not recorded this run;
     - a row with a NULL key is invalid (named by its position; it cannot go in the ledger).
 
     Rows are marked ``pending`` in the ledger just before they are handed over (a few at a time),
@@ -211,7 +227,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
         )
-        sink = LedgerSink(ledger, dag_id=dag_id, run_id=run_id)
+        sink = LedgerSink(ledger, dag_id=dag_id, run_id=run_id, pending_timeout=self.pending_timeout)
         self._run = run = RegistrationRun.for_operator(
             self, hook=lsq_hook, sink=sink, total=None, track_skips=True, batch_size=self.batch_size
         )
@@ -226,6 +242,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
             verdict=transfer.verdict,
             skipped_failed=transfer.skipped_failed,
             resent_pending=transfer.resent_pending,
+            duplicate_leads=transfer.duplicate_leads,
             from_earlier_tries=transfer.earlier_tries,
             on_summary=lambda summary: publish_counts(self, context, summary),
         )
@@ -267,20 +284,51 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 cursor.close()
 
 
+_EARLIEST = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+_LATEST = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+
+
+class _Keyed(NamedTuple):
+    """A keyed row of a batch: its lead and the identifier LeadSquared finds the lead by."""
+
+    key: str
+    lead: dict[str, Any]
+    attribute: str | None  # the identifier sent first; None when the lead has none
+    fingerprint: str | None  # its lead_fingerprint
+
+
 class LedgerSink(OutcomeSink):
     """The engine's records go to the ledger; claims mark rows ``pending`` before their calls."""
 
-    def __init__(self, ledger: RegistrationLedger, *, dag_id: str, run_id: str) -> None:
+    def __init__(
+        self,
+        ledger: RegistrationLedger,
+        *,
+        dag_id: str,
+        run_id: str,
+        pending_timeout: dt.timedelta = dt.timedelta(minutes=10),
+    ) -> None:
         self.ledger = ledger
         self.dag_id = dag_id
         self.run_id = run_id
+        self.pending_timeout = pending_timeout
         self.known: dict[str, LedgerRow | None] = {}  # what the ledger held for rows about to be claimed
         self.claimed: dict[str, LedgerRow | None] = {}  # claimed rows not yet recorded: their previous rows
+        self.identifiers: dict[str, str | None] = {}  # lead_identifier of rows handed over, until recorded
 
     def claim(self, keys: list[str]) -> set[str]:
         previous = {key: self.known.pop(key, None) for key in keys}
-        claimed = self.ledger.claim(previous, dag_id=self.dag_id, run_id=self.run_id)
+        claimed = self.ledger.claim(
+            previous,
+            dag_id=self.dag_id,
+            run_id=self.run_id,
+            identifiers={key: self.identifiers.get(key) for key in keys},
+            in_flight_since=dt.datetime.now(dt.timezone.utc) - self.pending_timeout,
+        )
         self.claimed.update((key, previous[key]) for key in claimed)
+        for key in keys:
+            if key not in claimed:
+                self.identifiers.pop(key, None)
         return claimed
 
     def release_unrecorded(self, keep: set[str]) -> None:
@@ -288,12 +336,15 @@ class LedgerSink(OutcomeSink):
         self.ledger.release(released, run_id=self.run_id)
         for key in released:
             del self.claimed[key]
+            self.identifiers.pop(key, None)
 
     def write(self, outcomes: list[RegistrationOutcome]) -> None:
-        self.ledger.record(outcomes, dag_id=self.dag_id, run_id=self.run_id)
+        identifiers = {o.key: self.identifiers[o.key] for o in outcomes if o.key in self.identifiers}
+        self.ledger.record(outcomes, dag_id=self.dag_id, run_id=self.run_id, identifiers=identifiers)
         for outcome in outcomes:
             self.claimed.pop(outcome.key, None)
             self.known.pop(outcome.key, None)  # invalid rows are recorded without a claim
+            self.identifiers.pop(outcome.key, None)
 
 
 class _Transfer:
@@ -322,6 +373,9 @@ class _Transfer:
         self.skipped_done = self.skipped_failed = self.earlier_tries = 0
         self.resent_pending = self.pending_elsewhere = 0
         self.reported_duplicates = self.reported_null = 0
+        self.duplicate_leads = self.same_lead = 0  # rows of a lead met earlier in this run / held by a key
+        self.reported_duplicate_leads = self.reported_same_lead = 0
+        self.filled_identifiers = 0  # registered rows of an earlier release given their lead identifier
 
     # -- the whole run (in the engine's thread: database connections stay in it) -------------------
 
@@ -400,26 +454,134 @@ class _Transfer:
     ) -> Iterator[Row]:
         position = 0
         while records:
-            keyed: list[tuple[str, Sequence[Any]]] = []
+            keyed: list[_Keyed] = []
             for row in records:
                 position += 1
                 record = tuple(row.values()) if isinstance(row, Mapping) else row  # dict cursors too
                 key = self._key(position, record[key_index], seen)
                 if key is not None:
-                    keyed.append((key, record))
-            known = self.ledger.lookup(key for key, _ in keyed)
-            for key, record in keyed:
-                previous = known.get(key)
-                lead = self._lead(columns, key_index, record)
-                if self._wanted(key, lead, previous):
-                    if previous is not None and not self.op.is_dry_run:
-                        self.sink.known[key] = previous  # until its claim or its record
-                    yield key, lead
+                    keyed.append(self._keyed(key, self._lead(columns, key_index, record)))
+            # One query each per batch: the rows' keys, and the leads other keys hold.
+            known = self.ledger.lookup(item.key for item in keyed)
+            self._fill_identifiers(keyed, known)
+            holders = self.ledger.lookup_identifiers(item.fingerprint for item in keyed if item.fingerprint)
+            for item in keyed:
+                previous = known.get(item.key)
+                if not self._wanted(item.key, item.lead, previous):
+                    continue
+                decided = self._same_lead(item, previous, holders, seen)
+                if decided is None:
+                    continue
+                if not self.op.is_dry_run:
+                    self.sink.identifiers[item.key] = item.fingerprint  # until its record
+                    if previous is not None and not isinstance(decided, RegistrationOutcome):
+                        self.sink.known[item.key] = previous  # until its claim or its record
+                yield decided
             try:
                 records = cursor.fetchmany(self.op.batch_size)
             except Exception:
                 self.log.error("Reading the query's rows failed after %d rows: stopping.", position)
                 raise
+
+    def _fill_identifiers(self, keyed: list[_Keyed], known: Mapping[str, LedgerRow]) -> None:
+        """Give rows an earlier release recorded as registered their lead's fingerprint (no call).
+
+        From then on another key of the same lead is recorded ``already_registered`` instead of sent.
+        Not in a dry run (it writes nothing).
+        """
+        missing = {
+            item.key: item.fingerprint
+            for item in keyed
+            if item.fingerprint is not None
+            and (row := known.get(item.key)) is not None
+            and row.registered
+            and row.lead_identifier is None
+        }
+        if missing and not self.op.is_dry_run:
+            self.ledger.fill_identifiers(missing)
+            self.filled_identifiers += len(missing)
+
+    def _keyed(self, key: str, lead: dict[str, Any]) -> _Keyed:
+        identifier = first_identifier(lead, self.op.identifier_attribute)
+        if identifier is None:
+            return _Keyed(key, lead, None, None)
+        return _Keyed(key, lead, identifier[0], lead_fingerprint(*identifier))
+
+    def _same_lead(
+        self,
+        item: _Keyed,
+        previous: LedgerRow | None,
+        holders: Mapping[str, list[LedgerRow]],
+        seen: _SeenKeys,
+    ) -> Row | None:
+        """The row for the engine once its lead is checked, or None when it is not sent this run.
+
+        - invalid: its ``invalid`` outcome (a duplicate or not, it cannot be sent);
+        - its lead was handed over by an earlier row of this run: a duplicate, not recorded this run
+          (the next run finds that row's outcome);
+        - another key holds the lead as registered (or already registered): ``already_registered``
+          with that key's lead id, no call (a call would reset the portal password);
+        - another run is sending the lead under another key right now: skipped, like its pending row.
+        """
+        invalid = check_lead(item.key, item.lead, self.op.identifier_attribute)
+        if invalid is not None:
+            return invalid
+        if item.fingerprint is None or item.attribute is None:
+            return item.key, item.lead  # cannot happen for a valid lead: it has an identifier
+        first = seen.add_lead(item.fingerprint, item.key)
+        if first is not None:
+            self.duplicate_leads += 1
+            self.progress.add_duplicate()
+            if self.reported_duplicate_leads < MAX_LOGGED_KEYS:
+                self.reported_duplicate_leads += 1
+                self.log.warning(
+                    "Row key %s is the same lead as row key %s of this run (same %s): not sent, not "
+                    "recorded this run (the next run records it from row key %s's outcome).",
+                    item.key,
+                    first,
+                    item.attribute,
+                    first,
+                )
+            return None
+        others = [row for row in holders.get(item.fingerprint, ()) if row.row_key != item.key]
+        done = sorted(
+            (row for row in others if row.registered),
+            key=lambda row: (row.status != "registered", row.registered_at or _LATEST, row.row_key),
+        )
+        if done:
+            holder = done[0]
+            self.same_lead += 1
+            if self.reported_same_lead < MAX_LOGGED_KEYS:
+                self.reported_same_lead += 1
+                self.log.warning(
+                    "Row key %s is the lead of row key %s (same %s), %s already: recorded "
+                    "already_registered, not sent.",
+                    item.key,
+                    holder.row_key,
+                    item.attribute,
+                    "a portal user" if holder.status == "registered" else "recorded as registered",
+                )
+            return RegistrationOutcome.same_lead(
+                item.key,
+                other_key=holder.row_key,
+                attribute=item.attribute,
+                lead_id=holder.lead_id,
+                registered=holder.status == "registered",
+            )
+        if any(self._in_flight_elsewhere(row) for row in others):
+            self.pending_elsewhere += 1  # another run is sending this lead under another key
+            self.progress.add_skipped()
+            return None
+        if previous is not None and previous.pending:
+            self.resent_pending += 1
+        return item.key, item.lead
+
+    def _in_flight_elsewhere(self, row: LedgerRow) -> bool:
+        """``row`` is pending for another run, younger than ``pending_timeout``: being sent right now."""
+        if not row.pending or row.run_id == self.run_id:
+            return False
+        age = dt.datetime.now(dt.timezone.utc) - (row.last_attempt_at or _EARLIEST)
+        return age < self.op.pending_timeout
 
     def _wanted(self, key: str, lead: dict[str, Any], previous: LedgerRow | None) -> bool:
         """Whether a row the ledger knows as ``previous`` goes to the engine (validation, maybe a call)."""
@@ -462,15 +624,11 @@ class _Transfer:
             self.progress.add_skipped()
             return False
         if previous.pending:
-            age = dt.datetime.now(dt.timezone.utc) - (
-                previous.last_attempt_at or dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-            )
-            if previous.run_id != self.run_id and age < self.op.pending_timeout:
+            if self._in_flight_elsewhere(previous):
                 self.pending_elsewhere += 1  # another run holds it right now
                 self.progress.add_skipped()
                 return False
-            self.resent_pending += 1
-            return True
+            return True  # counted in resent_pending once it is sent
         if previous.retryable or self.op.retry_failed:
             return True
         self.skipped_failed += 1
@@ -552,3 +710,19 @@ class _Transfer:
             )
         if self.reported_duplicates >= MAX_LOGGED_KEYS:
             self.log.warning("More duplicate keys were counted but not logged.")
+        if self.filled_identifiers:
+            self.log.info(
+                "%d registered rows recorded by an earlier release got their lead identifier.",
+                self.filled_identifiers,
+            )
+        if self.same_lead:
+            self.log.warning(
+                "%d rows recorded already_registered without a call: another row key holds the same lead "
+                "(same identifier).",
+                self.same_lead,
+            )
+        if self.duplicate_leads:
+            self.log.warning(
+                "%d rows not sent: the same lead as an earlier row of this run (counted in duplicates).",
+                self.duplicate_leads,
+            )
