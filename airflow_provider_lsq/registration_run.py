@@ -350,7 +350,9 @@ class RegistrationRun:
             self._release_unsent()
         if self._unrecorded:
             self._log_unrecorded("the ledger could not be written")
-            raise AirflowException(
+            # No Airflow retry: it would send the rows still ``pending`` again before a person could
+            # record these outcomes (each of them registered a lead that a re-send would reset).
+            raise AirflowFailException(
                 f"{len(self._unrecorded)} outcomes could not be recorded (listed above, by row key, "
                 "status and lead id): record them by hand before the next run."
             ) from self._stop_error

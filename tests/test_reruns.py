@@ -171,7 +171,7 @@ def test_a_ledger_down_past_its_bound_fails_the_task_and_logs_what_to_reconcile(
     holder = threading.Thread(target=hold)
     holder.start()
     try:
-        with pytest.raises(AirflowException, match="could not be recorded"):
+        with pytest.raises(AirflowFailException, match="could not be recorded"):
             transfer(sqlite_warehouse, batch_size=10, max_workers=4, ledger_write_timeout=1.0).execute(
                 context()
             )
