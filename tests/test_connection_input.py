@@ -228,3 +228,27 @@ def test_a_budget_storage_that_cannot_be_opened_names_the_field_and_sends_nothin
         hook.get_public_auth_key()
     assert raised.value.field == field
     assert not sandbox.calls  # nothing is sent without the budget
+
+
+def test_a_malformed_deprecated_redis_uri_never_shows_its_password(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unencoded ``/`` in the password makes redis-py quote part of it as the 'port'."""
+    import warnings
+
+    password = "R3d$Pw+/=&x"
+    storage = f"redis://:{password}@127.0.0.1:6379/0"
+    hook = LeadSquaredHook(connect(monkeypatch, sandbox, "lsq_bad_uri", rate_limit_storage=storage))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(LeadSquaredConfigError, match="'rate_limit_storage'") as raised:
+            hook.get_public_auth_key()
+    error = raised.value
+    texts = [
+        str(error),
+        repr(error.__cause__),
+        repr(error.__context__) if not error.__suppress_context__ else "",
+    ]
+    for fragment in ("R3d$Pw+", "R3d", password):
+        assert all(fragment not in text for text in texts), texts
+    assert not sandbox.calls

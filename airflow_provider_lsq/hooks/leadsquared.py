@@ -32,10 +32,15 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredTransientError,
     LeadSquaredValidationError,
 )
-from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url
+from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url, is_redis_uri
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, build_lead_fields
 from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter
-from airflow_provider_lsq.hooks.responses import parse_response, redact, secret_forms
+from airflow_provider_lsq.hooks.responses import (
+    parse_response,
+    redact,
+    redact_key_params_in,
+    secret_forms,
+)
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationResult
 from airflow_provider_lsq.passwords import generate_password
 
@@ -192,13 +197,18 @@ class LeadSquaredHook(BaseHook):
             raise
         except Exception as error:
             field = "rate_limit_redis_conn_id" if config.rate_limit_redis_conn_id else "rate_limit_storage"
-            raise LeadSquaredConfigError(
+            # A Redis URI's parse error can quote part of its password: name the error's type only.
+            detail = "" if is_redis_uri(config.rate_limit_storage) else f": {self.redact(str(error))}"
+            failure = LeadSquaredConfigError(
                 f"Connection {self.leadsquared_conn_id!r}: field {field!r}: the shared rate-limit budget "
-                f"could not be opened ({type(error).__name__}: {self.redact(str(error))}). Check that "
-                "place, or set rate_limit_storage to a writable file path, or 'memory' (this process only).",
+                f"could not be opened ({type(error).__name__}{detail}). Check that place, or set "
+                "rate_limit_storage to a writable file path, or 'memory' (this process only).",
                 field=field,
                 conn_id=self.leadsquared_conn_id,
-            ) from error
+            )
+            if detail:
+                raise failure from error
+            raise failure from None
 
     def get_conn(self) -> requests.Session:
         """The hook's pooled session (created once)."""
@@ -206,6 +216,7 @@ class LeadSquaredHook(BaseHook):
 
     @cached_property
     def _session(self) -> requests.Session:
+        redact_key_params_in("urllib3.connectionpool")  # its DEBUG request lines carry the keys
         session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=0)
         session.mount("https://", adapter)

@@ -6,6 +6,7 @@ The API's error envelope can come with any status code (a rate-limit refusal has
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus
@@ -40,6 +41,29 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted({form for s in secrets if s for form in secret_forms(s)}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return _KEY_PARAMS.sub(r"\1***", text)
+
+
+class KeyParamsLogFilter(logging.Filter):
+    """Redact ``accessKey``/``secretKey`` query parameters from a logger's records.
+
+    urllib3 logs every request line with its URL at DEBUG (``urllib3.connectionpool``); the portal API
+    takes the keys as query parameters (the API notes), so a DEBUG log level would print them. The
+    filter rewrites the record's message before any handler (or Airflow's masker) sees it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _KEY_PARAMS.sub(r"\1***", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def redact_key_params_in(logger_name: str) -> None:
+    """Attach :class:`KeyParamsLogFilter` to ``logger_name`` (once)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(existing, KeyParamsLogFilter) for existing in logger.filters):
+        logger.addFilter(KeyParamsLogFilter())
 
 
 def _json_body(response: requests.Response) -> Any:
