@@ -88,3 +88,16 @@ class TaskLog:
     def count(self, text: str) -> int:
         """Occurrences of ``text`` in the log (Airflow 2 writes each line to both sources)."""
         return max(source.count(text) for source in self.sources())
+
+
+def call_execute(op: Any, context: Any) -> Any:
+    """Run ``op``'s own ``execute`` (as a task process would); its result, or the exception it raised.
+
+    For operators run on threads: Airflow 2's executor safeguard keeps per-thread state set up on the
+    main thread only, so the wrapped ``execute`` is called directly.
+    """
+    execute = getattr(type(op).execute, "__wrapped__", type(op).execute)
+    try:
+        return execute(op, context)
+    except BaseException as error:
+        return error

@@ -15,6 +15,7 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 from airflow_provider_lsq.exceptions import LeadSquaredLeadExistsError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from tests import test_transfer_sql as base
+from tests.helpers import call_execute
 from tests.test_transfer_sql import Warehouse, applicants, context, email, first_name, transfer
 
 if TYPE_CHECKING:
@@ -321,14 +322,8 @@ def test_two_transfers_on_one_new_ledger_at_once_record_every_row_once(
 
     def run(run_id: str) -> None:
         op = transfer(warehouse, batch_size=10, max_workers=4)
-        # Two task processes in production; two threads here. Airflow 2's executor safeguard keeps
-        # per-thread state set up on the main thread only: call the operator's own execute.
-        execute = getattr(type(op).execute, "__wrapped__", type(op).execute)
-        start.wait()
-        try:
-            results[run_id] = execute(op, context(run_id))
-        except BaseException as error:
-            results[run_id] = error
+        start.wait()  # two task processes in production; two threads here
+        results[run_id] = call_execute(op, context(run_id))
 
     threads = [threading.Thread(target=run, args=(f"run_{i}",)) for i in (1, 2)]
     for thread in threads:

@@ -15,6 +15,7 @@ from airflow_provider_lsq.hooks.payload import first_identifier
 from airflow_provider_lsq.transfers.ledger import RegistrationLedger, lead_fingerprint
 from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
 from tests import test_transfer_sql as base
+from tests.helpers import call_execute
 from tests.test_transfer_sql import Warehouse, applicants, context, email, first_name, transfer
 
 if TYPE_CHECKING:
@@ -210,12 +211,8 @@ def test_two_runs_at_once_with_different_keys_of_the_same_leads_register_each_le
 
     def run(run_id: str) -> None:
         op = transfer(warehouse, sql=sqls[run_id], batch_size=5, max_workers=4)
-        execute = getattr(type(op).execute, "__wrapped__", type(op).execute)
         start.wait()
-        try:
-            results[run_id] = execute(op, context(run_id))
-        except BaseException as error:
-            results[run_id] = error
+        results[run_id] = call_execute(op, context(run_id))
 
     threads = [threading.Thread(target=run, args=(run_id,)) for run_id in sqls]
     for thread in threads:

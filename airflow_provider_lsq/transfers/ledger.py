@@ -652,36 +652,27 @@ class RegistrationLedger:
 
     def run_counts(self, *, dag_id: str, run_id: str) -> dict[str, int]:
         """Rows of this portal last recorded by run ``run_id`` of ``dag_id``, counted by status."""
-
-        def read() -> dict[str, int]:
-            conn = self.conn
-            cursor = conn.cursor()
-            try:
-                p = self._placeholder
-                cursor.execute(
-                    f"SELECT status, COUNT(*) FROM {self.table} WHERE portal_id = {p} AND dag_id = {p} "
-                    f"AND run_id = {p} GROUP BY status",
-                    [self.portal_id, dag_id, run_id],
-                )
-                return {str(status): int(count) for status, count in cursor.fetchall()}
-            finally:
-                cursor.close()
-                conn.commit()
-
-        return self._with_retries("count of the run's rows", read)
+        p = self._placeholder
+        return self._with_retries(
+            "count of the run's rows",
+            lambda: self._count_by("status", f"dag_id = {p} AND run_id = {p}", [dag_id, run_id]),
+        )
 
     def pending_runs(self) -> dict[str, int]:
         """Rows left ``pending`` in this portal, counted by the run that left them."""
+        return self._count_by("run_id", f"status = {self._placeholder}", [PENDING])
+
+    def _count_by(self, column: str, where: str, params: list[Any]) -> dict[str, int]:
+        """This portal's rows matching ``where``, counted by ``column``; ends the read transaction."""
         conn = self.conn
         cursor = conn.cursor()
         try:
-            p = self._placeholder
             cursor.execute(
-                f"SELECT run_id, COUNT(*) FROM {self.table} WHERE portal_id = {p} AND status = {p} "
-                "GROUP BY run_id",
-                [self.portal_id, PENDING],
+                f"SELECT {column}, COUNT(*) FROM {self.table} "
+                f"WHERE portal_id = {self._placeholder} AND {where} GROUP BY {column}",
+                [self.portal_id, *params],
             )
-            return {str(run_id): int(count) for run_id, count in cursor.fetchall()}
+            return {str(value): int(count) for value, count in cursor.fetchall()}
         finally:
             cursor.close()
             conn.commit()
