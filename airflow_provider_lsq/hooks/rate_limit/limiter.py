@@ -93,11 +93,6 @@ class AccountRateLimiter:
                 _shared[key] = cls(config)
             return _shared[key]
 
-    @property
-    def window_seconds(self) -> float:
-        """How long the API's lockout after a refusal lasts, as we count it."""
-        return self.policy.pause
-
     def acquire(self, stop: threading.Event | None = None) -> Lease:
         """Wait for a place in the window (and out any shared pause).
 
