@@ -131,3 +131,30 @@ def test_infinities_stay_invalid_naming_the_field(value: object) -> None:
     with pytest.raises(LeadSquaredValidationError, match="field 'mx_Score'") as err:
         build_lead_fields({"EmailAddress": "a@example.com", "mx_Score": value}, "Passw0rd!")
     assert err.value.field == "mx_Score"
+
+
+def test_numpy_scalars_from_dataframe_rows_go_as_their_python_values() -> None:
+    """Rows taken from a dataframe carry numpy scalars: each is sent as the Python value it holds,
+    and numpy's "no value" markers are left out like pandas' are."""
+    import numpy as np
+    import pandas as pd
+
+    assert format_value("mx_Grade", np.int64(3)) == "3"
+    assert format_value("mx_Score", np.float32(2.5)) == "2.5"
+    assert format_value("mx_Score", np.float64(3.0)) == "3"
+    assert format_value("mx_Agreed", np.bool_(True)) == "true"
+    assert format_value("EmailAddress", np.str_("a@example.com")) == "a@example.com"
+    assert format_value("mx_Applied", np.datetime64("2026-01-02T03:04:05.123456789")) == "2026-01-02 03:04:05"
+    for marker in (np.float32("nan"), np.datetime64("NaT")):
+        assert format_value("mx_Any", marker) is None
+    with pytest.raises(LeadSquaredValidationError, match="field 'mx_Score'"):
+        format_value("mx_Score", np.float64("inf"))
+
+    frame = pd.DataFrame({"EmailAddress": ["a@example.com"], "mx_Grade": [7], "mx_Agreed": [False]})
+    row = {column: frame[column].iloc[0] for column in frame.columns}
+    assert type(row["mx_Grade"]).__module__ == "numpy"  # what a column's cell is
+    assert build_lead_fields(row, "Passw0rd!")[:3] == [
+        {"Attribute": "EmailAddress", "Value": "a@example.com"},
+        {"Attribute": "mx_Grade", "Value": "7"},
+        {"Attribute": "mx_Agreed", "Value": "false"},
+    ]

@@ -25,12 +25,30 @@ _ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+def as_python(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (``numpy.int64(3)`` -> ``3``); anything else as is.
+
+    Dataframe rows (``to_dict("records")``, ``itertuples()``) hand over numpy scalars: ``int64``,
+    ``float32``, ``bool_``, ``datetime64`` (``NaT`` becomes None). numpy is not imported: its scalars
+    are recognised by module and their own ``item()``. A ``datetime64`` is taken to microseconds first,
+    since ``item()`` of a nanosecond one is a bare integer.
+    """
+    kind = type(value)
+    if kind.__module__ != "numpy" or not hasattr(value, "item"):
+        return value
+    if kind.__name__ == "datetime64":
+        value = value.astype("datetime64[us]")
+    return value.item()
+
+
 def is_missing(value: Any) -> bool:
-    """None, or a dataframe's "no value" marker: NaN (float or Decimal), ``pandas.NA``, ``pandas.NaT``.
+    """None, or a dataframe's "no value" marker: NaN (float or Decimal), ``pandas.NA``, ``pandas.NaT``,
+    or a numpy scalar holding one (``numpy.float32("nan")``, ``numpy.datetime64("NaT")``).
 
     pandas is not imported: its markers are recognised by type (``NaT`` is a ``datetime`` subclass, so
     it must be caught before any date handling).
     """
+    value = as_python(value)
     if value is None:
         return True
     if isinstance(value, float):
@@ -47,8 +65,10 @@ def format_value(attribute: str, value: Any) -> str | None:
     None and empty strings are left out: sending an empty value would blank that field on an existing
     lead. So are the "no value" markers of dataframes: ``float("nan")`` (what pandas gives for an empty
     cell in ``to_dict("records")``), ``pandas.NA`` and ``pandas.NaT``. Infinities are refused. Datetimes
-    go as UTC ``YYYY-MM-DD HH:MM:SS`` (naive ones are taken as UTC).
+    go as UTC ``YYYY-MM-DD HH:MM:SS`` (naive ones are taken as UTC). numpy scalars go as the Python
+    values they hold (:func:`as_python`).
     """
+    value = as_python(value)
     if is_missing(value):
         return None
     if isinstance(value, str):
