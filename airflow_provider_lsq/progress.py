@@ -52,7 +52,7 @@ class RegistrationProgress:
     :param total: rows expected, when known (gives a percentage and an ETA).
     :param interval: seconds between progress lines.
     :param logger: where lines go; operators pass their own ``self.log``.
-    :param track_skips: report ``skipped`` and ``duplicates`` too (the SQL transfer does).
+    :param track_skips: report ``skipped`` too (the SQL transfer does); ``duplicates`` always is.
     :param label: how lines start.
     :param conn_id: the LeadSquared connection: each outcome is counted in the provider's metrics
         under it (``leadsquared.registrations.<status>``). None (dry runs) sends no metric.
@@ -160,7 +160,7 @@ class RegistrationProgress:
         summary: dict[str, Any] = {"total": total, **counts}
         if self.track_skips:
             summary["skipped"] = skipped
-            summary["duplicates"] = duplicates
+        summary["duplicates"] = duplicates
         if dry_run:
             summary["valid"] = valid
         summary["dry_run"] = dry_run

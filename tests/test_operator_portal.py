@@ -64,8 +64,10 @@ def test_registers_each_lead_and_pushes_outcomes(sb: Sandbox) -> None:
     assert summary["total"] == 8
     assert summary["dry_run"] is False
     assert set(summary) == {
-        "total", "registered", "already_registered", "invalid", "failed", "dry_run", "duration_s"
+        "total", "registered", "already_registered", "invalid", "failed", "duplicates", "dry_run",
+        "duration_s",
     }  # fmt: skip
+    assert summary["duplicates"] == 0
     for i in range(1, 9):
         key = f"student{i}@example.edu"  # the default key: the identifier attribute
         found = sb.find_lead("EmailAddress", key)
@@ -281,3 +283,32 @@ def test_a_connection_without_portal_id_fails_the_task_for_good_before_any_call(
     with pytest.raises(AirflowFailException, match="no portal_id"):
         run(RegisterPortalUserOperator(task_id="register", leads=[lead(1), lead(2)]))
     assert not sandbox.calls
+
+
+def test_one_lead_twice_in_the_list_is_registered_once(sb: Sandbox, task_log: TaskLog) -> None:
+    """A second row of a lead (the same key, or the same e-mail in another case under another key) is
+    not sent: registering it again would reset the password the first call set."""
+    leads = [
+        lead(1, mx_Application_Number="A-1"),
+        lead(2, mx_Application_Number="A-2"),
+        {
+            **lead(1),
+            "EmailAddress": " STUDENT1@Example.edu ",
+            "mx_Application_Number": "A-3",
+        },  # the same lead
+        lead(3, mx_Application_Number="A-2"),  # the same row key as the second row, another lead
+        lead(4, mx_Application_Number="A-4"),
+    ]
+    op = RegisterPortalUserOperator(task_id="register", leads=leads, key_field="mx_Application_Number")
+    summary, outcomes, _ = run(op)
+
+    assert summary["registered"] == 3 and summary["duplicates"] == 2 and summary["total"] == 5
+    assert set(outcomes) == {"A-1", "A-2", "A-4"}
+    for i in (1, 2, 4):
+        found = sb.find_lead("EmailAddress", f"student{i}@example.edu")
+        assert found is not None and found.portal_user
+    assert sb.find_lead("EmailAddress", "student3@example.edu") is None  # its row was not sent
+    assert sb.register_calls == 3
+    log = task_log()
+    assert "Row A-3 (position 3) is not sent: the same lead (same EmailAddress) as row A-1" in log
+    assert "Row A-2 (position 4) is not sent: the same row key as row A-2" in log

@@ -16,16 +16,21 @@ from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
 
 from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+from airflow_provider_lsq.hooks.payload import first_identifier
 from airflow_provider_lsq.lineage import portal_lineage
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
+from airflow_provider_lsq.transfers.ledger import lead_fingerprint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
     from airflow.providers.common.compat.sdk import Context
 
+    from airflow_provider_lsq.progress import RegistrationProgress
     from airflow_provider_lsq.registration_run import Row
+
+MAX_LOGGED_DUPLICATES = 50  # duplicate rows logged one by one, then only counted
 
 
 class RegisterPortalUserOperator(BaseOperator):
@@ -49,6 +54,12 @@ class RegisterPortalUserOperator(BaseOperator):
     :param max_workers: concurrent calls (default: the hook's choice from the rate limit).
     :param leadsquared_conn_id: the LeadSquared connection. Templated.
     :param flush_interval_seconds: how often outcomes are handed to XCom's list at the latest.
+
+    One lead, one registration: a row whose key, or whose lead (the identifier sent first, e-mail
+    addresses without regard to case), an earlier row of the list already has is not sent, since
+    registering a lead again resets the password the first call set. It is counted in the summary's
+    ``duplicates``, logged at WARNING with both row keys, and has no entry in ``outcomes`` (the first
+    row's entry is the lead's).
 
     ``on_kill`` (Airflow stopping the task) stops taking rows, lets the calls in flight finish and
     pushes every outcome made so far to XCom; the task then fails.
@@ -120,7 +131,7 @@ class RegisterPortalUserOperator(BaseOperator):
             len(leads),
             self.leadsquared_conn_id,
         )
-        rows = self._keyed(leads)
+        rows = self._keyed(leads, progress)
         try:
             with progress:
                 run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.register(rows))
@@ -142,7 +153,39 @@ class RegisterPortalUserOperator(BaseOperator):
         if self._run is not None:
             self._run.on_kill()
 
-    def _keyed(self, leads: Iterable[Any]) -> Iterator[Row]:
+    def _keyed(self, leads: Iterable[Any], progress: RegistrationProgress) -> Iterator[Row]:
+        keys: set[str] = set()
+        lead_keys: dict[str, str] = {}  # lead fingerprint -> the key of the row that took the lead
+        reported = 0
         for position, row in enumerate(leads, 1):
             key, outcome = row_key(position, row, self.key_field)
-            yield (key, row) if outcome is None else outcome  # no usable key: named by position, never sent
+            if outcome is not None:
+                yield outcome  # no usable key: named by position, never sent
+                continue
+            identifier = first_identifier(row, self.identifier_attribute)
+            fingerprint = lead_fingerprint(*identifier) if identifier is not None else None
+            if key in keys:
+                earlier, why = key, "the same row key"
+            elif identifier is not None and fingerprint in lead_keys:
+                earlier, why = lead_keys[fingerprint], f"the same lead (same {identifier[0]})"
+            else:
+                earlier = None
+            if earlier is not None:
+                progress.add_duplicate()
+                reported += 1
+                if reported <= MAX_LOGGED_DUPLICATES:
+                    self.log.warning(
+                        "Row %s (position %d) is not sent: %s as row %s earlier in the list; "
+                        "registering it again would reset that lead's portal password.",
+                        key,
+                        position,
+                        why,
+                        earlier,
+                    )
+                elif reported == MAX_LOGGED_DUPLICATES + 1:
+                    self.log.warning("Further duplicate rows are counted in the summary, not logged.")
+                continue
+            keys.add(key)
+            if fingerprint is not None:
+                lead_keys[fingerprint] = key
+            yield key, row
