@@ -201,6 +201,15 @@ def test_a_holder_is_dead_only_when_its_process_on_this_machine_is_gone() -> Non
     assert not holder_is_gone(Execution("d", "r").token)  # this process
     assert not holder_is_gone(f"another-machine.{dead_pid()}.abc")  # cannot tell: only the heartbeat
     assert not holder_is_gone(None) and not holder_is_gone("garbage")
+    # Killed but not reaped yet by its parent (a defunct process): gone too.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while not holder_is_gone(f"{here}.{child.pid}.abc") and time.monotonic() < deadline:
+            time.sleep(0.02)  # no poll(): it would reap the child
+        assert holder_is_gone(f"{here}.{child.pid}.abc")
+    finally:
+        child.wait()
 
 
 def test_pending_timeout_must_outlast_a_ledger_outage() -> None:

@@ -62,7 +62,17 @@ def holder_is_gone(token: str | None) -> bool:
         return True
     except OSError:  # exists, owned by another user
         return False
-    return False
+    return _defunct(pid)
+
+
+def _defunct(pid: int) -> bool:
+    """The process has exited but its parent has not reaped it yet (state ``Z``, or ``X``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rpartition(")")[2].split()[:1]  # after "(command)": the command may hold spaces
+    return state in (["Z"], ["X"])
 
 
 @dataclass(frozen=True)
