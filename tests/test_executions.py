@@ -12,6 +12,8 @@ operator's own ``execute`` with its own task instance.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -309,3 +311,57 @@ def test_pending_rows_of_ended_executions_are_sent_first_and_those_not_returned_
     # The next run has nothing left to send first; 99 is reported again until someone reconciles it.
     later = transfer(warehouse, max_workers=1).execute(context("scheduled__2"))
     assert later["pending_not_returned"] == 1 and later["registered"] == 0
+
+
+KILLED_TASK = """
+import sys
+
+from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+
+
+class TaskInstance:
+    dag_id, task_id, map_index, try_number = "lsq_kill", "register", -1, 1
+
+
+op = SqlToLeadSquaredPortalOperator(
+    task_id="register", sql=sys.argv[1], sql_conn_id=sys.argv[2], key_column="applicant_id",
+    ledger_table=sys.argv[3], max_workers=4,
+)
+op.execute({"ti": TaskInstance(), "run_id": "scheduled__1"})
+"""
+
+
+def test_after_a_sigkill_the_retry_sends_the_killed_tries_pending_rows_first(
+    sqlite_warehouse: Warehouse, lsq: Callable[..., Sandbox]
+) -> None:
+    """A real task process is SIGKILLed mid-run; its retry (same run, this machine) starts at once."""
+    sb = lsq(latency=0.3)
+    sqlite_warehouse.seed(applicants(24))
+    wh = sqlite_warehouse
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    task = subprocess.Popen(
+        [sys.executable, "-c", KILLED_TASK, wh.sql(), wh.conn_id, wh.ledger_table],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120  # the child imports Airflow first
+        while sb.register_calls < 8 and task.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        task.send_signal(signal.SIGKILL)
+        task.wait()
+    pending = sorted((int(key) for key, row in wh.ledger().items() if row["status"] == "pending"), key=int)
+    assert pending  # the calls in flight (and rows claimed for them) when the process died
+    order = SendOrder()
+
+    summary = transfer(wh, max_workers=1, password_callable=order).execute(
+        context("scheduled__1", dag_id="lsq_kill", try_number=2)
+    )
+
+    # The dead try's heartbeat is fresh, but its process is gone: no wait for pending_timeout.
+    assert order.emails[: len(pending)] == [email(i) for i in pending]
+    assert summary["resent_pending"] == len(pending) and summary["pending_not_returned"] == 0
+    assert len(registrations(sb)) == 24
+    assert {row["status"] for row in wh.ledger().values()} == {"registered"}
