@@ -11,7 +11,9 @@ raises right after ``on_kill`` returns). ``on_kill`` therefore takes no lock the
 hold: it sets the stop flag and polls, for at most ``kill_wait`` seconds, while the run's thread lets
 calls in flight finish (no new row, no new retry), writes every outcome and ends.
 
-Records reach the sink every ``batch_size`` outcomes and at least every ``flush_interval`` seconds.
+Records reach the sink every ``batch_size`` outcomes and at least every ``flush_interval`` seconds;
+in an interval with nothing to write, the sink gets a heartbeat instead (the ledger refreshes the
+run's claims, so that they never look abandoned while the run lives).
 A write that fails keeps its batch in memory and blocks the sending (no new row) while the sink
 retries; past the sink's own bound the run stops taking rows, finishes the calls in flight, tries a
 last write and fails, logging for each outcome it could not record only the row key, status and
@@ -86,7 +88,8 @@ class OutcomeSink:
 
     ``claim`` runs before rows are handed over for their calls (the ledger writes ``pending``);
     ``write`` gets each batch once and must raise if it could not record it (it is kept and
-    written again); ``dry_run`` sees each row of a dry run.
+    written again); ``heartbeat`` runs every flush interval in which nothing was written (the ledger
+    refreshes the claims still in flight); ``dry_run`` sees each row of a dry run.
     """
 
     def claim(self, keys: list[str]) -> set[str]:
@@ -95,6 +98,9 @@ class OutcomeSink:
 
     def write(self, outcomes: list[RegistrationOutcome]) -> None:
         """Record a batch of outcomes durably, or raise."""
+
+    def heartbeat(self) -> None:
+        """Say the run is alive (default: nothing); raise if that could not be recorded."""
 
     def release_unrecorded(self, keep: set[str]) -> None:
         """Undo the claims of rows that got no outcome (never sent, or refused at login), but ``keep``."""
@@ -424,8 +430,23 @@ class RegistrationRun:
             self._flush_if_due()
 
     def _flush_if_due(self) -> None:
-        if self._unrecorded and time.monotonic() - self._last_flush >= self.flush_interval:
-            self._flush()
+        if time.monotonic() - self._last_flush < self.flush_interval:
+            return
+        if self._unrecorded:
+            self._flush()  # a write refreshes the claims too
+        elif not self._sink_failed:
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        try:
+            self.sink.heartbeat()
+        except Exception as error:  # the claims could look abandoned: send nothing more
+            self.log.error(
+                "Refreshing the rows in flight failed (%s): no new row is sent.", type(error).__name__
+            )
+            self._sink_failed = True
+            self._stop_because(error)
+        self._last_flush = time.monotonic()
 
     def _flush(self, final: bool = False) -> None:
         """Write what is unrecorded; keep it in memory when the write fails."""

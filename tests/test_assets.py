@@ -293,7 +293,10 @@ def _check_failure_email(example: Sandbox, smtp: _SmtpServer, tmp_path: Path) ->
     assert len(smtp.messages) == 1, "one failure email"
     message = _body(smtp.messages[0])
     assert f"{failed} rows failed" in message
-    assert f"WHERE run_id = '{dag_run.run_id}' AND status IN ('failed', 'invalid')" in message
+    assert (
+        f"WHERE dag_id = '{UPSTREAM}' AND run_id = '{dag_run.run_id}' "
+        "AND task_id = 'register_new_applicants' AND status IN ('failed', 'invalid')"
+    ) in message
     assert "FROM lsq_portal_registrations" in message
     assert not [e for e in emails if e in message]
     assert not [s for s in sandbox_secrets(example) if s in message]

@@ -13,6 +13,7 @@ import pytest
 from airflow.providers.common.compat.sdk import BaseHook
 
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
+from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import (
     LedgerRow,
     LedgerUnavailableError,
@@ -99,8 +100,7 @@ def test_record_then_lookup_round_trips(db: Db) -> None:
         )  # fmt: skip
         written = ledger.record(
             [outcome("a", attempts=2), replace(transient, retryable=True), invalid],
-            dag_id="dag",
-            run_id="run-1",
+            execution=Execution("dag", "run-1"),
         )
         assert written == 3
         rows = ledger.lookup(["a", "b", "c", "zzz"])
@@ -119,11 +119,11 @@ def test_record_then_lookup_round_trips(db: Db) -> None:
 def test_attempts_accumulate_and_first_times_and_lead_id_are_kept(db: Db) -> None:
     with db.ledger() as ledger:
         ledger.ensure_table()
-        ledger.record([outcome("k", FAILED, retryable=True, attempts=3)], dag_id="d", run_id="r1")
+        ledger.record([outcome("k", FAILED, retryable=True, attempts=3)], execution=Execution("d", "r1"))
         first = ledger.lookup(["k"])["k"]
-        ledger.record([outcome("k", attempts=1)], dag_id="d", run_id="r2")
+        ledger.record([outcome("k", attempts=1)], execution=Execution("d", "r2"))
         second = ledger.lookup(["k"])["k"]
-        ledger.record([outcome("k", FAILED, attempts=2, lead_id=None)], dag_id="d", run_id="r3")
+        ledger.record([outcome("k", FAILED, attempts=2, lead_id=None)], execution=Execution("d", "r3"))
         third = ledger.lookup(["k"])["k"]
     assert second.attempts == 4 and second.status == "registered" and not second.retryable
     assert second.first_attempt_at == first.first_attempt_at
@@ -138,7 +138,8 @@ def test_a_batch_is_one_transaction_and_repeated_keys_merge(db: Db) -> None:
     with db.ledger() as ledger:
         ledger.ensure_table()
         assert (
-            ledger.record([outcome("x", FAILED, retryable=True), outcome("x")], dag_id="d", run_id="r") == 1
+            ledger.record([outcome("x", FAILED, retryable=True), outcome("x")], execution=Execution("d", "r"))
+            == 1
         )
         row = ledger.lookup(["x"])["x"]
     assert row.status == "registered" and row.attempts == 2
@@ -148,9 +149,9 @@ def test_large_batches_are_chunked(db: Db) -> None:
     keys = [f"key-{i}" for i in range(1234)]
     with db.ledger() as ledger:
         ledger.ensure_table()
-        assert ledger.record([outcome(k) for k in keys], dag_id="d", run_id="r") == len(keys)
+        assert ledger.record([outcome(k) for k in keys], execution=Execution("d", "r")) == len(keys)
         assert len(ledger.lookup(keys)) == len(keys)
-        ledger.record([outcome(k, attempts=1) for k in keys], dag_id="d", run_id="r2")
+        ledger.record([outcome(k, attempts=1) for k in keys], execution=Execution("d", "r2"))
         rows = ledger.lookup(keys)
     assert {row.attempts for row in rows.values()} == {2}
     assert db.query(f"SELECT COUNT(*) FROM {db.table}") == [(len(keys),)]
@@ -159,9 +160,9 @@ def test_large_batches_are_chunked(db: Db) -> None:
 def test_portals_are_kept_apart(db: Db) -> None:
     with db.ledger("portal-a") as a, db.ledger("portal-b") as b:
         a.ensure_table()
-        a.record([outcome("k")], dag_id="d", run_id="r")
+        a.record([outcome("k")], execution=Execution("d", "r"))
         assert b.lookup(["k"]) == {}
-        b.record([outcome("k", FAILED)], dag_id="d", run_id="r")
+        b.record([outcome("k", FAILED)], execution=Execution("d", "r"))
         assert a.lookup(["k"])["k"].registered
         assert not b.lookup(["k"])["k"].registered
 
@@ -175,9 +176,9 @@ def test_a_failed_write_rolls_back(db: Db) -> None:
     with db.ledger() as ledger:
         ledger.write_timeout = 0.5  # every retry fails the same way: give up soon
         ledger.ensure_table()
-        ledger.record([outcome("a")], dag_id="d", run_id="r1")
+        ledger.record([outcome("a")], execution=Execution("d", "r1"))
         with pytest.raises(LedgerUnavailableError) as info:
-            ledger.record([outcome("b"), Boom("a", FAILED)], dag_id="d", run_id="r2")
+            ledger.record([outcome("b"), Boom("a", FAILED)], execution=Execution("d", "r2"))
         assert isinstance(info.value.__cause__, RuntimeError)
         rows = ledger.lookup(["a", "b"])
     assert set(rows) == {"a"} and rows["a"].run_id == "r1"
@@ -186,7 +187,7 @@ def test_a_failed_write_rolls_back(db: Db) -> None:
 def test_column_types(db: Db) -> None:
     with db.ledger() as ledger:
         ledger.ensure_table()
-        ledger.record([outcome("a")], dag_id="d", run_id="r")
+        ledger.record([outcome("a")], execution=Execution("d", "r"))
     if db.kind == "sqlite":
         (registered_at, retryable) = db.query(f"SELECT registered_at, retryable FROM {db.table}")[0]
         assert isinstance(registered_at, str) and dt.datetime.strptime(registered_at, "%Y-%m-%d %H:%M:%S")
@@ -228,7 +229,7 @@ def test_sqlite_writes_while_a_stream_reads_the_same_file(
     try:
         for batch in range(3):
             rows = cursor.fetchmany(100)  # the read is open, mid-result
-            ledger.record([outcome(str(r[0])) for r in rows], dag_id="d", run_id="r")
+            ledger.record([outcome(str(r[0])) for r in rows], execution=Execution("d", "r"))
             assert len(ledger.lookup(str(r[0]) for r in rows)) == 100, batch
     finally:
         cursor.close()
@@ -266,19 +267,22 @@ def test_a_key_is_claimed_by_one_run_only_and_released_back(db: Db, generic_sql:
     """
     first, second = db.ledger(), db.ledger()
     first.ensure_table()
-    first.record([outcome("old", FAILED, retryable=True)], dag_id="d", run_id="before")
+    first.record([outcome("old", FAILED, retryable=True)], execution=Execution("d", "before"))
     if generic_sql:
         first._dialect = second._dialect = "generic"
     known = first.lookup(["new", "old"])
     previous = {"new": known.get("new"), "old": known.get("old")}
-    assert first.claim(previous, dag_id="d", run_id="run-1") == {"new", "old"}
-    assert second.claim(previous, dag_id="d", run_id="run-2") == set()  # held by run-1
+    run_1, run_2 = Execution("d", "run-1", "t"), Execution("d", "run-2", "t")
+    assert first.claim(previous, execution=run_1) == {"new", "old"}
+    assert second.claim(previous, execution=run_2) == set()  # held by run-1
     assert {row.row_key: (row.status, row.run_id) for row in second.lookup(["new", "old"]).values()} == {
         "new": ("pending", "run-1"),
         "old": ("pending", "run-1"),
     }
-    assert first.claim(previous, dag_id="d", run_id="run-1") == {"new", "old"}  # a retried claim: ours
-    first.release(previous, run_id="run-1")
+    assert first.claim(previous, execution=run_1) == {"new", "old"}  # a retried claim: ours
+    # The same task instance's next try (same dag, run and task: another token) cannot take them either.
+    assert second.claim(previous, execution=Execution("d", "run-1", "t")) == set()
+    first.release(previous, execution=run_1)
     after = second.lookup(["new", "old"])
     assert "new" not in after
     assert (after["old"].status, after["old"].run_id, after["old"].retryable) == ("failed", "before", True)

@@ -12,7 +12,8 @@ import pytest
 
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import first_identifier
-from airflow_provider_lsq.transfers.ledger import RegistrationLedger, lead_fingerprint
+from airflow_provider_lsq.transfers.executions import Execution
+from airflow_provider_lsq.transfers.ledger import ADDED_COLUMNS, RegistrationLedger, lead_fingerprint
 from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
 from tests import test_transfer_sql as base
 from tests.helpers import call_execute
@@ -187,7 +188,9 @@ def test_a_lead_another_run_is_sending_under_another_key_is_skipped(
         get_db_hook(sqlite_warehouse.conn_id, "x"), sqlite_warehouse.ledger_table, sb.portal_id
     )
     ledger.ensure_table()
-    ledger.claim({"2": None}, dag_id="other", run_id="other_run", identifiers={"2": fingerprint_of(email(2))})
+    ledger.claim(
+        {"2": None}, execution=Execution("other", "other_run"), identifiers={"2": fingerprint_of(email(2))}
+    )
     ledger.close()
 
     summary = transfer(sqlite_warehouse).execute(context("r1"))
@@ -317,7 +320,7 @@ def test_a_ledger_table_of_the_previous_release_is_migrated_and_used(
 
     summary = transfer(warehouse, sql=ordered(warehouse)).execute(context("r1"))
 
-    assert columns(warehouse)[-1] == "lead_identifier"
+    assert columns(warehouse)[-4:] == ["lead_identifier", "task_id", "map_index", "execution_id"]
     assert has_identifier_index(warehouse)
     assert sb.register_calls - calls == 2  # applicants 4 and 5
     assert summary["registered"] == 2 and summary["skipped"] == 3 and summary["already_registered"] == 1
@@ -359,7 +362,7 @@ def test_runs_migrating_the_same_old_table_at_once_all_succeed(
     for thread in threads:
         thread.join()
     assert errors == []
-    assert columns(warehouse).count("lead_identifier") == 1
+    assert [columns(warehouse).count(name) for name in ADDED_COLUMNS] == [1, 1, 1, 1]
     assert has_identifier_index(warehouse)
 
 
@@ -377,5 +380,5 @@ def test_the_generic_path_migrates_without_an_index(
     ledger.ensure_table()
     ledger.ensure_table()  # idempotent
     ledger.close()
-    assert columns(sqlite_warehouse)[-1] == "lead_identifier"
+    assert columns(sqlite_warehouse)[-4:] == list(ADDED_COLUMNS)
     assert has_identifier_index(sqlite_warehouse) is not generic_sql

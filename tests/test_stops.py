@@ -161,7 +161,7 @@ def _retry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sb: Sandbox, run_id:
         leadsquared_conn_id="lsq_stop",
         batch_size=500,
     )
-    return op.execute(context(run_id))
+    return op.execute(context(run_id, dag_id="lsq_stop_test"))  # the killed try's task instance
 
 
 def test_sigterm_records_every_call_made_and_the_retry_registers_nobody_twice(

@@ -52,8 +52,12 @@ class FakeTI:
         self.xcom[key] = value
 
 
-def context(run_id: str = "manual__1") -> dict[str, Any]:
-    return {"ti": FakeTI(), "run_id": run_id}
+def context(run_id: str = "manual__1", **ti: Any) -> dict[str, Any]:
+    """A task's context for ``run_id``; ``ti`` sets the task instance's attributes (e.g. ``dag_id``)."""
+    task_instance = FakeTI()
+    for name, value in ti.items():
+        setattr(task_instance, name, value)
+    return {"ti": task_instance, "run_id": run_id}
 
 
 def email(i: int) -> str:

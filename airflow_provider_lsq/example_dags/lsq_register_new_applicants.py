@@ -95,36 +95,49 @@ NEW_PORTAL_USERS = portal_asset(
     os.environ.get("LSQ_PORTAL_ID", "your-portal-id"),
 )
 
-# What the failure email lists: the run's outcomes from the ledger, counts only.
+# What the failure email lists: the failed task's outcomes from the ledger (its rows only: not other
+# DAGs' runs with the same run id, nor the run's other tasks), counts only.
 FAILED_ROWS_SQL = (
     "SELECT row_key, status, error_type, error_message FROM {table} "
-    "WHERE run_id = '{run_id}' AND status IN ('failed', 'invalid') ORDER BY row_key"
+    "WHERE dag_id = '{dag_id}' AND run_id = '{run_id}' AND task_id = '{task_id}' "
+    "AND status IN ('failed', 'invalid') ORDER BY row_key"
 )
 
 
-def ledger_counts(conn_id: str, table: str, run_id: str) -> dict[str, int] | None:
-    """This run's rows in the ledger by status (a template macro of the failure email); None when the
-    ledger cannot be read (the task failed before creating it, or the warehouse is down)."""
+def ledger_counts(conn_id: str, table: str, dag_id: str, run_id: str, task_id: str) -> dict[str, int] | None:
+    """The task's rows in the ledger by status, for this run (a template macro of the failure email);
+    None when the ledger cannot be read (the task failed before creating it, or the warehouse is down)."""
     try:
         hook = BaseHook.get_connection(conn_id).get_hook()
-        sql = f"SELECT status, COUNT(*) FROM {table} WHERE run_id = {hook.placeholder} GROUP BY status"
-        rows = hook.get_records(sql, parameters=(run_id,))
+        mark = hook.placeholder
+        sql = (
+            f"SELECT status, COUNT(*) FROM {table} WHERE dag_id = {mark} AND run_id = {mark} "
+            f"AND task_id = {mark} GROUP BY status"
+        )
+        rows = hook.get_records(sql, parameters=(dag_id, run_id, task_id))
     except Exception as error:  # the email must still go out, saying why it has no counts
         print(f"The ledger could not be read: {type(error).__name__}")
         return None
     return {str(status): int(count) for status, count in rows}
 
 
-def failed_rows_sql(table: str, run_id: str) -> str:
-    """The ledger query listing this run's failed and invalid rows (a template macro)."""
-    return FAILED_ROWS_SQL.format(table=table, run_id=run_id.replace("'", "''"))
+def failed_rows_sql(table: str, dag_id: str, run_id: str, task_id: str) -> str:
+    """The ledger query listing the task's failed and invalid rows of this run (a template macro)."""
+
+    def quoted(text: str) -> str:
+        return text.replace("'", "''")
+
+    return FAILED_ROWS_SQL.format(
+        table=table, dag_id=quoted(dag_id), run_id=quoted(run_id), task_id=quoted(task_id)
+    )
 
 
 FAILURE_EMAIL = SmtpNotifier(
     to=os.environ.get("LSQ_ALERT_EMAIL", "data-team@example.com"),
     subject="LeadSquared registration failed: {{ dag.dag_id }} {{ run_id }}",
     html_content="""
-{%- set counts = ledger_counts(params.warehouse_conn_id, params.ledger_table, run_id) -%}
+{%- set counts = ledger_counts(
+      params.warehouse_conn_id, params.ledger_table, dag.dag_id, run_id, ti.task_id) -%}
 <p>{{ ti.task_id }} in {{ dag.dag_id }} (run {{ run_id }}) failed.</p>
 {% if counts is none -%}
 <p>The ledger could not be read: the task log says why the run stopped.</p>
@@ -134,7 +147,7 @@ FAILURE_EMAIL = SmtpNotifier(
 {{ counts.get("registered", 0) }} registered in this run).</p>
 {%- endif %}
 <p>The ledger lists them, with the reason for each, in {{ params.warehouse_conn_id }}:</p>
-<pre>{{ failed_rows_sql(params.ledger_table, run_id) }}</pre>
+<pre>{{ failed_rows_sql(params.ledger_table, dag.dag_id, run_id, ti.task_id) }}</pre>
 <p>Fix the rows (or the connection) and clear the task: the ledger keeps everyone registered once.</p>
 """,
 )

@@ -6,8 +6,13 @@ lead ids, statuses and error messages: never a password and no other lead data. 
 row, a fingerprint of the lead identifier LeadSquared finds the lead by (``lead_identifier``: a sha256,
 see :func:`lead_fingerprint`), so that two row keys of one lead are known to be one person.
 
-A table made by an earlier release, without ``lead_identifier``, is migrated in place by
-:meth:`RegistrationLedger.ensure_table` (``ALTER TABLE ... ADD COLUMN``).
+Each row names the execution that last wrote it (``dag_id``, ``run_id``, ``task_id``, ``map_index``
+and ``execution_id``, the token of one ``execute()`` call: see
+:mod:`airflow_provider_lsq.transfers.executions`). A claim (``pending``) belongs to that execution
+alone, and a live execution refreshes its claims' ``last_attempt_at`` at every flush (a heartbeat).
+
+A table made by an earlier release, without ``lead_identifier`` or the execution columns, is migrated
+in place by :meth:`RegistrationLedger.ensure_table` (``ALTER TABLE ... ADD COLUMN``).
 
 Plain DB-API, portable across SQLite and PostgreSQL (and kept generic for other databases): writes
 are a DELETE of the batch's keys then an INSERT, in one transaction, with the hook's placeholder and
@@ -35,6 +40,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS
 from airflow_provider_lsq.outcomes import RegistrationStatus
+from airflow_provider_lsq.transfers.executions import holder_is_gone
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
     from airflow.providers.common.sql.hooks.sql import DbApiHook
 
     from airflow_provider_lsq.outcomes import RegistrationOutcome
+    from airflow_provider_lsq.transfers.executions import Execution
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -51,7 +58,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S"
 _LOOKUP_CHUNK = 400  # keys per SELECT/DELETE: well under SQLite's oldest 999-parameter limit
-_INSERT_CHUNK = 50  # rows per INSERT: 14 columns, 700 parameters
+_INSERT_CHUNK = 50  # rows per INSERT: 17 columns, 850 parameters (under SQLite's oldest 999)
 PG_LOCK_TIMEOUT = "5s"  # a migration waits this long for the table's lock, then retries (backoff)
 OK_STATUSES = frozenset({RegistrationStatus.REGISTERED.value, RegistrationStatus.ALREADY_REGISTERED.value})
 COLUMNS = (
@@ -69,8 +76,14 @@ COLUMNS = (
     "run_id",
     "retryable",
     "lead_identifier",
+    "task_id",
+    "map_index",
+    "execution_id",
 )
 IDENTIFIER_COLUMN = "lead_identifier"
+# Columns added since the first release, in order: a table without them gets them (ALTER TABLE).
+# The value is the column's type: "text" (the dialect's key type) or "integer".
+ADDED_COLUMNS = {IDENTIFIER_COLUMN: "text", "task_id": "text", "map_index": "integer", "execution_id": "text"}
 _CANONICAL = {name.lower(): name for name in UNIQUE_IDENTIFIERS}
 # Column types per dialect: (key/text, timestamp, boolean, false literal).
 _TYPES = {
@@ -127,6 +140,9 @@ class LedgerRow:
     run_id: str | None = None
     retryable: bool = False
     lead_identifier: str | None = None  # see lead_fingerprint; None when the row had no identifier
+    task_id: str | None = None  # the execution that last wrote the row (None: an earlier release)
+    map_index: int | None = None
+    execution_id: str | None = None  # the token of that execute() call (see executions.Execution)
 
     @property
     def registered(self) -> bool:
@@ -137,6 +153,23 @@ class LedgerRow:
     def pending(self) -> bool:
         """Handed over for a call by a run that has not recorded its outcome (yet, or ever)."""
         return self.status == PENDING
+
+    def held_by_another(self, execution: Execution, timeout: dt.timedelta) -> bool:
+        """Pending for another execution that may still be sending it (its claim must be left alone).
+
+        True when another execution's heartbeat (``last_attempt_at``) is younger than ``timeout`` and
+        that execution is not known to have ended (see :func:`~.executions.holder_is_gone`).
+        """
+        if not self.pending or (self.execution_id or "") == execution.token:
+            return False
+        last = self.last_attempt_at or dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        if dt.datetime.now(dt.timezone.utc) - last >= timeout:
+            return False
+        return not holder_is_gone(self.execution_id)
+
+    def written_by(self, execution: Execution) -> bool:
+        """Last written by ``execution``'s task instance: this execution or an earlier try of it."""
+        return execution.same_task_instance(self.dag_id, self.run_id, self.task_id, self.map_index)
 
 
 class RegistrationLedger:
@@ -267,7 +300,8 @@ class RegistrationLedger:
     def ensure_table(self) -> None:
         """Create the table if needed (committed at once, so a query may anti-join it right after).
 
-        A table of an earlier release, without ``lead_identifier``, gets the column (``ALTER TABLE``);
+        A table of an earlier release gets the columns it lacks (``lead_identifier``, ``task_id``,
+        ``map_index``, ``execution_id``: ``ALTER TABLE ... ADD COLUMN``, NULL for its rows);
         on SQLite and PostgreSQL an index on ``(portal_id, lead_identifier)`` is created too (not on
         other databases). Runs doing it at once all succeed: a step that loses the race is retried
         and then finds the work done. On SQLite the file is switched to WAL, so that the transfer's
@@ -276,7 +310,7 @@ class RegistrationLedger:
 
         def ensure() -> None:
             self._create_table()
-            self._add_identifier_column()
+            self._add_missing_columns()
             self._create_identifier_index()
 
         self._with_retries("table creation", ensure)
@@ -304,6 +338,9 @@ class RegistrationLedger:
                 run_id {text},
                 retryable {boolean} NOT NULL DEFAULT {false},
                 {IDENTIFIER_COLUMN} {text},
+                task_id {text},
+                map_index INTEGER,
+                execution_id {text},
                 PRIMARY KEY (portal_id, row_key)
             )
         """
@@ -316,22 +353,24 @@ class RegistrationLedger:
             cursor.execute(f"SELECT * FROM {self.table} WHERE 1 = 0")
             return {str(column[0]).lower() for column in cursor.description or ()}
 
-    def _add_identifier_column(self) -> None:
-        """Migrate a table of an earlier release: add ``lead_identifier`` (NULL for its rows)."""
-        if IDENTIFIER_COLUMN in self._columns():
+    def _add_missing_columns(self) -> None:
+        """Migrate a table of an earlier release: add each column of :data:`ADDED_COLUMNS` it lacks."""
+        present = self._columns()
+        missing = [name for name in ADDED_COLUMNS if name not in present]
+        if not missing:
             return
-        text = _TYPES[self._dialect][0]
-        log.info("Ledger %s: adding the column %s (migration).", self.table, IDENTIFIER_COLUMN)
+        log.info("Ledger %s: adding the columns %s (migration).", self.table, ", ".join(missing))
         with self._transaction() as cursor:
             if self._dialect == "postgresql":
                 # Wait a little for the table's lock (another run may be reading it), then retry, rather
                 # than queue every other run's writes behind this ALTER.
                 cursor.execute(f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT}'")
-                cursor.execute(
-                    f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {IDENTIFIER_COLUMN} {text}"
-                )
-            else:  # a concurrent run that added it first makes this fail: the retry finds the column
-                cursor.execute(f"ALTER TABLE {self.table} ADD COLUMN {IDENTIFIER_COLUMN} {text}")
+            for name in missing:
+                kind = _TYPES[self._dialect][0] if ADDED_COLUMNS[name] == "text" else "INTEGER"
+                if self._dialect == "postgresql":
+                    cursor.execute(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {name} {kind}")
+                else:  # a concurrent run that added it first makes this fail: the retry finds the column
+                    cursor.execute(f"ALTER TABLE {self.table} ADD COLUMN {name} {kind}")
 
     def _create_identifier_index(self) -> None:
         if self._dialect == "generic":
@@ -391,7 +430,7 @@ class RegistrationLedger:
 
     def _row(self, record: Sequence[Any]) -> LedgerRow:
         (key, lead_id, status, error_type, error_message, attempts, first, last, registered, dag_id,
-         run_id, retryable, identifier) = record  # fmt: skip
+         run_id, retryable, identifier, task_id, map_index, execution_id) = record  # fmt: skip
         return LedgerRow(
             row_key=str(key),
             status=str(status),
@@ -406,6 +445,9 @@ class RegistrationLedger:
             run_id=run_id,
             retryable=bool(retryable),
             lead_identifier=identifier,
+            task_id=task_id,
+            map_index=None if map_index is None else int(map_index),
+            execution_id=execution_id,
         )
 
     def lookup_identifiers(self, fingerprints: Iterable[str]) -> dict[str, list[LedgerRow]]:
@@ -465,60 +507,99 @@ class RegistrationLedger:
         self,
         outcomes: Iterable[RegistrationOutcome],
         *,
-        dag_id: str,
-        run_id: str,
+        execution: Execution,
         identifiers: Mapping[str, str | None] | None = None,
+        refresh: Iterable[str] = (),
     ) -> int:
         """Write a batch of outcomes in one transaction; return how many keys were written.
 
         ``attempts`` accumulate across runs; ``first_attempt_at`` and the first ``registered_at`` are
         kept; a known lead id is kept when the new outcome has none. ``identifiers`` gives each key's
         ``lead_identifier`` (a :func:`lead_fingerprint`, or None: the row has none now); a key it
-        leaves out keeps the one recorded before.
+        leaves out keeps the one recorded before. ``refresh`` names keys ``execution`` still holds
+        ``pending``: their heartbeat is refreshed in the same transaction (see :meth:`refresh`).
         """
         batch = list(outcomes)
         if not batch:
             return 0
         known = identifiers or {}
+        held = [key for key in dict.fromkeys(refresh) if key not in {o.key for o in batch}]
 
         def write() -> int:
             now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-            with self._transaction():
+            with self._transaction() as cursor:
                 merged = self._select(outcome.key for outcome in batch)
                 for outcome in batch:
-                    row = self._merge(merged.get(outcome.key), outcome, now, dag_id, run_id)
+                    row = self._merge(merged.get(outcome.key), outcome, now, execution)
                     if outcome.key in known:
                         row = replace(row, lead_identifier=known[outcome.key])
                     merged[outcome.key] = row
                 written = [merged[key] for key in dict.fromkeys(outcome.key for outcome in batch)]
                 self._replace(written)
+                self._refresh(cursor, held, execution, now)
             return len(written)
 
         return self._with_retries(f"write of {len(batch)} outcomes", write)
+
+    def refresh(self, keys: Iterable[str], *, execution: Execution) -> int:
+        """The heartbeat: set ``last_attempt_at`` to now on the ``keys`` ``execution`` holds ``pending``.
+
+        A live execution calls it (or :meth:`record` with ``refresh``) at least every flush interval,
+        so that its claims never look abandoned to another execution (see :meth:`claim`). Returns how
+        many rows it refreshed (a key taken over by another execution is not).
+        """
+        held = list(dict.fromkeys(keys))
+        if not held:
+            return 0
+
+        def write() -> int:
+            now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+            with self._transaction() as cursor:
+                return self._refresh(cursor, held, execution, now)
+
+        return self._with_retries(f"heartbeat of {len(held)} pending rows", write)
+
+    def _refresh(self, cursor: Any, keys: Sequence[str], execution: Execution, now: dt.datetime) -> int:
+        refreshed = 0
+        p = self._placeholder
+        for start in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = keys[start : start + _LOOKUP_CHUNK]
+            where, params = self._where_keys(chunk)
+            cursor.execute(
+                f"UPDATE {self.table} SET last_attempt_at = {p} {where} "
+                f"AND status = {p} AND execution_id = {p}",
+                [self._to_db(now), *params, PENDING, execution.token],
+            )
+            refreshed += max(cursor.rowcount, 0)
+        return refreshed
 
     def claim(
         self,
         previous: Mapping[str, LedgerRow | None],
         *,
-        dag_id: str,
-        run_id: str,
+        execution: Execution,
         identifiers: Mapping[str, str | None] | None = None,
         in_flight_since: dt.datetime | None = None,
     ) -> set[str]:
-        """Mark keys ``pending`` before their calls; return the keys this run now holds.
+        """Mark keys ``pending`` for ``execution`` before their calls; return the keys it now holds.
 
         A key is claimed only if its ledger row is still what ``previous`` says (absent, or the same
-        status and run): a concurrent run that claimed it first keeps it, so no row is sent twice.
+        status, execution and ``last_attempt_at``): another execution that claimed it first, or whose
+        heartbeat refreshed its claim since ``previous`` was read, keeps it, so no row is sent twice.
+        The caller decides from ``previous`` whether a ``pending`` row of another execution is
+        abandoned (see :meth:`LedgerRow.held_by_another`); this check makes that decision safe.
+
         ``identifiers`` gives each key's :func:`lead_fingerprint`, written with the claim; a key is not
         claimed when another key of this portal holds its fingerprint as registered, already
-        registered, or pending for another run since ``in_flight_since`` (the same lead, being sent
-        right now): no lead is sent twice either. On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a
+        registered, or pending for another execution since ``in_flight_since`` (the same lead, being
+        sent right now): no lead is sent twice either. On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a
         transaction-level advisory lock per table and portal) claims are serialised, so that check
-        cannot race another run's claim; other databases only narrow the window.
+        cannot race another execution's claim; other databases only narrow the window.
         """
         if not previous:
             return set()
         fingerprints = identifiers or {}
+        mine = execution.token
 
         def write() -> set[str]:
             now = self._to_db(dt.datetime.now(dt.timezone.utc).replace(microsecond=0))
@@ -530,33 +611,46 @@ class RegistrationLedger:
                 for key, row in previous.items():
                     fingerprint = fingerprints.get(key)
                     if fingerprint is not None and self._held_elsewhere(
-                        cursor, key, fingerprint, run_id, since
+                        cursor, key, fingerprint, mine, since
                     ):
                         continue
                     if row is None:
-                        cursor.execute(*self._insert_if_absent(key, now, dag_id, run_id, fingerprint))
+                        cursor.execute(*self._insert_if_absent(key, now, execution, fingerprint))
                     else:
+                        unchanged, unchanged_params = self._unchanged(row)
                         cursor.execute(
                             f"UPDATE {self.table} SET status = {p}, last_attempt_at = {p}, dag_id = {p}, "
-                            f"run_id = {p}, {IDENTIFIER_COLUMN} = {p} WHERE portal_id = {p} "
-                            f"AND row_key = {p} AND status = {p} AND COALESCE(run_id, '') = {p}",
+                            f"run_id = {p}, task_id = {p}, map_index = {p}, execution_id = {p}, "
+                            f"{IDENTIFIER_COLUMN} = {p} WHERE portal_id = {p} AND row_key = {p} "
+                            f"AND {unchanged}",
                             [
-                                PENDING, now, dag_id, run_id, fingerprint or row.lead_identifier,
-                                self.portal_id, key, row.status, row.run_id or "",
+                                PENDING, now, execution.dag_id, execution.run_id, execution.task_id,
+                                execution.map_index, mine, fingerprint or row.lead_identifier,
+                                self.portal_id, key, *unchanged_params,
                             ],
                         )  # fmt: skip
                     if cursor.rowcount != 1:
                         # Ours already? (an earlier attempt of this write committed but its answer was lost)
                         cursor.execute(
                             f"UPDATE {self.table} SET last_attempt_at = {p} WHERE portal_id = {p} "
-                            f"AND row_key = {p} AND status = {p} AND run_id = {p}",
-                            [now, self.portal_id, key, PENDING, run_id],
+                            f"AND row_key = {p} AND status = {p} AND execution_id = {p}",
+                            [now, self.portal_id, key, PENDING, mine],
                         )
                     if cursor.rowcount == 1:
                         claimed.add(key)
             return claimed
 
         return self._with_retries(f"claim of {len(previous)} rows", write)
+
+    def _unchanged(self, row: LedgerRow) -> tuple[str, list[Any]]:
+        """SQL (and parameters) true while a key's ledger row is still ``row``: same status, same
+        writing execution, same ``last_attempt_at`` (a heartbeat changes it)."""
+        p = self._placeholder
+        sql = f"status = {p} AND COALESCE(execution_id, '') = {p} AND COALESCE(run_id, '') = {p}"
+        params: list[Any] = [row.status, row.execution_id or "", row.run_id or ""]
+        if row.last_attempt_at is None:
+            return f"{sql} AND last_attempt_at IS NULL", params
+        return f"{sql} AND last_attempt_at = {p}", [*params, self._to_db(row.last_attempt_at)]
 
     def _lock_claims(self, cursor: Any) -> None:
         """Serialise claims of this table and portal (see :meth:`claim`) until the transaction ends."""
@@ -570,19 +664,19 @@ class RegistrationLedger:
                 [int.from_bytes(digest[:8], "big", signed=True)],
             )
 
-    def _held_elsewhere(self, cursor: Any, key: str, fingerprint: str, run_id: str, since: Any) -> bool:
-        """Another key holds ``fingerprint``: registered, or pending for another run since ``since``."""
+    def _held_elsewhere(self, cursor: Any, key: str, fingerprint: str, token: str, since: Any) -> bool:
+        """Another key holds ``fingerprint``: registered, or pending for another execution since ``since``."""
         p = self._placeholder
         cursor.execute(
             f"SELECT row_key FROM {self.table} WHERE portal_id = {p} AND {IDENTIFIER_COLUMN} = {p} "
             f"AND row_key <> {p} AND (status IN ({p}, {p}) OR (status = {p} "
-            f"AND COALESCE(run_id, '') <> {p} AND last_attempt_at >= {p}))",
-            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES), PENDING, run_id, since],
+            f"AND COALESCE(execution_id, '') <> {p} AND last_attempt_at >= {p}))",
+            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES), PENDING, token, since],
         )
         return cursor.fetchone() is not None
 
     def _insert_if_absent(
-        self, key: str, now: Any, dag_id: str, run_id: str, fingerprint: str | None = None
+        self, key: str, now: Any, execution: Execution, fingerprint: str | None = None
     ) -> tuple[str, list[Any]]:
         """The statement (and parameters) that claims an absent ``key``; a no-op when a row exists.
 
@@ -592,9 +686,12 @@ class RegistrationLedger:
         """
         columns = (
             "portal_id, row_key, status, attempts, first_attempt_at, last_attempt_at, dag_id, run_id, "
-            f"{IDENTIFIER_COLUMN}"
+            f"{IDENTIFIER_COLUMN}, task_id, map_index, execution_id"
         )
-        values = [self.portal_id, key, PENDING, 0, now, now, dag_id, run_id, fingerprint]
+        values = [
+            self.portal_id, key, PENDING, 0, now, now, execution.dag_id, execution.run_id, fingerprint,
+            execution.task_id, execution.map_index, execution.token,
+        ]  # fmt: skip
         if self._dialect in ("sqlite", "postgresql"):
             return (
                 f"INSERT INTO {self.table} ({columns}) VALUES ({self._marks(len(values))}) "
@@ -628,8 +725,8 @@ class RegistrationLedger:
 
         self._with_retries(f"fill-in of {len(identifiers)} lead identifiers", write)
 
-    def release(self, previous: Mapping[str, LedgerRow | None], *, run_id: str) -> None:
-        """Undo this run's claims of rows it never sent: each goes back to what ``previous`` says."""
+    def release(self, previous: Mapping[str, LedgerRow | None], *, execution: Execution) -> None:
+        """Undo ``execution``'s claims of rows it never sent: each goes back to what ``previous`` says."""
         if not previous:
             return
 
@@ -640,8 +737,8 @@ class RegistrationLedger:
                 for key, row in previous.items():
                     cursor.execute(
                         f"DELETE FROM {self.table} WHERE portal_id = {p} AND row_key = {p} AND status = {p} "
-                        f"AND run_id = {p}",
-                        [self.portal_id, key, PENDING, run_id],
+                        f"AND execution_id = {p}",
+                        [self.portal_id, key, PENDING, execution.token],
                     )
                     if cursor.rowcount == 1 and row is not None:
                         restore.append(row)
@@ -650,17 +747,40 @@ class RegistrationLedger:
 
         self._with_retries(f"release of {len(previous)} unsent rows", write)
 
-    def run_counts(self, *, dag_id: str, run_id: str) -> dict[str, int]:
-        """Rows of this portal last recorded by run ``run_id`` of ``dag_id``, counted by status."""
-        p = self._placeholder
-        return self._with_retries(
-            "count of the run's rows",
-            lambda: self._count_by("status", f"dag_id = {p} AND run_id = {p}", [dag_id, run_id]),
-        )
+    def run_counts(self, *, execution: Execution) -> dict[str, int]:
+        """Rows of this portal last recorded by ``execution``'s task instance, counted by status.
 
-    def pending_runs(self) -> dict[str, int]:
-        """Rows left ``pending`` in this portal, counted by the run that left them."""
-        return self._count_by("run_id", f"status = {self._placeholder}", [PENDING])
+        The task instance is ``dag_id``, ``run_id``, ``task_id`` and ``map_index``: this execution and
+        the earlier tries of the same task, not the other tasks of the same DAG run.
+        """
+        p = self._placeholder
+        where = f"dag_id = {p} AND run_id = {p} AND COALESCE(map_index, -1) = {p}"
+        params: list[Any] = [execution.dag_id, execution.run_id, execution.map_index]
+        if execution.task_id is None:
+            where += " AND task_id IS NULL"
+        else:
+            where += f" AND task_id = {p}"
+            params.append(execution.task_id)
+        return self._with_retries("count of the run's rows", lambda: self._count_by("status", where, params))
+
+    def pending_rows(self) -> list[LedgerRow]:
+        """This portal's rows left ``pending`` (in flight now, or when their execution ended)."""
+
+        def read() -> list[LedgerRow]:
+            conn = self.conn
+            cursor = conn.cursor()
+            try:
+                cursor.execute(
+                    f"SELECT {', '.join(COLUMNS[1:])} FROM {self.table} "
+                    f"WHERE portal_id = {self._placeholder} AND status = {self._placeholder}",
+                    [self.portal_id, PENDING],
+                )
+                return [self._row(record) for record in cursor.fetchall()]
+            finally:
+                cursor.close()
+                conn.commit()
+
+        return self._with_retries("read of the pending rows", read)
 
     def _count_by(self, column: str, where: str, params: list[Any]) -> dict[str, int]:
         """This portal's rows matching ``where``, counted by ``column``; ends the read transaction."""
@@ -679,7 +799,7 @@ class RegistrationLedger:
 
     @staticmethod
     def _merge(
-        previous: LedgerRow | None, outcome: RegistrationOutcome, now: dt.datetime, dag_id: str, run_id: str
+        previous: LedgerRow | None, outcome: RegistrationOutcome, now: dt.datetime, execution: Execution
     ) -> LedgerRow:
         row = LedgerRow(
             row_key=outcome.key,
@@ -691,9 +811,12 @@ class RegistrationLedger:
             first_attempt_at=now,
             last_attempt_at=now,
             registered_at=now if outcome.ok else None,
-            dag_id=dag_id,
-            run_id=run_id,
+            dag_id=execution.dag_id,
+            run_id=execution.run_id,
             retryable=outcome.retryable,
+            task_id=execution.task_id,
+            map_index=execution.map_index,
+            execution_id=execution.token,
         )
         if previous is None:
             return row
@@ -745,4 +868,7 @@ class RegistrationLedger:
             row.run_id,
             retryable,
             row.lead_identifier,
+            row.task_id,
+            row.map_index,
+            row.execution_id,
         ]

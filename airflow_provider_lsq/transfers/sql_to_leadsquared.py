@@ -24,6 +24,7 @@ from airflow_provider_lsq.lineage import transfer_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
+from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger, lead_fingerprint
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from airflow_provider_lsq.registration_run import Row
 
 MAX_LOGGED_KEYS = 50  # duplicate keys and leads, NULL-key positions: logged one by one, then counted
+MAX_LOGGED_PENDING = 1000  # pending rows the query no longer returns: logged one by one, then counted
+# A live execution's claims are refreshed every flush interval; this is how long one may look idle.
+DEFAULT_PENDING_TIMEOUT = dt.timedelta(minutes=2)
 # LeadSquared's standard attribute schema names: a result column equal to one but for case was folded
 # (PostgreSQL lower-cases unquoted aliases) and would be refused on every row.
 STANDARD_ATTRIBUTES = (
@@ -107,21 +111,30 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     - a key recorded as failed is skipped unless the failure was transient (``retryable``) or
       ``retry_failed`` is set; skipped ones are counted (``skipped_failed``) and logged at WARNING.
       A retry of the same run counts its own failed rows again, so it ends the way the first try did;
-    - a key left ``pending`` (a run died with its call in flight) is sent again, logged at WARNING;
-      a fresh ``pending`` of another run (within ``pending_timeout``) is that run's: skipped;
+    - a key left ``pending`` by an execution that ended (a run or try died with its call in flight)
+      is sent again **first**, before the query's other rows, and logged at WARNING; one the query no
+      longer returns stays ``pending``, is logged at WARNING by row key and lead id and counted
+      (``pending_not_returned``); the task does not fail for it;
+    - a key ``pending`` for another execution that is still alive (its heartbeat younger than
+      ``pending_timeout``) is that execution's: skipped. Executions are told apart by a token per
+      ``execute()`` call, so a zombie try and its retry, two tasks of one DAG run, or two mapped
+      task instances never send the same row;
     - a key met twice in the query is reported (``duplicates``) and sent once;
     - one lead, one registration: another key of this portal that holds the row's lead (the same
       ``lead_identifier``, a fingerprint of the identifier sent first) as registered makes the row
-      ``already_registered`` with that lead id, no call; one holding it ``pending`` for another run
-      (within ``pending_timeout``) makes it skipped; a lead an earlier row of this run took makes it a
-      duplicate (``duplicates`` and ``duplicate_leads``), not sent and not recorded this run;
+      ``already_registered`` with that lead id, no call; one holding it ``pending`` for another
+      execution (within ``pending_timeout``) makes it skipped; a lead an earlier row of this run
+      took makes it a duplicate (``duplicates`` and ``duplicate_leads``), not sent and not recorded this run;
     - a row with a NULL key is invalid (named by its position; it cannot go in the ledger).
 
     Rows are marked ``pending`` in the ledger just before they are handed over (a few at a time),
     and outcomes are written every ``batch_size`` outcomes or ``flush_interval_seconds``, whichever
-    comes first, and whatever stops the task (``on_kill`` included). The task returns counts only
-    and fails when more than ``max_failure_ratio`` of the rows sent are invalid or failed. Errors no
-    retry can fix (bad keys, no ``portal_id``, unusable columns) raise ``AirflowFailException``.
+    comes first, and whatever stops the task (``on_kill`` included); in an interval with nothing to
+    write, the execution's ``pending`` rows get a fresh ``last_attempt_at`` (its heartbeat). The task
+    returns counts only and fails when more than ``max_failure_ratio`` of the rows its task instance
+    (this try and its earlier tries; not the DAG run's other tasks) recorded are invalid or failed.
+    Errors no retry can fix (bad keys, no ``portal_id``, unusable columns) raise
+    ``AirflowFailException``.
 
     :param sql: the query (a single SELECT, no trailing statement). Templated; ``.sql`` files work.
     :param sql_conn_id: the warehouse connection (any common-sql database). Templated.
@@ -143,8 +156,15 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     :param retry_failed: also retry rows recorded as permanently failed.
     :param flush_interval_seconds: outcomes wait at most this long (seconds) before they are written.
     :param ledger_write_timeout: seconds a ledger write keeps retrying before the task stops and fails.
-    :param pending_timeout: a ``pending`` row of another run younger than this belongs to a run still
-        going and is skipped; an older one was left by a run that died and is sent again.
+    :param pending_timeout: how long after its last heartbeat a ``pending`` row of another execution
+        is still that execution's (skipped); older, it was left by an execution that died and is sent
+        again, first. Default 2 minutes. A live execution refreshes its claims every
+        ``flush_interval_seconds``, but its heartbeat can be late by as much as a ledger outage it is
+        riding out (``ledger_write_timeout``, 60 s) or a slow warehouse fetch, so the timeout must
+        exceed ``ledger_write_timeout + flush_interval_seconds`` (ValueError otherwise). It is
+        shorter than Airflow's default ``retry_delay`` (5 minutes), so a retry after a hard kill on
+        another machine resends the dead try's rows at once; on the same machine (and PID namespace)
+        a holder whose process is gone is known dead without waiting.
     """
 
     template_fields: Sequence[str] = (
@@ -181,12 +201,19 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         retry_failed: bool = False,
         flush_interval_seconds: float = 2.0,
         ledger_write_timeout: float = 60.0,
-        pending_timeout: dt.timedelta = dt.timedelta(minutes=10),
+        pending_timeout: dt.timedelta = DEFAULT_PENDING_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        heartbeat_bound = ledger_write_timeout + flush_interval_seconds
+        if pending_timeout.total_seconds() <= heartbeat_bound:
+            raise ValueError(
+                f"pending_timeout ({pending_timeout.total_seconds():g} s) must be longer than "
+                f"ledger_write_timeout + flush_interval_seconds ({heartbeat_bound:g} s): a live run's "
+                "claims can go that long without a heartbeat, and another run would send them again"
+            )
         if not key_column:
             raise ValueError("key_column is required: it names each row in the ledger")
         self.sql = sql
@@ -223,16 +250,16 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: the ledger and "
                 "the registration need it (Workflow > Manage Portals in LeadSquared, in the page URL)."
             )
-        dag_id, run_id = self._run_names(context)
+        execution = self._execution(context)
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
         )
-        sink = LedgerSink(ledger, dag_id=dag_id, run_id=run_id, pending_timeout=self.pending_timeout)
+        sink = LedgerSink(ledger, execution, pending_timeout=self.pending_timeout)
         self._run = run = RegistrationRun.for_operator(
             self, hook=lsq_hook, sink=sink, total=None, track_skips=True, batch_size=self.batch_size
         )
         progress = run.progress
-        transfer = _Transfer(self, ledger, sink, run, dag_id=dag_id, run_id=run_id)
+        transfer = _Transfer(self, ledger, sink, run, execution)
         with progress:
             run.execute(lambda: transfer.run(sql_hook, sql, portal_id))
         return run.finish(
@@ -242,6 +269,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
             verdict=transfer.verdict,
             skipped_failed=transfer.skipped_failed,
             resent_pending=transfer.resent_pending,
+            pending_not_returned=transfer.pending_not_returned,
             duplicate_leads=transfer.duplicate_leads,
             from_earlier_tries=transfer.earlier_tries,
             on_summary=lambda summary: publish_counts(self, context, summary),
@@ -256,11 +284,20 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         """OpenLineage (Airflow's OpenLineage provider calls it): see :mod:`airflow_provider_lsq.lineage`."""
         return transfer_lineage(self)
 
-    def _run_names(self, context: Context) -> tuple[str, str]:
+    def _execution(self, context: Context) -> Execution:
+        """This ``execute()`` call: its task instance's names and a fresh token (see Execution)."""
         dag_run = context.get("dag_run")
+        ti = context.get("ti")
         run_id = context.get("run_id") or getattr(dag_run, "run_id", None) or "manual"
-        dag_id = getattr(context.get("ti"), "dag_id", None) or self.dag_id
-        return str(dag_id), str(run_id)
+        dag_id = getattr(ti, "dag_id", None) or self.dag_id
+        task_id = getattr(ti, "task_id", None) or self.task_id
+        map_index = getattr(ti, "map_index", None)
+        return Execution(
+            dag_id=str(dag_id),
+            run_id=str(run_id),
+            task_id=str(task_id),
+            map_index=map_index if isinstance(map_index, int) else -1,
+        )
 
     def _execute(self, cursor: Any, sql: str) -> None:
         if self.parameters is None:
@@ -284,7 +321,6 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 cursor.close()
 
 
-_EARLIEST = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 _LATEST = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
 
 
@@ -298,19 +334,18 @@ class _Keyed(NamedTuple):
 
 
 class LedgerSink(OutcomeSink):
-    """The engine's records go to the ledger; claims mark rows ``pending`` before their calls."""
+    """The engine's records go to the ledger; claims mark rows ``pending`` for this execution before
+    their calls, and heartbeats (and every write) refresh the claims still in flight."""
 
     def __init__(
         self,
         ledger: RegistrationLedger,
+        execution: Execution,
         *,
-        dag_id: str,
-        run_id: str,
-        pending_timeout: dt.timedelta = dt.timedelta(minutes=10),
+        pending_timeout: dt.timedelta = DEFAULT_PENDING_TIMEOUT,
     ) -> None:
         self.ledger = ledger
-        self.dag_id = dag_id
-        self.run_id = run_id
+        self.execution = execution
         self.pending_timeout = pending_timeout
         self.known: dict[str, LedgerRow | None] = {}  # what the ledger held for rows about to be claimed
         self.claimed: dict[str, LedgerRow | None] = {}  # claimed rows not yet recorded: their previous rows
@@ -320,8 +355,7 @@ class LedgerSink(OutcomeSink):
         previous = {key: self.known.pop(key, None) for key in keys}
         claimed = self.ledger.claim(
             previous,
-            dag_id=self.dag_id,
-            run_id=self.run_id,
+            execution=self.execution,
             identifiers={key: self.identifiers.get(key) for key in keys},
             in_flight_since=dt.datetime.now(dt.timezone.utc) - self.pending_timeout,
         )
@@ -331,16 +365,21 @@ class LedgerSink(OutcomeSink):
                 self.identifiers.pop(key, None)
         return claimed
 
+    def heartbeat(self) -> None:
+        self.ledger.refresh(self.claimed, execution=self.execution)
+
     def release_unrecorded(self, keep: set[str]) -> None:
         released = {key: row for key, row in self.claimed.items() if key not in keep}
-        self.ledger.release(released, run_id=self.run_id)
+        self.ledger.release(released, execution=self.execution)
         for key in released:
             del self.claimed[key]
             self.identifiers.pop(key, None)
 
     def write(self, outcomes: list[RegistrationOutcome]) -> None:
         identifiers = {o.key: self.identifiers[o.key] for o in outcomes if o.key in self.identifiers}
-        self.ledger.record(outcomes, dag_id=self.dag_id, run_id=self.run_id, identifiers=identifiers)
+        self.ledger.record(
+            outcomes, execution=self.execution, identifiers=identifiers, refresh=list(self.claimed)
+        )
         for outcome in outcomes:
             self.claimed.pop(outcome.key, None)
             self.known.pop(outcome.key, None)  # invalid rows are recorded without a claim
@@ -356,9 +395,7 @@ class _Transfer:
         ledger: RegistrationLedger,
         sink: LedgerSink,
         run: RegistrationRun,
-        *,
-        dag_id: str,
-        run_id: str,
+        execution: Execution,
     ) -> None:
         self.op = op
         self.log = op.log
@@ -366,12 +403,12 @@ class _Transfer:
         self.sink = sink
         self.engine = run
         self.progress = run.progress
-        self.dag_id = dag_id
-        self.run_id = run_id
-        self.verdict: tuple[int, int] | None = None  # (considered, failures) of the whole run
+        self.execution = execution
+        self.run_id = execution.run_id
+        self.verdict: tuple[int, int] | None = None  # (considered, failures) of the whole task instance
         self.null_keys = 0
         self.skipped_done = self.skipped_failed = self.earlier_tries = 0
-        self.resent_pending = self.pending_elsewhere = 0
+        self.resent_pending = self.pending_elsewhere = self.pending_not_returned = 0
         self.reported_duplicates = self.reported_null = 0
         self.duplicate_leads = self.same_lead = 0  # rows of a lead met earlier in this run / held by a key
         self.reported_duplicate_leads = self.reported_same_lead = 0
@@ -382,8 +419,18 @@ class _Transfer:
     def run(self, sql_hook: DbApiHook, sql: str, portal_id: str) -> None:
         with self.ledger, contextlib.closing(_SeenKeys()) as seen:
             self.ledger.ensure_table()  # first: the query may anti-join it
-            self._warn_pending()
+            orphans = self._pending_rows()
             conn = sql_hook.get_conn()
+            cursors: list[Any] = []
+            # A named cursor is server-side on psycopg: rows come batch by batch. sqlite3 is lazy.
+            is_postgres = self.ledger.dialect == "postgresql" or sql_hook.dialect_name == "postgresql"
+
+            def query(name: str) -> Any:
+                cursor = conn.cursor(name=name) if is_postgres else conn.cursor()
+                cursors.append(cursor)
+                self.op._execute(cursor, sql)
+                return cursor
+
             try:
                 self.progress.total = self.op._count(conn, sql)
                 self.log.info(
@@ -395,21 +442,21 @@ class _Transfer:
                     self.op.ledger_table,
                     self.op.ledger_conn_id or self.op.sql_conn_id,
                 )
-                # A named cursor is server-side on psycopg: rows come batch by batch. sqlite3 is lazy.
-                is_postgres = self.ledger.dialect == "postgresql" or sql_hook.dialect_name == "postgresql"
-                cursor = conn.cursor(name="lsq_transfer") if is_postgres else conn.cursor()
-                try:
-                    self.op._execute(cursor, sql)
-                    rows = self._rows(cursor, seen)
-                    if self.op.is_dry_run:
-                        self.engine.dry_run(rows)
-                    else:
-                        self.engine.register(rows)
-                        self.verdict = self._run_verdict()
-                finally:
+                if self.op.is_dry_run:
+                    self.engine.dry_run(self._rows(query("lsq_transfer"), seen))
+                    return
+                if orphans:
+                    remaining = set(orphans)
+                    first = self._rows(query("lsq_transfer_pending"), seen, only=remaining)
+                    rows = self._pending_first(first, orphans, remaining, query, cursors, seen)
+                else:
+                    rows = self._rows(query("lsq_transfer"), seen)
+                self.engine.register(rows)
+                self.verdict = self._run_verdict()
+            finally:
+                for cursor in cursors:
                     with contextlib.suppress(Exception):
                         cursor.close()
-            finally:
                 with contextlib.suppress(Exception):
                     conn.rollback()  # only read: end the transaction (and a server-side cursor)
                 with contextlib.suppress(Exception):
@@ -417,48 +464,129 @@ class _Transfer:
                 self._log_skips()
 
     def _run_verdict(self) -> tuple[int, int]:
-        """``(considered, failures)`` over every row this run recorded, in this try or an earlier one.
+        """``(considered, failures)`` over every row this task instance recorded, in this try or an
+        earlier one (not the rows of the DAG run's other tasks).
 
         Read from the ledger, so a retry ends the way the first try did even when the query leaves out
         the rows registered by then (an anti-join on the ledger). Rows without a key count too.
         """
-        counts = self.ledger.run_counts(dag_id=self.dag_id, run_id=self.run_id)
+        counts = self.ledger.run_counts(execution=self.execution)
         failures = counts.get("invalid", 0) + counts.get("failed", 0) + self.null_keys
         considered = failures + counts.get("registered", 0) + counts.get("already_registered", 0)
         return considered, failures
 
-    def _warn_pending(self) -> None:
-        pending = self.ledger.pending_runs()
-        if pending:
+    def _pending_rows(self) -> dict[str, LedgerRow]:
+        """The ``pending`` rows of executions that ended (by key), which this run resolves first.
+
+        Rows pending for an execution still alive are left to it; both kinds are logged.
+        """
+        pending = self.ledger.pending_rows()
+        timeout = self.op.pending_timeout
+        alive = [row for row in pending if row.held_by_another(self.execution, timeout)]
+        orphans = {row.row_key: row for row in pending if not row.held_by_another(self.execution, timeout)}
+        if alive:
+            self.log.info(
+                "%d rows are pending for executions still running (a heartbeat within %s): left to them.",
+                len(alive),
+                timeout,
+            )
+        if orphans:
+            by_run: dict[str, int] = {}
+            for row in orphans.values():
+                by_run[str(row.run_id)] = by_run.get(str(row.run_id), 0) + 1
             self.log.warning(
-                "The ledger holds %d rows left pending (in flight when a run stopped: %s). Each is "
-                "sent again when the query returns it (its registration may or may not have happened).",
-                sum(pending.values()),
-                ", ".join(f"{run}: {count}" for run, count in sorted(pending.items())),
+                "The ledger holds %d rows left pending by executions that ended (in flight when they "
+                "stopped: %s). %s (their registration may or may not have happened).",
+                len(orphans),
+                ", ".join(f"{run}: {count}" for run, count in sorted(by_run.items())),
+                "A dry run sends nothing"
+                if self.op.is_dry_run
+                else "Each is sent again first, if the query still returns it",
+            )
+        return {} if self.op.is_dry_run else orphans
+
+    def _pending_first(
+        self,
+        first: Iterator[Row],
+        orphans: Mapping[str, LedgerRow],
+        remaining: set[str],
+        query: Callable[[str], Any],
+        cursors: list[Any],
+        seen: _SeenKeys,
+    ) -> Iterator[Row]:
+        """The abandoned ``pending`` rows (``first``, a pass over the query that stops once it has met
+        them all), then every other row of a second pass. Rows the first pass met are not met again."""
+        yield from first
+        with contextlib.suppress(Exception):
+            cursors[0].close()
+        met = set(orphans) - remaining
+        if remaining:
+            self._report_not_returned([orphans[key] for key in sorted(remaining)])
+        yield from self._rows(query("lsq_transfer"), seen, skip=met)
+
+    def _report_not_returned(self, rows: Sequence[LedgerRow]) -> None:
+        """Abandoned ``pending`` rows the query no longer returns: logged (key and lead id), counted, kept."""
+        self.pending_not_returned = len(rows)
+        self.log.warning(
+            "%d rows left pending by executions that ended are no longer returned by the query: they stay "
+            "pending in the ledger (LeadSquared may or may not have registered them); reconcile them by "
+            "hand. Each: row key, lead id.",
+            len(rows),
+        )
+        for row in rows[:MAX_LOGGED_PENDING]:
+            self.log.warning("Pending, not returned: row %s, lead id %s", row.row_key, row.lead_id)
+        if len(rows) > MAX_LOGGED_PENDING:
+            self.log.warning(
+                "... and %d more (status 'pending' in the ledger).", len(rows) - MAX_LOGGED_PENDING
             )
 
     # -- the stream ------------------------------------------------------------------------------
 
-    def _rows(self, cursor: Any, seen: _SeenKeys) -> Iterator[Row]:
-        """Rows for the engine, read lazily batch by batch; the columns are checked before any call."""
+    def _rows(
+        self, cursor: Any, seen: _SeenKeys, *, only: set[str] | None = None, skip: set[str] | None = None
+    ) -> Iterator[Row]:
+        """Rows for the engine, read lazily batch by batch; the columns are checked before any call.
+
+        ``only``: take only rows of these keys, removing each as it is met, and stop once none is
+        left. ``skip``: leave out the first row of each of these keys (met by an earlier pass).
+        """
         records = cursor.fetchmany(self.op.batch_size)
         if not records:
             return iter(())
         columns = [str(column[0]) for column in cursor.description]  # psycopg: known after a fetch
         key_index = self._key_index(columns)
         self._check_columns(columns, key_index)
-        return self._stream(cursor, records, columns, key_index, seen)
+        return self._stream(cursor, records, columns, key_index, seen, only=only, skip=skip)
 
     def _stream(
-        self, cursor: Any, records: Sequence[Any], columns: list[str], key_index: int, seen: _SeenKeys
+        self,
+        cursor: Any,
+        records: Sequence[Any],
+        columns: list[str],
+        key_index: int,
+        seen: _SeenKeys,
+        *,
+        only: set[str] | None = None,
+        skip: set[str] | None = None,
     ) -> Iterator[Row]:
         position = 0
+        skip = set(skip or ())
         while records:
             keyed: list[_Keyed] = []
             for row in records:
                 position += 1
                 record = tuple(row.values()) if isinstance(row, Mapping) else row  # dict cursors too
-                key = self._key(position, record[key_index], seen)
+                value = record[key_index]
+                if only is not None or skip:
+                    text = None if value is None else str(value)
+                    if only is not None:
+                        if text not in only:
+                            continue
+                        only.discard(text)
+                    elif text in skip:
+                        skip.discard(text)  # met by the first pass; a second row of it is a duplicate
+                        continue
+                key = self._key(position, value, seen)
                 if key is not None:
                     keyed.append(self._keyed(key, self._lead(columns, key_index, record)))
             # One query each per batch: the rows' keys, and the leads other keys hold.
@@ -477,6 +605,8 @@ class _Transfer:
                     if previous is not None and not isinstance(decided, RegistrationOutcome):
                         self.sink.known[item.key] = previous  # until its claim or its record
                 yield decided
+            if only is not None and not only:
+                return  # every row wanted is met: the rest of the query is not read
             try:
                 records = cursor.fetchmany(self.op.batch_size)
             except Exception:
@@ -569,7 +699,7 @@ class _Transfer:
                 registered=holder.status == "registered",
             )
         if any(self._in_flight_elsewhere(row) for row in others):
-            self.pending_elsewhere += 1  # another run is sending this lead under another key
+            self.pending_elsewhere += 1  # another execution is sending this lead under another key
             self.progress.add_skipped()
             return None
         if previous is not None and previous.pending:
@@ -577,17 +707,15 @@ class _Transfer:
         return item.key, item.lead
 
     def _in_flight_elsewhere(self, row: LedgerRow) -> bool:
-        """``row`` is pending for another run, younger than ``pending_timeout``: being sent right now."""
-        if not row.pending or row.run_id == self.run_id:
-            return False
-        age = dt.datetime.now(dt.timezone.utc) - (row.last_attempt_at or _EARLIEST)
-        return age < self.op.pending_timeout
+        """``row`` is pending for another execution that is alive: being sent right now."""
+        return row.held_by_another(self.execution, self.op.pending_timeout)
 
     def _wanted(self, key: str, lead: dict[str, Any], previous: LedgerRow | None) -> bool:
         """Whether a row the ledger knows as ``previous`` goes to the engine (validation, maybe a call)."""
         if previous is None:
             return True
-        if previous.status == "invalid" and previous.run_id != self.run_id:
+        own = previous.written_by(self.execution)  # this task instance: this try or an earlier one
+        if previous.status == "invalid" and not own:
             # Invalid in an earlier run: validated again (no call), sent if the data was fixed; still
             # invalid, it is reported like a permanent failure, not counted against this run.
             if check_lead(key, lead, self.op.identifier_attribute) is None:
@@ -597,14 +725,12 @@ class _Transfer:
             return False
         if previous.status == "invalid":
             return True  # this run's own invalid row: validated and counted again
-        if previous.run_id == self.run_id and previous.registered:
+        if own and previous.registered:
             self.earlier_tries += 1  # an earlier try of this run registered it (the verdict counts it)
             self.skipped_done += 1
             self.progress.add_skipped()
             return False
-        if previous.run_id == self.run_id and not (
-            previous.pending or previous.retryable or self.op.retry_failed
-        ):
+        if own and not (previous.pending or previous.retryable or self.op.retry_failed):
             # An earlier try of this run failed it for good: it counts again, without a call, so a retry
             # ends the way the first try did (a failed run stays failed until its rows are fixed).
             self.earlier_tries += 1
@@ -625,7 +751,7 @@ class _Transfer:
             return False
         if previous.pending:
             if self._in_flight_elsewhere(previous):
-                self.pending_elsewhere += 1  # another run holds it right now
+                self.pending_elsewhere += 1  # another execution holds it right now
                 self.progress.add_skipped()
                 return False
             return True  # counted in resent_pending once it is sent
@@ -702,10 +828,13 @@ class _Transfer:
                 self.run_id,
             )
         if self.resent_pending:
-            self.log.warning("%d rows left pending by a stopped run were sent again.", self.resent_pending)
+            self.log.warning(
+                "%d rows left pending by an execution that ended were sent again.", self.resent_pending
+            )
         if self.pending_elsewhere or self.engine.not_claimed:
             self.log.warning(
-                "%d rows skipped: another run was registering them at the same time.",
+                "%d rows skipped: another execution (another run, task, mapped task or try) was "
+                "registering them at the same time.",
                 self.pending_elsewhere + self.engine.not_claimed,
             )
         if self.reported_duplicates >= MAX_LOGGED_KEYS:
