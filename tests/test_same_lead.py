@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import first_identifier
+from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
 from airflow_provider_lsq.transfers.executions import Execution
-from airflow_provider_lsq.transfers.ledger import ADDED_COLUMNS, RegistrationLedger, lead_fingerprint
+from airflow_provider_lsq.transfers.ledger import ADDED_COLUMNS, RegistrationLedger
 from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
 from tests import test_transfer_sql as base
 from tests.helpers import call_execute

@@ -7,6 +7,7 @@ error names the field at fault.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ UNIQUE_IDENTIFIERS = ("EmailAddress", "Phone", "Mobile")
 PASSWORD_FIELD = "mx_Portal_Password"
 CONFIRM_PASSWORD_FIELD = "mx_Portal_Confirm_Password"
 _ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CANONICAL = {name.lower(): name for name in UNIQUE_IDENTIFIERS}
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -183,3 +185,19 @@ def first_identifier(
         if value is not None:
             return attribute, value
     return None
+
+
+def lead_fingerprint(attribute: str, value: str) -> str:
+    """The ledger's ``lead_identifier``: sha256 hex of ``"<attribute>\n<normalised value>"``.
+
+    ``attribute`` is the identifier LeadSquared finds the lead by (the one sent first), ``value`` the
+    text sent for it. E-mail addresses are stripped and lower-cased (LeadSquared matches them without
+    regard to case); other values (Phone, Mobile, custom unique fields) are stripped. Standard
+    attribute names are spelled canonically (``emailaddress`` is ``EmailAddress``). The value cannot
+    be read back from the fingerprint, but it is unsalted, so anyone may compute it for an address
+    they know, e.g. in PostgreSQL: ``encode(sha256(convert_to('EmailAddress' || E'\n' ||
+    lower(trim(email)), 'UTF8')), 'hex')``.
+    """
+    name = _CANONICAL.get(attribute.lower(), attribute)
+    normalised = value.strip().lower() if name == "EmailAddress" else value.strip()
+    return hashlib.sha256(f"{name}\n{normalised}".encode()).hexdigest()

@@ -16,11 +16,10 @@ from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
 
 from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import first_identifier
+from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
 from airflow_provider_lsq.lineage import portal_lineage
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
-from airflow_provider_lsq.transfers.ledger import lead_fingerprint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator

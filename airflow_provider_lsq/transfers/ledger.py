@@ -4,7 +4,8 @@ It is what makes the SQL transfer safe to rerun: a row the ledger holds as regis
 again, a transient failure is retried on the next run, a permanent one only when asked. It holds keys,
 lead ids, statuses and error messages: never a password and no other lead data. It also holds, per
 row, a fingerprint of the lead identifier LeadSquared finds the lead by (``lead_identifier``: a sha256,
-see :func:`lead_fingerprint`), so that two row keys of one lead are known to be one person.
+see :func:`~airflow_provider_lsq.hooks.payload.lead_fingerprint`), so that two row keys of one lead
+are known to be one person.
 
 Each row names the execution that last wrote it (``dag_id``, ``run_id``, ``task_id``, ``map_index``
 and ``execution_id``, the token of one ``execute()`` call: see
@@ -38,7 +39,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import tenacity
 from airflow.providers.common.compat.sdk import AirflowException
 
-from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.transfers.executions import holder_is_gone
 
@@ -84,29 +84,12 @@ IDENTIFIER_COLUMN = "lead_identifier"
 # Columns added since the first release, in order: a table without them gets them (ALTER TABLE).
 # The value is the column's type: "text" (the dialect's key type) or "integer".
 ADDED_COLUMNS = {IDENTIFIER_COLUMN: "text", "task_id": "text", "map_index": "integer", "execution_id": "text"}
-_CANONICAL = {name.lower(): name for name in UNIQUE_IDENTIFIERS}
 # Column types per dialect: (key/text, timestamp, boolean, false literal).
 _TYPES = {
     "sqlite": ("TEXT", "TEXT", "INTEGER", "0"),
     "postgresql": ("TEXT", "TIMESTAMP", "BOOLEAN", "FALSE"),
     "generic": ("VARCHAR(255)", "TIMESTAMP", "BOOLEAN", "FALSE"),
 }
-
-
-def lead_fingerprint(attribute: str, value: str) -> str:
-    """The ledger's ``lead_identifier``: sha256 hex of ``"<attribute>\n<normalised value>"``.
-
-    ``attribute`` is the identifier LeadSquared finds the lead by (the one sent first), ``value`` the
-    text sent for it. E-mail addresses are stripped and lower-cased (LeadSquared matches them without
-    regard to case); other values (Phone, Mobile, custom unique fields) are stripped. Standard
-    attribute names are spelled canonically (``emailaddress`` is ``EmailAddress``). The value cannot
-    be read back from the fingerprint, but it is unsalted, so anyone may compute it for an address
-    they know, e.g. in PostgreSQL: ``encode(sha256(convert_to('EmailAddress' || E'\n' ||
-    lower(trim(email)), 'UTF8')), 'hex')``.
-    """
-    name = _CANONICAL.get(attribute.lower(), attribute)
-    normalised = value.strip().lower() if name == "EmailAddress" else value.strip()
-    return hashlib.sha256(f"{name}\n{normalised}".encode()).hexdigest()
 
 
 class LedgerUnavailableError(AirflowException):

@@ -19,13 +19,13 @@ from airflow.providers.common.sql.hooks.sql import DbApiHook
 
 from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, first_identifier
+from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, first_identifier, lead_fingerprint
 from airflow_provider_lsq.lineage import transfer_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.executions import Execution
-from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger, lead_fingerprint
+from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
