@@ -8,6 +8,8 @@ From one run, printed as compact tables (nothing is asserted; timings depend on 
     the most calls it saw in any 5 s window;
 (b) the same for a naive script: a sequential ``requests`` loop, fetching both tokens before every
     register call, over 50 leads; and how many times faster the provider registers leads;
+(e) the coexistence frontier, simulated (``bench/coexistence_frontier.py``): how much of what another
+    integration leaves any client that cannot see its calls can take within the refusal targets;
 (c) peak memory of a dry-run ``SqlToLeadSquaredPortalOperator`` (no API call) over 10,000 and 100,000
     rows of a SQLite warehouse, each in a fresh process: tracemalloc's peak and the growth of the
     process's peak RSS (``ru_maxrss``); the target is flat (100k/10k near 1).
@@ -502,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-throughput", action="store_true", help="skip (a, b)")
     parser.add_argument("--skip-sharing", action="store_true", help="skip (d), the shared-account table")
     parser.add_argument("--coexistence-seconds", type=float, default=120.0)
+    parser.add_argument("--skip-frontier", action="store_true", help="skip (e), the simulated frontier")
+    parser.add_argument("--frontier-hours", type=float, default=12.0, help="simulated hours per row and seed")
     parser.add_argument("--memory-child", nargs=2, metavar=("ROWS", "WAREHOUSE"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("PREFIX", "COUNT", "START_AT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -523,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_sharing:
         print_sharing(args.coexistence_seconds)
+
+    if not args.skip_frontier:
+        from coexistence_frontier import print_frontier  # bench/ is on sys.path when run as a script
+
+        print_frontier(args.frontier_hours, 2, table)
 
     if not args.skip_memory:
         print("\n(c) Peak memory, dry-run SqlToLeadSquaredPortalOperator (SQLite warehouse, a process each)")

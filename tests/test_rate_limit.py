@@ -562,3 +562,50 @@ def test_redis_lost_mid_run_loses_no_outcome_of_a_call_made(
     assert len(registered_in_sandbox) < len(leads)  # and stopped sending when it did
     for key in registered_in_sandbox:  # no call LeadSquared answered is lost
         assert outcomes[key].status is RegistrationStatus.REGISTERED, outcomes[key]
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", pytest.param("redis", marks=pytest.mark.redis)])
+def test_first_refusal_at_the_cap_drops_far_later_ones_a_little(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Other traffic appearing after a calm spell costs one lockout to learn (a large step down); once
+    the account is known busy, a refusal means the level was nearly right (a small step)."""
+    from airflow_provider_lsq.hooks.rate_limit.stores import MemoryLeaseStore
+
+    policy = _policy(cap=10, period=0.1, recovery_per_second=0.0, first_decrease=0.5, decrease=0.9)
+    account = f"test-{random.getrandbits(32):x}"
+    if kind == "memory":
+        store: Any = MemoryLeaseStore()
+    elif kind == "file":
+        store = SqliteLeaseStore(tmp_path / "budget.sqlite3", account)
+    else:
+        import redis
+
+        store = RedisLeaseStore(redis.Redis.from_url(request.getfixturevalue("redis_url")), account, "Redis")
+
+    def refused_after_the_pause() -> None:
+        deadline = time.monotonic() + 10
+        granted = store.acquire(policy, f"l{random.getrandbits(32):x}")
+        while granted.lease_id is None and time.monotonic() < deadline:
+            time.sleep(max(0.01, granted.wait))
+            granted = store.acquire(policy, f"l{random.getrandbits(32):x}")
+        assert granted.lease_id is not None
+        store.refused(policy, sent_at=granted.at)
+
+    refused_after_the_pause()
+    assert store.snapshot()["allowed"] == 5  # at the cap: 50% of 10
+    refused_after_the_pause()
+    assert store.snapshot()["allowed"] == 4  # below it: 90% of 5, rounded down
+
+
+def test_default_adaptation_keeps_the_other_integrations_refusals_within_target() -> None:
+    """The default policy against the sandbox's exact rule, simulated (seeded, no wall clock) for two
+    hours with another integration at 20% of the plan: at most 2 refusals a minute in all and 10% of
+    its calls refused, while we still take most of what it leaves."""
+    from bench.coexistence_frontier import LimiterClient, limiter_policy, simulate
+
+    policy = limiter_policy()
+    result = simulate("default", lambda sim: LimiterClient(sim, policy), hours=2, warmup=300)
+    assert result.refusals_per_minute <= 2.0
+    assert result.their_refused_share <= 0.10
+    assert result.share_of_left >= 0.55

@@ -42,7 +42,10 @@ class Policy:
     :param margin: extra seconds a lease is held past its answer (a user's option; 0 by default).
     :param hold: seconds a lease is held past its send until it is settled (timeout + period + margin).
     :param recovery_per_second: how fast the allowed count climbs back after a refusal, calls per second.
-    :param decrease: the factor the allowed count is multiplied by on a refusal.
+    :param decrease: the factor the allowed count is multiplied by on a refusal while it is below the cap
+        (the account already known busy: a small step down from a level that was nearly right).
+    :param first_decrease: the factor on a refusal at the cap (the first sign of other traffic after a
+        calm spell: one large step, rather than several lockouts walking down in small ones).
     :param daily_limit: calls per rolling day, or None.
     """
 
@@ -52,6 +55,7 @@ class Policy:
     hold: float
     recovery_per_second: float
     decrease: float = 0.75
+    first_decrease: float = 0.75
     daily_limit: int | None = None
 
     @property
@@ -138,7 +142,8 @@ class WindowState:
         """
         if now >= self.paused_until and sent_at >= self.decreased_at:
             current = self.limit(policy, now)
-            self.allowed = max(1.0, math.floor(current * policy.decrease))
+            factor = policy.first_decrease if current >= policy.cap else policy.decrease
+            self.allowed = max(1.0, math.floor(current * factor))
             self.allowed_at = now
             self.decreased_at = now
         self.paused_until = max(self.paused_until, now + policy.pause)
