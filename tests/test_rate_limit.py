@@ -609,3 +609,112 @@ def test_default_adaptation_keeps_the_other_integrations_refusals_within_target(
     assert result.refusals_per_minute <= 2.0
     assert result.their_refused_share <= 0.10
     assert result.share_of_left >= 0.55
+
+
+# -- one machine, several Unix users: one budget ------------------------------------------------------
+
+
+def _as_another_user(action: Any) -> str:
+    """Run ``action()`` in a child process under the ``nobody`` user (uid/gid 65534): the kernel's
+    permission checks are real. Returns what it returned, or ``"<ExceptionType>: message"``."""
+    if not hasattr(os, "fork") or os.geteuid() != 0:
+        pytest.skip("acting as a second Unix user needs root (fork, then setuid to nobody)")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            result = str(action())
+        except BaseException as error:
+            result = f"{type(error).__name__}: {error}"
+        os.write(write_end, result.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.fixture
+def machine_temp_dir(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A stand-in for the system temp dir (mode 1777, like /tmp), made the default's parent."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="lsq-coexist-machine-")
+    os.chmod(base, 0o1777)
+    monkeypatch.setattr(tempfile, "tempdir", base)
+    monkeypatch.delenv("LSQ_RATE_LIMIT_DIR", raising=False)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_every_unix_user_on_the_machine_shares_the_default_budget(machine_temp_dir: str) -> None:
+    """With nothing configured, a task of another Unix user spends the same budget: it makes the
+    directory like /tmp (1777) and the file world-writable, and each user sees the other's calls
+    and pause."""
+    import stat
+
+    from airflow_provider_lsq.hooks.rate_limit.stores import default_storage_dir
+
+    policy = _policy(cap=5, period=5.0)
+    path = default_storage_dir() / "acct.sqlite3"
+
+    def nobody_takes_a_place() -> str:
+        store = SqliteLeaseStore(path, "acct")
+        return str(store.acquire(policy, "theirs").lease_id)
+
+    assert _as_another_user(nobody_takes_a_place) == "theirs"
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o1777
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666
+    ours = SqliteLeaseStore(path, "acct")
+    assert ours.snapshot()["live_leases"] == 1  # nobody's call counts in our window
+    granted = ours.acquire(policy, "ours")
+    ours.refused(policy, sent_at=granted.at)
+
+    def nobody_looks() -> str:
+        snapshot = SqliteLeaseStore(path, "acct").snapshot()
+        return f"{snapshot['live_leases']} {snapshot['paused_for'] > 0} {snapshot['daily_calls']}"
+
+    assert _as_another_user(nobody_looks) == "2 True 2"  # our pause holds them too
+
+
+def test_a_budget_another_user_cannot_write_stops_the_run_by_name(
+    machine_temp_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory another user made private (as an earlier build did): never a silent budget of
+    one's own, but an error naming the path, the user and the fixes; its owner's next run repairs it."""
+    from airflow_provider_lsq.hooks.rate_limit.stores import default_storage_dir
+
+    directory = default_storage_dir()
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    path = directory / "acct.sqlite3"
+    answer = _as_another_user(lambda: SqliteLeaseStore(path, "acct"))
+    assert answer.startswith("BudgetLocationError: ")
+    for words in (str(path), "'nobody'", "owner root, mode 0755", "chmod 1777", "LSQ_RATE_LIMIT_DIR"):
+        assert words in answer
+    SqliteLeaseStore(path, "acct")  # the owner's task: makes it shared
+    assert _as_another_user(lambda: SqliteLeaseStore(path, "acct").snapshot()["live_leases"]) == "0"
+
+
+def test_an_unusable_budget_location_fails_the_hook_before_any_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LSQ_RATE_LIMIT_DIR naming a place no directory can be made: the connection error names the
+    path and the setting; the sandbox saw no call."""
+    from airflow_provider_lsq.exceptions import LeadSquaredConfigError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LSQ_RATE_LIMIT_DIR", str(blocker / "budget"))
+    with Sandbox() as sandbox:
+        hook = LeadSquaredHook(connect(monkeypatch, sandbox, conn_id="lsq_unusable_budget"))
+        with pytest.raises(LeadSquaredConfigError) as caught:
+            hook.register_portal_user({"EmailAddress": "a@example.com"}, "Samplepassword@123")
+        assert caught.value.field == "rate_limit_storage"
+        assert str(blocker / "budget") in str(caught.value) and "LSQ_RATE_LIMIT_DIR" in str(caught.value)
+        assert sandbox.calls == []
