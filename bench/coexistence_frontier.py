@@ -264,17 +264,10 @@ def limiter_policy(reserve: float = 0.1, **changes: Any) -> Policy:
     return replace(policy_for(config), **changes)
 
 
-def frontier(
-    kind: str, hours: float, seeds: int, lo: float = 10.0, hi: float = 16.0, step: float = 0.25
-) -> list[Result]:
-    """The ``kind`` client ("even" or "burst") at ``k`` from ``lo`` to ``hi`` calls per period."""
+def frontier(kind: str, hours: float, seeds: int, rates: tuple[float, ...]) -> list[Result]:
+    """The ``kind`` client ("even" or "burst") at each of ``rates`` calls per period."""
     make = EvenClient if kind == "even" else BurstClient
-    results = []
-    k = lo
-    while k <= hi + 1e-9:
-        results.append(simulate(f"{kind} {k:g}", lambda sim, k=k: make(sim, k), hours, seeds))
-        k += step
-    return results
+    return [simulate(f"{kind} {k:g}", lambda sim, k=k: make(sim, k), hours, seeds) for k in rates]
 
 
 def best(results: list[Result]) -> Result | None:
@@ -318,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PROVIDER_BEFORE = {"first_decrease": 0.75, "decrease": 0.75, "recovery_per_second": 1 / (8 * PERIOD)}
+PROVIDER_RUNS: tuple[tuple[str, float, dict[str, Any]], ...] = (
+    ("provider before, reserve 0.1 (cap 22)", 0.1, PROVIDER_BEFORE),
+    ("provider now, reserve 0.1 (cap 22)", 0.1, {}),
+    ("provider now, reserve 0.44 (cap 14)", 0.44, {}),
+    ("provider now, reserve 0.48 (cap 13)", 0.48, {}),
+)
 
 
 def print_frontier(hours: float, seeds: int, table: Callable[[list[list[str]], list[str]], str]) -> None:
@@ -329,9 +328,8 @@ def print_frontier(hours: float, seeds: int, table: Callable[[list[list[str]], l
         "/ 5 s) with <= 2 refusals/min in all and <= 10% of its calls refused.",
         flush=True,
     )
-    results = frontier("even", hours, seeds, 12.0, 15.0, 0.5) + frontier(
-        "burst", hours, seeds, 13.0, 14.0, 1.0
-    )
+    results = frontier("even", hours, seeds, (12, 12.5, 13, 13.5, 13.75, 14, 14.25, 14.5, 15))
+    results += frontier("burst", hours, seeds, (13, 14))
     print(table(rows(results), HEADERS), flush=True)
     top = best([r for r in results if r.label.startswith("even")])
     if top is not None:
@@ -341,11 +339,8 @@ def print_frontier(hours: float, seeds: int, table: Callable[[list[list[str]], l
             flush=True,
         )
     provider = []
-    for label, changes in (
-        ("provider, before (75%, 75%, 8)", PROVIDER_BEFORE),
-        ("provider, defaults (60%, 90%, 20)", {}),
-    ):
-        policy = limiter_policy(**changes)
+    for label, reserve, changes in PROVIDER_RUNS:
+        policy = limiter_policy(reserve, **changes)
         provider.append(
             simulate(
                 f"{label}, steady", lambda sim, p=policy: LimiterClient(sim, p), hours, seeds, warmup=300
@@ -355,8 +350,9 @@ def print_frontier(hours: float, seeds: int, table: Callable[[list[list[str]], l
             simulate(f"{label}, 2 min runs", lambda sim, p=policy: LimiterClient(sim, p), 2 / 60, 60)
         )
     print(
-        "  The provider's own rule (first drop, later drops, windows per call recovered), reserve 0.1, "
-        "10 threads: steady state (first 5 min left out), and 60 runs of 2 min from a cold start:",
+        "  The provider's own rule (before: -25% per refusal, +1 call per 8 windows; now: -40% at the cap "
+        "after 30 calm minutes, else -5% (one call), +1 call per 32 windows), 10 threads: steady state "
+        "(first 5 min left out), and 60 runs of 2 min from a cold start:",
         flush=True,
     )
     print(table(rows(provider), HEADERS), flush=True)

@@ -451,25 +451,32 @@ def print_throughput(leads_count: int, naive_count: int) -> None:
     )
 
 
-def print_sharing(coexistence_seconds: float) -> None:
+def print_sharing(coexistence_seconds: float, coexistence_only: bool = False) -> None:
     print(
         "\n(d) One account, shared. Steady rate (first window left out) as a share of the ceiling, "
         "nobody else on the account unless said; targets in brackets.",
         flush=True,
     )
     redis_db = os.environ.get("LSQ_BENCH_REDIS_DB", os.environ.get("LSQ_TEST_REDIS_DB", "15"))
-    runs = [
-        (bench_two_tasks(60), "zero refusals"),
-        (bench_round_trip(0.01, 0.02, 150), ">= 97%"),
-        (bench_round_trip(0.15, 0.1, 150), ">= 95%"),
-        (bench_redis(10, 1.0, 40, redis_db), ">= 90%"),
-        (bench_redis(25, 5.0, 40, redis_db), ""),
-    ]
+    runs = (
+        []
+        if coexistence_only
+        else [
+            (bench_two_tasks(60), "zero refusals"),
+            (bench_round_trip(0.01, 0.02, 150), ">= 97%"),
+            (bench_round_trip(0.15, 0.1, 150), ">= 95%"),
+            (bench_redis(10, 1.0, 40, redis_db), ">= 90%"),
+            (bench_redis(25, 5.0, 40, redis_db), ""),
+        ]
+    )
     rows = [
         [run["scenario"], f"{run['share']:.1%}", str(run["refusals"]), run["max_window"], target]
         for run, target in runs
     ]
-    print(table(rows, ["scenario", "of ceiling", "refusals", "max calls in a window", "target"]), flush=True)
+    if rows:
+        print(
+            table(rows, ["scenario", "of ceiling", "refusals", "max calls in a window", "target"]), flush=True
+        )
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:  # two accounts, side by side: mostly waiting, so cheap
@@ -504,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-throughput", action="store_true", help="skip (a, b)")
     parser.add_argument("--skip-sharing", action="store_true", help="skip (d), the shared-account table")
     parser.add_argument("--coexistence-seconds", type=float, default=120.0)
+    parser.add_argument("--coexistence-only", action="store_true", help="(d): only the coexistence runs")
     parser.add_argument("--skip-frontier", action="store_true", help="skip (e), the simulated frontier")
-    parser.add_argument("--frontier-hours", type=float, default=12.0, help="simulated hours per row and seed")
+    parser.add_argument("--frontier-hours", type=float, default=25.0, help="simulated hours per row and seed")
     parser.add_argument("--memory-child", nargs=2, metavar=("ROWS", "WAREHOUSE"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("PREFIX", "COUNT", "START_AT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -526,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         print_throughput(args.leads, args.naive_leads)
 
     if not args.skip_sharing:
-        print_sharing(args.coexistence_seconds)
+        print_sharing(args.coexistence_seconds, args.coexistence_only)
 
     if not args.skip_frontier:
         from coexistence_frontier import print_frontier  # bench/ is on sys.path when run as a script

@@ -569,10 +569,13 @@ def test_first_refusal_at_the_cap_drops_far_later_ones_a_little(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Other traffic appearing after a calm spell costs one lockout to learn (a large step down); once
-    the account is known busy, a refusal means the level was nearly right (a small step)."""
+    the account is known busy, a refusal means the level was nearly right (a small step), even when
+    the count has climbed back to the cap."""
     from airflow_provider_lsq.hooks.rate_limit.stores import MemoryLeaseStore
 
-    policy = _policy(cap=10, period=0.1, recovery_per_second=0.0, first_decrease=0.5, decrease=0.9)
+    values = {"first_decrease": 0.5, "decrease": 0.9, "calm": 3600.0}
+    policy = _policy(cap=10, period=0.1, recovery_per_second=0.0, **values)
+    climbing = _policy(cap=10, period=0.1, recovery_per_second=1000.0, **values)  # back at the cap at once
     account = f"test-{random.getrandbits(32):x}"
     if kind == "memory":
         store: Any = MemoryLeaseStore()
@@ -593,9 +596,12 @@ def test_first_refusal_at_the_cap_drops_far_later_ones_a_little(
         store.refused(policy, sent_at=granted.at)
 
     refused_after_the_pause()
-    assert store.snapshot()["allowed"] == 5  # at the cap: 50% of 10
+    assert store.snapshot()["allowed"] == 5  # at the cap, nothing refused before: 50% of 10
     refused_after_the_pause()
     assert store.snapshot()["allowed"] == 4  # below it: 90% of 5, rounded down
+    policy = climbing
+    refused_after_the_pause()
+    assert store.snapshot()["allowed"] == 9  # at the cap again, but the last decrease was recent
 
 
 def test_default_adaptation_keeps_the_other_integrations_refusals_within_target() -> None:

@@ -86,7 +86,7 @@ return 1
 """
 )
 
-# ARGV: cap, recovery, decrease, pause seconds, sent_at, first decrease (at the cap).
+# ARGV: cap, recovery, decrease, pause seconds, sent_at, first decrease (at the cap after calm), calm.
 _REFUSED = (
     _PRELUDE
     + """
@@ -97,7 +97,7 @@ local paused, decreased = tonumber(st[1] or '0'), tonumber(st[2] or '0')
 if now >= paused and sent_at >= decreased then
     local current = limit(cap, recovery)
     local factor = decrease
-    if current >= cap then factor = first end
+    if current >= cap and (decreased == 0 or now - decreased >= tonumber(ARGV[7])) then factor = first end
     local lowered = math.max(1, math.floor(current * factor))
     redis.call('HSET', KEYS[2], 'allowed', tostring(lowered), 'allowed_at', tostring(now),
                'decreased_at', tostring(now))
@@ -162,6 +162,7 @@ class RedisLeaseStore:
             policy.pause,
             repr(sent_at),
             policy.first_decrease,
+            policy.calm,
         ]
         self._refused(self._keys, args)
 
