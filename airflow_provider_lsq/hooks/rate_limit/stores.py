@@ -114,7 +114,7 @@ def shared_temp_dir() -> Path:
 
 
 def _user() -> str:
-    uid = os.geteuid()
+    uid = _euid()
     try:
         import pwd
 
@@ -155,29 +155,39 @@ def _make_shared_dir(directory: Path) -> None:
         except OSError:  # another process made it first
             scratch.rmdir()
     info = directory.lstat()
-    mine = stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+    mine = stat.S_ISDIR(info.st_mode) and info.st_uid == _euid()
     if mine and stat.S_IMODE(info.st_mode) != SHARED_DIR_MODE:
         os.chmod(directory, SHARED_DIR_MODE)  # one made by an earlier build, or by hand
 
 
+def _euid() -> int:
+    return os.geteuid() if hasattr(os, "geteuid") else -1
+
+
 def _create_file(path: Path, mode: int, repair: bool) -> None:
-    """Create the database file with ``mode`` (not cut by the umask); ``repair``: widen our own files."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, mode)
-    except FileExistsError:
-        if repair:
-            for file in (path, *(path.with_name(path.name + side) for side in _SIDE_FILES)):
-                with contextlib.suppress(OSError):  # missing, or another user's: checked when opened
-                    info = file.lstat()
-                    mine = stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
-                    if mine and stat.S_IMODE(info.st_mode) != mode:
-                        os.chmod(file, mode)
+    """Create the database file with ``mode`` (not cut by the umask); ``repair``: widen our own files.
+
+    Made under a temporary name and linked into place, so no process ever opens it with the umask's
+    mode (SQLite would silently open a file it cannot write read-only).
+    """
+    if not path.exists():
+        scratch = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}")
+        fd = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        try:
+            os.fchmod(fd, mode)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                os.link(scratch, path)
+        finally:
+            scratch.unlink()
         return
-    try:
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
+    if repair:
+        for file in (path, *(path.with_name(path.name + side) for side in _SIDE_FILES)):
+            with contextlib.suppress(OSError):  # missing, or another user's: checked when opened
+                info = file.lstat()
+                mine = stat.S_ISREG(info.st_mode) and info.st_uid == _euid()
+                if mine and stat.S_IMODE(info.st_mode) != mode:
+                    os.chmod(file, mode)
 
 
 def _location_error(path: Path, shared: bool, error: BaseException) -> BudgetLocationError:
