@@ -707,6 +707,20 @@ def test_a_budget_another_user_cannot_write_stops_the_run_by_name(
     assert _as_another_user(lambda: SqliteLeaseStore(path, "acct").snapshot()["live_leases"]) == "0"
 
 
+def test_a_symlink_in_place_of_the_shared_directory_is_refused(machine_temp_dir: str) -> None:
+    """Anyone can put a symlink in the system temp dir: the budget never follows one elsewhere."""
+    from pathlib import Path
+
+    from airflow_provider_lsq.hooks.rate_limit.stores import BudgetLocationError, default_storage_dir
+
+    elsewhere = Path(machine_temp_dir) / "elsewhere"
+    elsewhere.mkdir()
+    default_storage_dir().symlink_to(elsewhere)
+    with pytest.raises(BudgetLocationError, match="a symlink"):
+        SqliteLeaseStore(default_storage_dir() / "acct.sqlite3", "acct")
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_an_unusable_budget_location_fails_the_hook_before_any_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -155,7 +155,9 @@ def _make_shared_dir(directory: Path) -> None:
         except OSError:  # another process made it first
             scratch.rmdir()
     info = directory.lstat()
-    mine = stat.S_ISDIR(info.st_mode) and info.st_uid == _euid()
+    if not stat.S_ISDIR(info.st_mode):  # a symlink in a world-writable dir: anyone's, pointing anywhere
+        raise NotADirectoryError(f"{directory} is not a directory")
+    mine = info.st_uid == _euid()
     if mine and stat.S_IMODE(info.st_mode) != SHARED_DIR_MODE:
         os.chmod(directory, SHARED_DIR_MODE)  # one made by an earlier build, or by hand
 
