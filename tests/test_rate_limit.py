@@ -562,3 +562,179 @@ def test_redis_lost_mid_run_loses_no_outcome_of_a_call_made(
     assert len(registered_in_sandbox) < len(leads)  # and stopped sending when it did
     for key in registered_in_sandbox:  # no call LeadSquared answered is lost
         assert outcomes[key].status is RegistrationStatus.REGISTERED, outcomes[key]
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", pytest.param("redis", marks=pytest.mark.redis)])
+def test_first_refusal_at_the_cap_drops_far_later_ones_a_little(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Other traffic appearing after a calm spell costs one lockout to learn (a large step down); once
+    the account is known busy, a refusal means the level was nearly right (a small step), even when
+    the count has climbed back to the cap."""
+    from airflow_provider_lsq.hooks.rate_limit.stores import MemoryLeaseStore
+
+    values = {"first_decrease": 0.5, "decrease": 0.9, "calm": 3600.0}
+    policy = _policy(cap=10, period=0.1, recovery_per_second=0.0, **values)
+    climbing = _policy(cap=10, period=0.1, recovery_per_second=1000.0, **values)  # back at the cap at once
+    account = f"test-{random.getrandbits(32):x}"
+    if kind == "memory":
+        store: Any = MemoryLeaseStore()
+    elif kind == "file":
+        store = SqliteLeaseStore(tmp_path / "budget.sqlite3", account)
+    else:
+        import redis
+
+        store = RedisLeaseStore(redis.Redis.from_url(request.getfixturevalue("redis_url")), account, "Redis")
+
+    def refused_after_the_pause() -> None:
+        deadline = time.monotonic() + 10
+        granted = store.acquire(policy, f"l{random.getrandbits(32):x}")
+        while granted.lease_id is None and time.monotonic() < deadline:
+            time.sleep(max(0.01, granted.wait))
+            granted = store.acquire(policy, f"l{random.getrandbits(32):x}")
+        assert granted.lease_id is not None
+        store.refused(policy, sent_at=granted.at)
+
+    refused_after_the_pause()
+    assert store.snapshot()["allowed"] == 5  # at the cap, nothing refused before: 50% of 10
+    refused_after_the_pause()
+    assert store.snapshot()["allowed"] == 4  # below it: 90% of 5, rounded down
+    policy = climbing
+    refused_after_the_pause()
+    assert store.snapshot()["allowed"] == 9  # at the cap again, but the last decrease was recent
+
+
+def test_default_adaptation_keeps_the_other_integrations_refusals_within_target() -> None:
+    """The default policy against the sandbox's exact rule, simulated (seeded, no wall clock) for two
+    hours with another integration at 20% of the plan: at most 2 refusals a minute in all and 10% of
+    its calls refused, while we still take most of what it leaves."""
+    from bench.coexistence_frontier import LimiterClient, limiter_policy, simulate
+
+    policy = limiter_policy()
+    result = simulate("default", lambda sim: LimiterClient(sim, policy), hours=2, warmup=300)
+    assert result.refusals_per_minute <= 2.0
+    assert result.their_refused_share <= 0.10
+    assert result.share_of_left >= 0.55
+
+
+# -- one machine, several Unix users: one budget ------------------------------------------------------
+
+
+def _as_another_user(action: Any) -> str:
+    """Run ``action()`` in a child process under the ``nobody`` user (uid/gid 65534): the kernel's
+    permission checks are real. Returns what it returned, or ``"<ExceptionType>: message"``."""
+    if not hasattr(os, "fork") or os.geteuid() != 0:
+        pytest.skip("acting as a second Unix user needs root (fork, then setuid to nobody)")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            result = str(action())
+        except BaseException as error:
+            result = f"{type(error).__name__}: {error}"
+        os.write(write_end, result.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.fixture
+def machine_temp_dir(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A stand-in for the system temp dir (mode 1777, like /tmp), made the default's parent."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="lsq-coexist-machine-")
+    os.chmod(base, 0o1777)
+    monkeypatch.setattr(tempfile, "tempdir", base)
+    monkeypatch.delenv("LSQ_RATE_LIMIT_DIR", raising=False)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_every_unix_user_on_the_machine_shares_the_default_budget(machine_temp_dir: str) -> None:
+    """With nothing configured, a task of another Unix user spends the same budget: it makes the
+    directory like /tmp (1777) and the file world-writable, and each user sees the other's calls
+    and pause."""
+    import stat
+
+    from airflow_provider_lsq.hooks.rate_limit.stores import default_storage_dir
+
+    policy = _policy(cap=5, period=5.0)
+    path = default_storage_dir() / "acct.sqlite3"
+
+    def nobody_takes_a_place() -> str:
+        store = SqliteLeaseStore(path, "acct")
+        return str(store.acquire(policy, "theirs").lease_id)
+
+    assert _as_another_user(nobody_takes_a_place) == "theirs"
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o1777
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666
+    ours = SqliteLeaseStore(path, "acct")
+    assert ours.snapshot()["live_leases"] == 1  # nobody's call counts in our window
+    granted = ours.acquire(policy, "ours")
+    ours.refused(policy, sent_at=granted.at)
+
+    def nobody_looks() -> str:
+        snapshot = SqliteLeaseStore(path, "acct").snapshot()
+        return f"{snapshot['live_leases']} {snapshot['paused_for'] > 0} {snapshot['daily_calls']}"
+
+    assert _as_another_user(nobody_looks) == "2 True 2"  # our pause holds them too
+
+
+def test_a_budget_another_user_cannot_write_stops_the_run_by_name(
+    machine_temp_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory another user made private (as an earlier build did): never a silent budget of
+    one's own, but an error naming the path, the user and the fixes; its owner's next run repairs it."""
+    from airflow_provider_lsq.hooks.rate_limit.stores import default_storage_dir
+
+    directory = default_storage_dir()
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    path = directory / "acct.sqlite3"
+    answer = _as_another_user(lambda: SqliteLeaseStore(path, "acct"))
+    assert answer.startswith("BudgetLocationError: ")
+    for words in (str(path), "'nobody'", "owner root, mode 0755", "chmod 1777", "LSQ_RATE_LIMIT_DIR"):
+        assert words in answer
+    SqliteLeaseStore(path, "acct")  # the owner's task: makes it shared
+    assert _as_another_user(lambda: SqliteLeaseStore(path, "acct").snapshot()["live_leases"]) == "0"
+
+
+def test_a_symlink_in_place_of_the_shared_directory_is_refused(machine_temp_dir: str) -> None:
+    """Anyone can put a symlink in the system temp dir: the budget never follows one elsewhere."""
+    from pathlib import Path
+
+    from airflow_provider_lsq.hooks.rate_limit.stores import BudgetLocationError, default_storage_dir
+
+    elsewhere = Path(machine_temp_dir) / "elsewhere"
+    elsewhere.mkdir()
+    default_storage_dir().symlink_to(elsewhere)
+    with pytest.raises(BudgetLocationError, match="a symlink"):
+        SqliteLeaseStore(default_storage_dir() / "acct.sqlite3", "acct")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_an_unusable_budget_location_fails_the_hook_before_any_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LSQ_RATE_LIMIT_DIR naming a place no directory can be made: the connection error names the
+    path and the setting; the sandbox saw no call."""
+    from airflow_provider_lsq.exceptions import LeadSquaredConfigError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LSQ_RATE_LIMIT_DIR", str(blocker / "budget"))
+    with Sandbox() as sandbox:
+        hook = LeadSquaredHook(connect(monkeypatch, sandbox, conn_id="lsq_unusable_budget"))
+        with pytest.raises(LeadSquaredConfigError) as caught:
+            hook.register_portal_user({"EmailAddress": "a@example.com"}, "Samplepassword@123")
+        assert caught.value.field == "rate_limit_storage"
+        assert str(blocker / "budget") in str(caught.value) and "LSQ_RATE_LIMIT_DIR" in str(caught.value)
+        assert sandbox.calls == []

@@ -35,6 +35,7 @@ from airflow_provider_lsq.exceptions import (
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url, is_redis_uri
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, build_lead_fields
 from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter
+from airflow_provider_lsq.hooks.rate_limit.stores import BudgetLocationError
 from airflow_provider_lsq.hooks.responses import (
     parse_response,
     redact,
@@ -195,6 +196,12 @@ class LeadSquaredHook(BaseHook):
             return AccountRateLimiter.for_account(config)
         except LeadSquaredError:
             raise
+        except BudgetLocationError as error:  # its message names the path, the user and the fix
+            raise LeadSquaredConfigError(
+                f"Connection {self.leadsquared_conn_id!r}: field 'rate_limit_storage': {error}",
+                field="rate_limit_storage",
+                conn_id=self.leadsquared_conn_id,
+            ) from error
         except Exception as error:
             field = "rate_limit_redis_conn_id" if config.rate_limit_redis_conn_id else "rate_limit_storage"
             # A Redis URI's parse error can quote part of its password: name the error's type only.

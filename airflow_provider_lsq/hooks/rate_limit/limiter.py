@@ -23,8 +23,10 @@ if TYPE_CHECKING:
     from airflow_provider_lsq.hooks.rate_limit.stores import LeaseStore
 
 log = logging.getLogger(__name__)
-DECREASE = 0.75  # the allowed count after a refusal, as a share of what it was
-RECOVERY_PERIODS_PER_CALL = 8.0  # then one more call per this many windows, up to the cap
+FIRST_DECREASE = 0.6  # the allowed count after a refusal at the cap, as a share of what it was
+DECREASE = 0.95  # the same below the cap (the account known busy): one call less on every plan of <= 20
+RECOVERY_PERIODS_PER_CALL = 32.0  # then one more call per this many windows, up to the cap
+CALM_PERIODS = 360.0  # windows without a decrease (30 min at 5 s) before FIRST_DECREASE applies again
 _shared: dict[tuple[Any, ...], AccountRateLimiter] = {}
 _shared_lock = threading.Lock()
 
@@ -40,11 +42,18 @@ class Lease:
 def policy_for(config: LeadSquaredConfig) -> Policy:
     """The window a connection asks for: its plan less the reserve, held from send to answer + period.
 
-    After a refusal the allowed count drops to 75% at once and climbs back by one call per eight
-    windows: halving (TCP's choice) gives up more than needed when the other traffic is a steady
-    share of the plan, and a slow climb keeps lockouts rare: each one refuses every caller on the
-    account, theirs too, for a whole window. Both were tuned on the sandbox with other integrations
-    at 20% of the plan (``make bench``); halving or a faster climb did worse on both counts.
+    The first refusal at the cap after a calm spell (other traffic appearing: no decrease for 360
+    windows, 30 min on a 5 s plan) drops the allowed count to 60% at once: one lockout to learn, not
+    several walking down in small steps. Other refusals, the account known busy (or a cap the user
+    already set low with ``rate_limit_reserve``), take 5% off (one call, on every documented plan),
+    and the count climbs back by one call per 32 windows. Each lockout refuses every caller on the
+    account, theirs too, for a whole window: a slow climb from a nearly right level keeps them rare,
+    and small steps keep the level near the best one (lockouts grow steeply with the level, so a
+    wide sawtooth costs more of them for the same average). Chosen with
+    ``bench/coexistence_frontier.py``
+    (the sandbox's exact rule, simulated for hours, another integration at 20% of the plan): the
+    largest share of what the others leave with at most 2 refusals a minute and 10% of theirs refused
+    (``docs/rate-limits.md`` has the table).
     """
     period = config.rate_limit_period_seconds
     return Policy(
@@ -54,6 +63,8 @@ def policy_for(config: LeadSquaredConfig) -> Policy:
         hold=config.timeout_seconds + period + config.margin_seconds,
         recovery_per_second=1.0 / (RECOVERY_PERIODS_PER_CALL * period),
         decrease=DECREASE,
+        first_decrease=FIRST_DECREASE,
+        calm=CALM_PERIODS * period,
         daily_limit=config.daily_call_limit,
     )
 

@@ -86,16 +86,19 @@ return 1
 """
 )
 
-# ARGV: cap, recovery, decrease, pause seconds, sent_at.
+# ARGV: cap, recovery, decrease, pause seconds, sent_at, first decrease (at the cap after calm), calm.
 _REFUSED = (
     _PRELUDE
     + """
 local cap, recovery, decrease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local pause, sent_at = tonumber(ARGV[4]), tonumber(ARGV[5])
+local pause, sent_at, first = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local st = redis.call('HMGET', KEYS[2], 'paused_until', 'decreased_at')
 local paused, decreased = tonumber(st[1] or '0'), tonumber(st[2] or '0')
 if now >= paused and sent_at >= decreased then
-    local lowered = math.max(1, math.floor(limit(cap, recovery) * decrease))
+    local current = limit(cap, recovery)
+    local factor = decrease
+    if current >= cap and (decreased == 0 or now - decreased >= tonumber(ARGV[7])) then factor = first end
+    local lowered = math.max(1, math.floor(current * factor))
     redis.call('HSET', KEYS[2], 'allowed', tostring(lowered), 'allowed_at', tostring(now),
                'decreased_at', tostring(now))
 end
@@ -158,6 +161,8 @@ class RedisLeaseStore:
             policy.decrease,
             policy.pause,
             repr(sent_at),
+            policy.first_decrease,
+            policy.calm,
         ]
         self._refused(self._keys, args)
 

@@ -8,6 +8,13 @@ The window's rule lives once, in :class:`~.window.WindowState`; each store only 
 The SQLite file is the default: every task process on a machine shares one budget with no server to
 run. Each operation is one ``BEGIN IMMEDIATE`` transaction (SQLite's write lock on the file), so
 processes and threads take turns; a few rows per account keep each one well under a millisecond.
+
+Every Unix user on the machine shares it too (the account's limit does not care which user calls):
+the default directory is made like ``/tmp`` itself (mode 1777: anyone may add a file, only its owner
+may remove it) and its files world-writable (SQLite gives its ``-wal`` and ``-shm`` files the
+database's mode). A location that still cannot be written raises :class:`BudgetLocationError` naming
+the path, the user and the fix: a silent per-user or per-process budget would get the account
+refused, for the other integrations on it too.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import contextlib
 import os
 import random
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -28,6 +36,18 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 STORAGE_DIR_ENV = "LSQ_RATE_LIMIT_DIR"
+DEFAULT_DIR_NAME = "airflow-provider-leadsquared"
+SHARED_DIR_MODE = 0o1777  # like /tmp: every user adds files, only a file's owner removes it
+SHARED_FILE_MODE = 0o666  # every user of the machine spends the one budget
+CONFIGURED_FILE_MODE = 0o664  # a directory an admin names: its group shares it (setgid dirs)
+_SIDE_FILES = ("-wal", "-shm")
+
+
+class BudgetLocationError(PermissionError):
+    """The rate-limit file cannot be opened and written by this process's user: nothing was sent.
+
+    The message names the path, the user, what is wrong (owner and mode) and how to fix it.
+    """
 
 
 class LeaseStore(Protocol):
@@ -81,11 +101,121 @@ class MemoryLeaseStore:
 def default_storage_dir() -> Path:
     """``$LSQ_RATE_LIMIT_DIR``, else ``<system temp dir>/airflow-provider-leadsquared``.
 
-    The system temp dir is the one place every task process on a machine sees, whatever its
+    The system temp dir is the one place every task process on a machine sees, whatever its user,
     ``AIRFLOW_HOME`` or working directory; the files hold call times and counts, never a secret.
     """
     configured = os.environ.get(STORAGE_DIR_ENV)
-    return Path(configured) if configured else Path(tempfile.gettempdir()) / "airflow-provider-leadsquared"
+    return Path(configured) if configured else shared_temp_dir()
+
+
+def shared_temp_dir() -> Path:
+    """``<system temp dir>/airflow-provider-leadsquared``: the default when nothing is configured."""
+    return Path(tempfile.gettempdir()) / DEFAULT_DIR_NAME
+
+
+def _user() -> str:
+    uid = _euid()
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _describe(path: Path) -> str:
+    """``path``'s owner and mode, as ``ls -l`` would tell an admin."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return f"{path} is missing"
+    try:
+        import pwd
+
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except (ImportError, KeyError):
+        owner = f"uid {info.st_uid}"
+    kind = (
+        "directory" if stat.S_ISDIR(info.st_mode) else "a symlink" if stat.S_ISLNK(info.st_mode) else "file"
+    )
+    return f"{path} ({kind}, owner {owner}, mode {stat.S_IMODE(info.st_mode):04o})"
+
+
+def _make_shared_dir(directory: Path) -> None:
+    """Create ``directory`` with mode 1777 (whatever the umask), or repair one this user owns.
+
+    Made under a temporary name and renamed into place, so another user's process never finds it
+    half made (mode still cut by the umask).
+    """
+    if not directory.exists():
+        scratch = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_DIR_NAME}-", dir=directory.parent))
+        os.chmod(scratch, SHARED_DIR_MODE)
+        try:
+            os.rename(scratch, directory)
+        except OSError:  # another process made it first
+            scratch.rmdir()
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):  # a symlink in a world-writable dir: anyone's, pointing anywhere
+        raise NotADirectoryError(f"{directory} is not a directory")
+    mine = info.st_uid == _euid()
+    if mine and stat.S_IMODE(info.st_mode) != SHARED_DIR_MODE:
+        os.chmod(directory, SHARED_DIR_MODE)  # one made by an earlier build, or by hand
+
+
+def _euid() -> int:
+    return os.geteuid() if hasattr(os, "geteuid") else -1
+
+
+def _create_file(path: Path, mode: int, repair: bool) -> None:
+    """Create the database file with ``mode`` (not cut by the umask); ``repair``: widen our own files.
+
+    Made under a temporary name and linked into place, so no process ever opens it with the umask's
+    mode (SQLite would silently open a file it cannot write read-only).
+    """
+    if not path.exists():
+        scratch = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}")
+        fd = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        try:
+            os.fchmod(fd, mode)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                os.link(scratch, path)
+        finally:
+            scratch.unlink()
+        return
+    if repair:
+        for file in (path, *(path.with_name(path.name + side) for side in _SIDE_FILES)):
+            with contextlib.suppress(OSError):  # missing, or another user's: checked when opened
+                info = file.lstat()
+                mine = stat.S_ISREG(info.st_mode) and info.st_uid == _euid()
+                if mine and stat.S_IMODE(info.st_mode) != mode:
+                    os.chmod(file, mode)
+
+
+def _location_error(path: Path, shared: bool, error: BaseException) -> BudgetLocationError:
+    directory = path.parent
+    problems = [_describe(directory)]
+    for file in (path, *(path.with_name(path.name + side) for side in _SIDE_FILES)):
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            problems.append(_describe(file))
+    if shared:
+        fix = (
+            f"Every Unix user that runs LeadSquared tasks on this machine must share this one budget, or "
+            f"the account gets refused, its other integrations too. Let the owner run `chmod 1777 "
+            f"{directory}` and `chmod 666 {directory}/*` (or remove the directory: it is re-made shared), "
+            f"or set {STORAGE_DIR_ENV} in every worker's environment to a directory all of them can "
+            "write, or share the budget through Redis (rate_limit_redis_conn_id)."
+        )
+    else:
+        fix = (
+            f"Make it writable by every Unix user that runs LeadSquared tasks (e.g. a directory of their "
+            f"common group with mode 2770), or point {STORAGE_DIR_ENV} or rate_limit_storage elsewhere, or "
+            "share the budget through Redis (rate_limit_redis_conn_id)."
+        )
+    return BudgetLocationError(
+        f"The shared rate-limit budget {path} cannot be opened and written by user {_user()} "
+        f"({type(error).__name__}: {error}); nothing was sent. Found: {'; '.join(problems)}. {fix}"
+    )
 
 
 _SCHEMA = """
@@ -99,13 +229,31 @@ CREATE TABLE IF NOT EXISTS daily (account TEXT, hour INTEGER, calls INTEGER, PRI
 class SqliteLeaseStore:
     """The window in a SQLite file: every process on the machine that opens the file shares it."""
 
-    def __init__(self, path: Path, account: str) -> None:
+    def __init__(self, path: Path, account: str, *, shared: bool | None = None) -> None:
+        """Open (creating if needed) the file at ``path`` for ``account``.
+
+        :param shared: make the directory and file writable by every user of the machine (mode 1777
+            and 666); by default, when ``path`` is in :func:`shared_temp_dir`. Elsewhere a new file is
+            group-writable (664) and directories are left as they are.
+        :raises BudgetLocationError: this user cannot write the file or its directory.
+        """
         self.path = path
         self.account = account
         self.description = f"the file {path}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
+        shared = path.parent == shared_temp_dir() if shared is None else shared
+        try:
+            if shared:
+                _make_shared_dir(path.parent)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            _create_file(path, SHARED_FILE_MODE if shared else CONFIGURED_FILE_MODE, repair=shared)
+            self._conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            self._setup()
+        except (OSError, sqlite3.DatabaseError) as error:
+            raise _location_error(path, shared, error) from error
+
+    def _setup(self) -> None:
         # WAL: one fsync per checkpoint, not per call. Switching to it needs the file to itself for a
         # moment, and SQLite does not wait for that: when other processes are opening it too, retry.
         for attempt in range(200):
@@ -115,6 +263,13 @@ class SqliteLeaseStore:
                     self._conn.execute("PRAGMA synchronous=NORMAL")
                     self._conn.executescript(_SCHEMA)
                     self._migrate()
+                    # Every operation writes: find out now, not at the first call, if this user can't
+                    # (SQLite opens a file it may not write read-only, silently).
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._conn.execute("INSERT INTO daily VALUES ('', -1, 0)")
+                    finally:
+                        self._conn.execute("ROLLBACK")
                 break
             except sqlite3.OperationalError as error:
                 if "locked" not in str(error) or attempt == 199:

@@ -42,7 +42,12 @@ class Policy:
     :param margin: extra seconds a lease is held past its answer (a user's option; 0 by default).
     :param hold: seconds a lease is held past its send until it is settled (timeout + period + margin).
     :param recovery_per_second: how fast the allowed count climbs back after a refusal, calls per second.
-    :param decrease: the factor the allowed count is multiplied by on a refusal.
+    :param decrease: the factor the allowed count is multiplied by on a refusal while it is below the cap
+        (the account already known busy: a small step down from a level that was nearly right).
+    :param first_decrease: the factor on a refusal at the cap after a calm spell (no decrease for
+        ``calm`` seconds, or ever): the first sign of other traffic, so one large step rather than
+        several lockouts walking down in small ones.
+    :param calm: seconds without a decrease after which a refusal at the cap is a first sign again.
     :param daily_limit: calls per rolling day, or None.
     """
 
@@ -52,6 +57,8 @@ class Policy:
     hold: float
     recovery_per_second: float
     decrease: float = 0.75
+    first_decrease: float = 0.75
+    calm: float = 0.0
     daily_limit: int | None = None
 
     @property
@@ -134,11 +141,14 @@ class WindowState:
         """The API refused a call sent at ``sent_at``: pause everyone; lower the allowed count once.
 
         Calls in flight when the lockout began come back refused too; only the first refusal of a
-        lockout, for a call sent after the last decrease, lowers the count again.
+        lockout, for a call sent after the last decrease, lowers the count again: by
+        ``first_decrease`` at the cap after a calm spell, else by ``decrease``.
         """
         if now >= self.paused_until and sent_at >= self.decreased_at:
             current = self.limit(policy, now)
-            self.allowed = max(1.0, math.floor(current * policy.decrease))
+            calm = self.decreased_at == 0.0 or now - self.decreased_at >= policy.calm
+            factor = policy.first_decrease if current >= policy.cap and calm else policy.decrease
+            self.allowed = max(1.0, math.floor(current * factor))
             self.allowed_at = now
             self.decreased_at = now
         self.paused_until = max(self.paused_until, now + policy.pause)
