@@ -180,6 +180,23 @@ class Deployment:
         with self.meta.cursor() as cur:
             cur.execute("UPDATE dag SET is_paused = false WHERE dag_id = ANY(%s)", (list(dag_ids),))
 
+    def mark_failed(self, dag_id: str, task_id: str = "register") -> None:
+        """What "Mark failed" does to a running task instance; its heartbeat then finds it failed."""
+        with self.meta.cursor() as cur:
+            cur.execute(
+                "UPDATE task_instance SET state = 'failed', end_date = now() "
+                "WHERE dag_id = %s AND task_id = %s AND state = 'running'",
+                (dag_id, task_id),
+            )
+            assert cur.rowcount == 1, f"{dag_id}.{task_id} was not running"
+
+    def task_log(self, dag_id: str, attempt: int, task_id: str = "register") -> str:
+        """The text of the task's log for one try (one file per try on Airflow 2.11 and 3)."""
+        (path,) = (self.home / "logs" / f"dag_id={dag_id}").glob(
+            f"run_id=*/task_id={task_id}/attempt={attempt}.log"
+        )
+        return path.read_text(errors="replace")
+
     def task(self, dag_id: str, task_id: str = "register") -> tuple[str | None, int] | None:
         """(state, try_number) of the DAG's task in its only run, or None before the run exists."""
         rows = self.query(

@@ -33,6 +33,8 @@ from tests.test_transfer_sql import email
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    import psutil
+
 pytestmark = pytest.mark.postgres
 
 N = 200  # applicants for each kill test
@@ -202,25 +204,25 @@ def _portal_users(sb: Sandbox) -> dict[str, int]:
     }
 
 
-def _stop_mid_run(scheduled: Scheduled, dag_id: str, sb: Sandbox, sig: signal.Signals) -> None:
-    """Unpause ``dag_id``, wait until its task has registered about a third of the rows, send ``sig``."""
+def _mid_run(scheduled: Scheduled, dag_id: str, sb: Sandbox) -> psutil.Process:
+    """Unpause ``dag_id``; once its task has registered about a third of the rows, its task process."""
     deployment = scheduled.deployment
     deployment.unpause(dag_id)
     deployment.wait_for(lambda: sb.register_calls >= N // 3, f"{dag_id} registering", timeout=240)
     (process,) = deployment.task_processes(sb.port)
-    assert sb.register_calls < N, "the task ended before the signal: raise the sandbox latency"
-    process.send_signal(sig)
-    # The supervisor (or local task job) reports the failure; the retry waits retry_delay, so while the
-    # task is up_for_retry nothing registers and the sandbox has answered every call in flight.
-    state, tries = deployment.wait_for_task(dag_id, {"up_for_retry", "failed", "success"})
-    assert (state, tries) == ("up_for_retry", 1), deployment.logs()
+    assert sb.register_calls < N, "the task ended before it was stopped: raise the sandbox latency"
+    return process
 
 
 def test_a_sigkilled_task_retried_by_the_scheduler_resends_at_most_the_calls_in_flight_and_one_flush(
     scheduled: Scheduled,
 ) -> None:
     sb, deployment = scheduled.sandboxes["kill"], scheduled.deployment
-    _stop_mid_run(scheduled, "lsq_sched_kill", sb, signal.SIGKILL)
+    _mid_run(scheduled, "lsq_sched_kill", sb).send_signal(signal.SIGKILL)  # as the OOM killer does
+    # The supervisor (or local task job) reports the failure; the retry waits retry_delay, so while the
+    # task is up_for_retry nothing registers and the sandbox has answered every call in flight.
+    state_tries = deployment.wait_for_task("lsq_sched_kill", {"up_for_retry", "failed", "success"})
+    assert state_tries == ("up_for_retry", 1), deployment.logs()
 
     ledger = scheduled.ledger("ledger_kill")
     registered = set(_portal_users(sb))
@@ -252,9 +254,20 @@ def test_a_sigkilled_task_retried_by_the_scheduler_resends_at_most_the_calls_in_
     }
 
 
-def test_a_sigtermed_task_retried_by_the_scheduler_registers_nobody_twice(scheduled: Scheduled) -> None:
+def test_a_task_marked_failed_mid_run_records_every_call_and_its_clear_registers_nobody_twice(
+    scheduled: Scheduled,
+) -> None:
+    """Airflow's own stop: the task marked failed (as from the UI); its supervisor (Airflow 3) or local
+    task job (Airflow 2) learns it at the next heartbeat and sends SIGTERM, then SIGKILL if the process
+    outlives the grace period. The person then clears the task: the scheduler runs it again."""
     sb, deployment = scheduled.sandboxes["term"], scheduled.deployment
-    _stop_mid_run(scheduled, "lsq_sched_term", sb, signal.SIGTERM)
+    process = _mid_run(scheduled, "lsq_sched_term", sb)
+    deployment.mark_failed("lsq_sched_term")
+    deployment.wait_for(lambda: not process.is_running(), "the task process to stop", timeout=120)
+    log = deployment.task_log("lsq_sched_term", attempt=1)
+    assert "Stop requested" in log, log[-3000:]  # Airflow's SIGTERM reached on_kill
+    assert "Stopped: every call made is recorded." in log, log[-3000:]  # within the grace period
+    assert deployment.task("lsq_sched_term") == ("failed", 1)
 
     ledger = scheduled.ledger("ledger_term")
     registered = set(_portal_users(sb))
@@ -263,6 +276,8 @@ def test_a_sigtermed_task_retried_by_the_scheduler_registers_nobody_twice(schedu
     assert {key for key, (status, _, _) in ledger.items() if status == "registered"} == registered
     assert not [key for key, (status, _, _) in ledger.items() if status == "pending"]
 
+    deployment.airflow("tasks", "clear", "lsq_sched_term", "--yes")
+    deployment.wait_for(lambda: deployment.task("lsq_sched_term") != ("failed", 1), "the clear", timeout=60)
     assert deployment.wait_for_task("lsq_sched_term", {"success", "failed"}) == ("success", 2), (
         deployment.logs()
     )
