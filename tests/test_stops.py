@@ -5,7 +5,9 @@ runs a one-task DAG with ``dag.test()``, so Airflow's own task runner executes t
 installs Airflow's own SIGTERM handler (Airflow 3: ``task_runner.run`` in process, whose handler calls
 ``on_kill()``; Airflow 2: ``TaskInstance._run_raw_task``, whose handler calls ``on_kill()`` and then
 raises). The test sends SIGTERM, then SIGKILL 5 s later if the process is still there, as Airflow's
-supervisor does. The task's retry (same run id) then runs in-process.
+supervisor does. The task's retry (same run id) then runs in-process. The transfer's kill tests run on
+a SQLite warehouse and on a PostgreSQL one, the ledger in it; the same stops under a real scheduler,
+with Airflow's own retries, are in ``test_scheduler.py``.
 """
 
 from __future__ import annotations
