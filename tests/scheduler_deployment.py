@@ -68,6 +68,8 @@ class Deployment:
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True",
             "AIRFLOW__CORE__PARALLELISM": "4",
+            # A task marked failed learns it at its next heartbeat: every second (Airflow 3's supervisor).
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
             # Airflow 3: the execution API on a free port, tokens signed with a per-deployment secret.
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
             "AIRFLOW__API__HOST": "127.0.0.1",

@@ -63,7 +63,7 @@ def registering(dag_id, conn_id, ledger, where=""):
         start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=1,
-        default_args={{"retries": 1, "retry_delay": dt.timedelta(seconds=3)}},
+        default_args={{"retries": 1, "retry_delay": dt.timedelta(seconds=5)}},
     ) as dag:
         SqlToLeadSquaredPortalOperator(
             task_id="register",
@@ -209,7 +209,14 @@ def _mid_run(scheduled: Scheduled, dag_id: str, sb: Sandbox) -> psutil.Process:
     deployment = scheduled.deployment
     deployment.unpause(dag_id)
     deployment.wait_for(lambda: sb.register_calls >= N // 3, f"{dag_id} registering", timeout=240)
-    (process,) = deployment.task_processes(sb.port)
+    found: list[psutil.Process] = []
+
+    def one_task_process() -> bool:
+        found[:] = deployment.task_processes(sb.port)
+        return len(found) == 1
+
+    deployment.wait_for(one_task_process, "one process connected to the sandbox", timeout=30)
+    (process,) = found
     assert sb.register_calls < N, "the task ended before it was stopped: raise the sandbox latency"
     return process
 
