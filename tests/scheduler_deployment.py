@@ -247,7 +247,7 @@ class Deployment:
                     with contextlib.suppress(psutil.Error):
                         if any(
                             conn.raddr and conn.raddr.port == sandbox_port
-                            for conn in proc.net_connections(kind="tcp")
+                            for conn in getattr(proc, "net_connections", proc.connections)(kind="tcp")
                         ):
                             found.append(proc)
         return found

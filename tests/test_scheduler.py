@@ -27,6 +27,7 @@ import pytest
 
 from airflow_provider_lsq.sandbox import Sandbox
 from tests.conftest import POSTGRES_HOST, POSTGRES_PORT, ROOT, _port_open, _service_missing
+from tests.helpers import sandbox_secrets
 from tests.scheduler_deployment import Deployment
 from tests.test_transfer_sql import email
 
@@ -321,3 +322,17 @@ def test_two_dags_on_one_account_at_once_with_default_settings_are_never_refused
     ledger = scheduled.ledger("ledger_shared")
     assert len(ledger) == SHARED_N
     assert {status for status, _, _ in ledger.values()} == {"registered"}
+
+
+def test_no_key_or_token_in_any_log_of_the_deployment(scheduled: Scheduled) -> None:
+    """Every log the deployment wrote (components and task tries, killed ones included) is clean."""
+    secrets = {form for sb in scheduled.sandboxes.values() for form in sandbox_secrets(sb)}
+    logs = [path for path in scheduled.deployment.home.rglob("*.log") if path.is_file()]
+    assert logs
+    leaks = {
+        str(path.relative_to(scheduled.deployment.home))
+        for path in logs
+        for secret in secrets
+        if secret in path.read_text(errors="replace")
+    }
+    assert not leaks
