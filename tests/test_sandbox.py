@@ -622,3 +622,38 @@ def test_cli_takes_background_rate() -> None:
 
     assert build_parser().parse_args(["--background-rate", "1.5"]).background_rate == 1.5
     assert build_parser().parse_args([]).background_rate == 0.0
+
+
+def test_a_client_that_hangs_up_before_its_answer_is_processed_quietly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A killed task leaves its calls in flight: the sandbox registers them and prints no traceback."""
+    import socket
+
+    with Sandbox(latency=0.3) as sb:
+        client = Client(sb)
+        request = requests.Request(
+            "POST",
+            sb.url + REGISTER,
+            params=client.params,
+            headers=client.headers(),
+            json={"LeadFields": lead_fields(("EmailAddress", "gone@example.edu"))},
+        ).prepare()
+        head = f"POST {request.path_url} HTTP/1.1\r\nHost: {sb.host}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in request.headers.items()
+        )
+        body = request.body if isinstance(request.body, bytes) else str(request.body).encode()
+        sock = socket.create_connection((sb.host, sb.port))
+        # Reset, not a polite close, as the kernel does for a killed process's unread socket.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(head.encode() + b"\r\n" + body)
+        deadline = time.monotonic() + 10
+        while sb.find_lead("EmailAddress", "gone@example.edu") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sock.close()
+        while not sb.calls and time.monotonic() < deadline:  # recorded once the latency has passed
+            time.sleep(0.01)
+        time.sleep(0.1)  # the answer's write fails just after the record
+    lead = sb.find_lead("EmailAddress", "gone@example.edu")
+    assert lead is not None and lead.portal_user
+    assert "Traceback" not in capsys.readouterr().err

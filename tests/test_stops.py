@@ -5,7 +5,9 @@ runs a one-task DAG with ``dag.test()``, so Airflow's own task runner executes t
 installs Airflow's own SIGTERM handler (Airflow 3: ``task_runner.run`` in process, whose handler calls
 ``on_kill()``; Airflow 2: ``TaskInstance._run_raw_task``, whose handler calls ``on_kill()`` and then
 raises). The test sends SIGTERM, then SIGKILL 5 s later if the process is still there, as Airflow's
-supervisor does. The task's retry (same run id) then runs in-process.
+supervisor does. The task's retry (same run id) then runs in-process. The transfer's kill tests run on
+a SQLite warehouse and on a PostgreSQL one, the ledger in it; the same stops under a real scheduler,
+with Airflow's own retries, are in ``test_scheduler.py``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from airflow_provider_lsq.sandbox import Sandbox
+from tests.helpers import fetch_all
 from tests.test_transfer_sql import Warehouse, context, email, transfer
 
 if TYPE_CHECKING:
@@ -104,6 +108,73 @@ def _portal_users(sb: Sandbox) -> dict[str, int]:
     }
 
 
+class StopWarehouse:
+    """The task's warehouse (applicants and ledger): the SQLite file, or a fresh PostgreSQL database."""
+
+    def __init__(self, tmp_path: Path, uri: str | None = None) -> None:
+        self.path, self.uri = tmp_path / "wh.db", uri
+        sqlite = json.dumps({"conn_type": "sqlite", "host": str(self.path)})
+        self.conn = uri.replace("postgresql://", "postgres://", 1) if uri else sqlite
+
+    def seed(self, n: int) -> None:
+        if not self.uri:
+            return _seed(self.path, n)
+        import psycopg2
+
+        db = psycopg2.connect(self.uri)
+        try:
+            with db, db.cursor() as cur:
+                cur.execute("CREATE TABLE applicants (applicant_id INTEGER, email TEXT, first_name TEXT)")
+                cur.executemany(
+                    "INSERT INTO applicants VALUES (%s, %s, %s)",
+                    [(i, email(i), f"F{i}") for i in range(1, n + 1)],
+                )
+        finally:
+            db.close()
+
+    def ledger(self) -> dict[str, tuple[str, str | None, str | None]]:
+        if not self.uri:
+            return _ledger(self.path)
+        import psycopg2
+
+        rows = fetch_all(psycopg2.connect(self.uri), f"SELECT row_key, status, lead_id, run_id FROM {LEDGER}")
+        return {str(key): (status, lead_id, run_id) for key, status, lead_id, run_id in rows}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def stop_warehouse(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[StopWarehouse]:
+    """The warehouse the task process and its retry use (``AIRFLOW_CONN_LSQ_STOP_WH``)."""
+    if request.param == "sqlite":
+        wh = StopWarehouse(tmp_path)
+        monkeypatch.setenv("AIRFLOW_CONN_LSQ_STOP_WH", wh.conn)
+        yield wh
+        return
+    import psycopg2
+
+    server = request.getfixturevalue("postgres_server")
+    name = f"lsq_stops_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(server)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        wh = StopWarehouse(tmp_path, server.rsplit("/", 1)[0] + f"/{name}")
+        monkeypatch.setenv("AIRFLOW_CONN_LSQ_STOP_WH", wh.conn)
+        yield wh
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _warehouse_conn(tmp_path: Path) -> str:
+    """The warehouse :func:`stop_warehouse` set up, else the SQLite file."""
+    default = json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "wh.db")})
+    return os.environ.get("AIRFLOW_CONN_LSQ_STOP_WH") or default
+
+
 @pytest.fixture
 def stop_sandbox(airflow_db: Path) -> Iterator[Sandbox]:
     """The issue's sandbox: 20 calls per second, 0.2 s per answer."""
@@ -119,7 +190,7 @@ def _start_task(
     env = {
         **os.environ,
         "AIRFLOW_CONN_LSQ_STOP": json.dumps(conn),
-        "AIRFLOW_CONN_LSQ_STOP_WH": json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "wh.db")}),
+        "AIRFLOW_CONN_LSQ_STOP_WH": _warehouse_conn(tmp_path),
         "PYTHONPATH": os.pathsep.join(sys.path),
         "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path),  # dag.test() runs the DAG its bundle holds
     }
@@ -151,9 +222,7 @@ def _retry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sb: Sandbox, run_id:
     conn = json.loads(sb.connection_json())
     conn["extra"]["retry_wait_seconds"] = 0.05
     monkeypatch.setenv("AIRFLOW_CONN_LSQ_STOP", json.dumps(conn))
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_LSQ_STOP_WH", json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "wh.db")})
-    )
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_STOP_WH", _warehouse_conn(tmp_path))
     op = transfer(
         Warehouse("sqlite", "lsq_stop_wh", lambda: None, None),
         sql=SQL,
@@ -165,10 +234,10 @@ def _retry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sb: Sandbox, run_id:
 
 
 def test_sigterm_records_every_call_made_and_the_retry_registers_nobody_twice(
-    tmp_path: Path, stop_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stop_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, stop_warehouse: StopWarehouse
 ) -> None:
     sb, n = stop_sandbox, 300
-    _seed(tmp_path / "wh.db", n)
+    stop_warehouse.seed(n)
     process, log = _start_task(tmp_path, sb, workers=32)
     _wait_for_calls(sb, process, 60, log)  # about 3 s of registering
     process.send_signal(signal.SIGTERM)
@@ -182,7 +251,7 @@ def test_sigterm_records_every_call_made_and_the_retry_registers_nobody_twice(
     # on_kill returned only once every call made was recorded, inside the grace period.
     assert "Stopped: every call made is recorded." in text, text[-3000:]
 
-    ledger = _ledger(tmp_path / "wh.db")
+    ledger = stop_warehouse.ledger()
     registered = _portal_users(sb)
     assert 0 < len(registered) < n
     # Every lead registered is in the ledger as registered, with its lead id; nothing left pending.
@@ -205,16 +274,16 @@ def test_sigterm_records_every_call_made_and_the_retry_registers_nobody_twice(
 
 
 def test_sigkill_resends_at_most_the_calls_in_flight_and_the_last_flush_interval(
-    tmp_path: Path, stop_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stop_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, stop_warehouse: StopWarehouse
 ) -> None:
     sb, n, workers, flush_interval, per_second = stop_sandbox, 300, 8, 2.0, 20
-    _seed(tmp_path / "wh.db", n)
+    stop_warehouse.seed(n)
     process, log = _start_task(tmp_path, sb, workers=workers)
     _wait_for_calls(sb, process, 80, log)
     process.send_signal(signal.SIGKILL)  # no warning at all
     process.wait()
 
-    ledger = _ledger(tmp_path / "wh.db")
+    ledger = stop_warehouse.ledger()
     registered = set(_portal_users(sb))
     recorded = {key for key, (status, _, _) in ledger.items() if status == "registered"}
     pending = {key for key, (status, _, _) in ledger.items() if status == "pending"}
@@ -233,7 +302,7 @@ def test_sigkill_resends_at_most_the_calls_in_flight_and_the_last_flush_interval
     twice = {key for key, count in after.items() if count > 1}
     assert twice == unrecorded  # only the rows whose outcome the kill lost
     assert len(twice) <= bound
-    assert not [key for key, (status, _, _) in _ledger(tmp_path / "wh.db").items() if status != "registered"]
+    assert not [key for key, (status, _, _) in stop_warehouse.ledger().items() if status != "registered"]
 
 
 def test_sigterm_on_the_list_operator_pushes_every_outcome_made(

@@ -14,6 +14,7 @@ import json
 import random
 import secrets
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -91,6 +92,15 @@ class _Server(ThreadingHTTPServer):
     def track(self, sock: socket.socket, add: bool) -> None:
         with self._open_lock:
             (self._open.add if add else self._open.discard)(sock)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up before its answer (a killed task, a timeout) is no error: stay quiet.
+
+        The call was processed all the same (see the module docstring). Anything else is printed.
+        """
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
     def close_connections(self) -> None:
         """Hang up on keep-alive clients so a stopped sandbox stops answering."""
