@@ -272,23 +272,26 @@ def test_pending_rows_of_ended_executions_are_sent_first_and_those_not_returned_
     warehouse: Warehouse, lsq: Callable[..., Sandbox], task_log: TaskLog
 ) -> None:
     """The ledger holds, pending: 25 (its execution's heartbeat is an hour old), 28 (fresh, but its
-    process on this machine is gone), 27 (fresh, another machine's live execution) and 99 (stale, and
-    the query no longer returns it)."""
+    process on this machine is gone), 27 (fresh, another machine's live execution), 99 (stale, and
+    the query no longer returns it) and 98 (stale, not returned, left by another task)."""
     sb = lsq()
     warehouse.seed(applicants(30))
     ledger = ledger_of(warehouse, sb)
+    dag_id = base.FakeTI.dag_id  # the task instance the transfer below runs as
     try:
-        ended = Execution("lsq", "scheduled__0", "register")
+        ended = Execution(dag_id, "scheduled__0", "register")
         assert ledger.claim({"25": None, "99": None}, execution=ended) == {"25", "99"}
-        dead = Execution("lsq", "scheduled__0", "register", token=f"{_this_process_space()}.{dead_pid()}.x")
+        dead = Execution(dag_id, "scheduled__0", "register", token=f"{_this_process_space()}.{dead_pid()}.x")
         assert ledger.claim({"28": None}, execution=dead) == {"28"}
-        alive = Execution("lsq", "scheduled__0", "other", token="another-machine.4242.y")
+        alive = Execution(dag_id, "scheduled__0", "other", token="another-machine.4242.y")
         assert ledger.claim({"27": None}, execution=alive) == {"27"}
+        another_task = Execution(dag_id, "scheduled__0", "register_alumni")
+        assert ledger.claim({"98": None}, execution=another_task) == {"98"}
     finally:
         ledger.close()
     warehouse.execute(
         f"UPDATE {warehouse.ledger_table} SET last_attempt_at = '2020-01-01 00:00:00' "
-        "WHERE row_key IN ('25', '99')"
+        "WHERE row_key IN ('25', '99', '98')"
     )
     order = SendOrder()
 
@@ -300,11 +303,13 @@ def test_pending_rows_of_ended_executions_are_sent_first_and_those_not_returned_
     assert summary["registered"] == 29 and summary["skipped"] == 1  # 27: its holder is alive
     ledger_rows = warehouse.ledger()
     assert ledger_rows["99"]["status"] == ledger_rows["27"]["status"] == "pending"  # kept, for a person
+    assert ledger_rows["98"]["status"] == "pending"  # another task's: that task reports it
     assert ledger_rows["25"]["status"] == ledger_rows["28"]["status"] == "registered"
     assert set(registrations(sb).values()) == {1}
     log = task_log()
     assert "Pending, not returned: row 99, lead id None" in log
-    assert "Pending, not returned: row 27" not in log
+    assert "Pending, not returned: row 27" not in log and "row 98" not in log
+    assert "1 of them were left by other tasks" in log
     assert "1 rows left pending by executions that ended are no longer returned by the query" in log
     assert "@" not in "".join(line for line in log.splitlines() if "ending" in line or "Pending" in line)
 

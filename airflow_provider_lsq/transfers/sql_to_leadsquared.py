@@ -111,10 +111,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     - a key recorded as failed is skipped unless the failure was transient (``retryable``) or
       ``retry_failed`` is set; skipped ones are counted (``skipped_failed``) and logged at WARNING.
       A retry of the same run counts its own failed rows again, so it ends the way the first try did;
-    - a key left ``pending`` by an execution that ended (a run or try died with its call in flight)
-      is sent again **first**, before the query's other rows, and logged at WARNING; one the query no
-      longer returns stays ``pending``, is logged at WARNING by row key and lead id and counted
-      (``pending_not_returned``); the task does not fail for it;
+    - a key left ``pending`` by an execution of this task that ended (a run or try died with its
+      call in flight) is sent again **first**, before the query's other rows, and logged at WARNING;
+      one the query no longer returns stays ``pending``, is logged at WARNING by row key and lead id
+      and counted (``pending_not_returned``); the task does not fail for it. One another task left is
+      sent again when this query meets it;
     - a key ``pending`` for another execution that is still alive (its heartbeat younger than
       ``pending_timeout``) is that execution's: skipped. Executions are told apart by a token per
       ``execute()`` call, so a zombie try and its retry, two tasks of one DAG run, or two mapped
@@ -476,9 +477,11 @@ class _Transfer:
         return considered, failures
 
     def _pending_rows(self) -> dict[str, LedgerRow]:
-        """The ``pending`` rows of executions that ended (by key), which this run resolves first.
+        """The ``pending`` rows that executions of this task left when they ended (by key): this run
+        resolves them first, and reports those its query no longer returns.
 
-        Rows pending for an execution still alive are left to it; both kinds are logged.
+        Rows pending for an execution still alive are left to it; rows other tasks left are sent again
+        when this query meets them (in its order), and reported by their own task. All are logged.
         """
         pending = self.ledger.pending_rows()
         timeout = self.op.pending_timeout
@@ -503,7 +506,28 @@ class _Transfer:
                 if self.op.is_dry_run
                 else "Each is sent again first, if the query still returns it",
             )
-        return {} if self.op.is_dry_run else orphans
+        if self.op.is_dry_run:
+            return {}
+        others = len(orphans)
+        orphans = {key: row for key, row in orphans.items() if self._left_by_this_task(row)}
+        others -= len(orphans)
+        if others:
+            self.log.info(
+                "%d of them were left by other tasks: each is sent again when this query meets it; "
+                "the task that left it reports it if its own query no longer returns it.",
+                others,
+            )
+        return orphans
+
+    def _left_by_this_task(self, row: LedgerRow) -> bool:
+        """``row`` was written by this task (any run, any try; this map index): its query is the one
+        expected to return it. A row of an earlier release, which names no task, counts as this DAG's."""
+        if row.dag_id != self.execution.dag_id:
+            return False
+        if row.task_id is None:
+            return True
+        map_index = -1 if row.map_index is None else row.map_index
+        return row.task_id == self.execution.task_id and map_index == self.execution.map_index
 
     def _pending_first(
         self,
