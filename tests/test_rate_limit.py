@@ -468,24 +468,28 @@ def test_a_stop_while_the_account_is_paused_sends_nothing(monkeypatch: pytest.Mo
         assert calls_to(sandbox, REGISTER_PATH) == 0
 
 
+def _store(kind: str, account: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """A lease store of ``kind`` (memory, file or redis) for ``account``."""
+    from airflow_provider_lsq.hooks.rate_limit.stores import MemoryLeaseStore
+
+    if kind == "memory":
+        return MemoryLeaseStore()
+    if kind == "file":
+        return SqliteLeaseStore(tmp_path / "budget.sqlite3", account)
+    import redis
+
+    return RedisLeaseStore(redis.Redis.from_url(request.getfixturevalue("redis_url")), account, "Redis")
+
+
 @pytest.mark.parametrize("kind", ["memory", "file", pytest.param("redis", marks=pytest.mark.redis)])
 def test_after_the_pause_every_store_admits_at_the_lowered_rate_spaced_out(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The three stores keep one rule: after a refusal's pause, calls come back at the lowered rate,
     spread out (a Redis store once failed right here, on a missing script argument)."""
-    from airflow_provider_lsq.hooks.rate_limit.stores import MemoryLeaseStore
-
     policy = _policy(cap=4, period=0.2)
     account = f"test-{random.getrandbits(32):x}"
-    if kind == "memory":
-        store: Any = MemoryLeaseStore()
-    elif kind == "file":
-        store = SqliteLeaseStore(tmp_path / "budget.sqlite3", account)
-    else:
-        import redis
-
-        store = RedisLeaseStore(redis.Redis.from_url(request.getfixturevalue("redis_url")), account, "Redis")
+    store = _store(kind, account, tmp_path, request)
     first = store.acquire(policy, "a")
     store.refused(policy, sent_at=first.at)
     assert store.acquire(policy, "b").wait > 0  # paused
@@ -571,20 +575,11 @@ def test_first_refusal_at_the_cap_drops_far_later_ones_a_little(
     """Other traffic appearing after a calm spell costs one lockout to learn (a large step down); once
     the account is known busy, a refusal means the level was nearly right (a small step), even when
     the count has climbed back to the cap."""
-    from airflow_provider_lsq.hooks.rate_limit.stores import MemoryLeaseStore
-
     values = {"first_decrease": 0.5, "decrease": 0.9, "calm": 3600.0}
     policy = _policy(cap=10, period=0.1, recovery_per_second=0.0, **values)
     climbing = _policy(cap=10, period=0.1, recovery_per_second=1000.0, **values)  # back at the cap at once
     account = f"test-{random.getrandbits(32):x}"
-    if kind == "memory":
-        store: Any = MemoryLeaseStore()
-    elif kind == "file":
-        store = SqliteLeaseStore(tmp_path / "budget.sqlite3", account)
-    else:
-        import redis
-
-        store = RedisLeaseStore(redis.Redis.from_url(request.getfixturevalue("redis_url")), account, "Redis")
+    store = _store(kind, account, tmp_path, request)
 
     def refused_after_the_pause() -> None:
         deadline = time.monotonic() + 10

@@ -201,10 +201,7 @@ def test_a_retry_of_a_failed_run_fails_again_until_the_rows_are_fixed(
 ) -> None:
     """Applicants 1 to 10, rows 3, 6 and 9 with NULL email; max_failure_ratio=0.1; retries."""
     sb = lsq()
-    rows = applicants(10)
-    for i in (3, 6, 9):
-        rows[i - 1] = (i, None, first_name(i), None)
-    warehouse.seed(rows)
+    warehouse.seed(applicants(10, without_email=(3, 6, 9)))
 
     messages = []
     for _try in range(3):  # the first try and two retries, same run id

@@ -125,8 +125,9 @@ class Warehouse:
         return [str(cell) for row in self.query(f"SELECT * FROM {self.ledger_table}") for cell in row]
 
 
-def applicants(n: int = N) -> list[tuple[Any, ...]]:
-    return [(i, email(i), first_name(i), None) for i in range(1, n + 1)]
+def applicants(n: int = N, *, without_email: tuple[int, ...] = ()) -> list[tuple[Any, ...]]:
+    """Applicants 1 to ``n``; those numbered in ``without_email`` have a NULL email (invalid rows)."""
+    return [(i, None if i in without_email else email(i), first_name(i), None) for i in range(1, n + 1)]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -481,10 +482,7 @@ def test_max_failure_ratio_fails_the_task_naming_row_keys_after_recording(
     sqlite_warehouse: Warehouse, lsq: Callable[..., Sandbox]
 ) -> None:
     lsq()
-    rows = applicants(10)
-    for i in (3, 7):
-        rows[i - 1] = (i, None, first_name(i), None)
-    sqlite_warehouse.seed(rows)
+    sqlite_warehouse.seed(applicants(10, without_email=(3, 7)))
 
     with pytest.raises(AirflowException) as info:
         transfer(sqlite_warehouse, max_failure_ratio=0.1).execute(context())
