@@ -46,6 +46,7 @@ def test_summary_counts_every_status() -> None:
         "already_registered": 1,
         "invalid": 1,
         "failed": 1,
+        "duplicates": 0,
         "dry_run": False,
         "duration_s": 1.235,
     }
