@@ -18,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_lsq.passwords import generate_password
+from airflow_provider_lsq.transfers import ledger as ledger_module
 from airflow_provider_lsq.transfers.executions import Execution, _this_process_space, holder_is_gone
 from airflow_provider_lsq.transfers.ledger import RegistrationLedger
 from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
@@ -33,6 +35,7 @@ from tests.test_transfer_sql import Warehouse, applicants, context, email, trans
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+    from pathlib import Path
 
     from airflow_provider_lsq.sandbox import Sandbox
     from tests.helpers import TaskLog
@@ -195,6 +198,65 @@ def test_a_claim_refreshed_after_it_was_read_is_not_taken_over(
         assert ledger.refresh(["k"], execution=other) == 0  # not its claim
     finally:
         ledger.close()
+
+
+@pytest.mark.postgres
+def test_a_claimant_whose_clock_runs_ahead_still_sees_a_live_claim_as_live(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    lsq: Callable[..., Sandbox],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ages are judged on the ledger database's clock (PostgreSQL's, shared by every worker): a worker
+    whose own clock is an hour ahead neither reads a fresh heartbeat as old nor takes the claim over."""
+    sb = lsq()
+    holder, other = Execution("d", "r", "t", token="another-machine.1.a"), Execution("d", "r", "t")
+    ledger = ledger_of(base.make_warehouse("postgres", request, tmp_path, monkeypatch), sb)
+    try:
+        assert ledger.claim({"k": None}, execution=holder) == {"k"}
+
+        real = dt.datetime
+
+        class Datetimes(type):
+            def __instancecheck__(cls, value: object) -> bool:
+                return isinstance(value, real)  # what the database hands back is still a datetime
+
+        class AheadClock(real, metaclass=Datetimes):
+            @classmethod
+            def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+                return real.now(tz) + dt.timedelta(hours=1)
+
+        clock = types.SimpleNamespace(datetime=AheadClock, timezone=dt.timezone, timedelta=dt.timedelta)
+        monkeypatch.setattr(ledger_module, "dt", clock)  # this worker's clock only
+        seen = ledger.pending_rows()[0]
+        assert seen.held_by_another(other, dt.timedelta(minutes=2))  # fresh, on the database's clock
+        assert ledger.claim({"k": seen}, execution=other) == set()
+        assert ledger.lookup(["k"])["k"].execution_id == holder.token
+    finally:
+        ledger.close()
+
+
+def test_rows_set_back_by_hand_are_sent_whatever_the_form_of_their_timestamp(
+    warehouse: Warehouse, lsq: Callable[..., Sandbox]
+) -> None:
+    """A person reconciling the ledger sets rows to failed, retryable, with a timestamp in their own
+    form (microseconds; ISO text with a T on SQLite): the next run sends them, none is left behind."""
+    sb = lsq()
+    warehouse.seed(applicants(6))
+    transfer(warehouse).execute(context("scheduled__1"))
+    assert sb.register_calls == 6
+    stamp = "'2026-11-29T10:11:12.345678'" if warehouse.kind == "sqlite" else "now()"
+    retryable = "1" if warehouse.kind == "sqlite" else "TRUE"
+    warehouse.execute(
+        f"UPDATE {warehouse.ledger_table} SET status = 'failed', retryable = {retryable}, "
+        f"last_attempt_at = {stamp} WHERE row_key IN ('1', '2', '3')"
+    )
+
+    summary = transfer(warehouse).execute(context("scheduled__2"))
+
+    assert summary["registered"] == 3 and summary["skipped"] == 3  # 4-6: registered before
+    assert sb.register_calls == 9
+    assert {warehouse.ledger()[key]["status"] for key in ("1", "2", "3")} == {"registered"}
 
 
 def test_a_holder_is_dead_only_when_its_process_on_this_machine_is_gone() -> None:

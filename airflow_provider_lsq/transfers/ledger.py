@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 PENDING = "pending"  # handed over for a call whose outcome is not recorded yet
+# How long after its holder's last heartbeat a pending row is judged abandoned (see the transfer's
+# ``pending_timeout``).
+DEFAULT_PENDING_TIMEOUT = dt.timedelta(minutes=2)
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S"
@@ -126,6 +129,7 @@ class LedgerRow:
     task_id: str | None = None  # the execution that last wrote the row (None: an earlier release)
     map_index: int | None = None
     execution_id: str | None = None  # the token of that execute() call (see executions.Execution)
+    read_at: dt.datetime | None = None  # the ledger database's clock when the row was read
 
     @property
     def registered(self) -> bool:
@@ -141,12 +145,15 @@ class LedgerRow:
         """Pending for another execution that may still be sending it (its claim must be left alone).
 
         True when another execution's heartbeat (``last_attempt_at``) is younger than ``timeout`` and
-        that execution is not known to have ended (see :func:`~.executions.holder_is_gone`).
+        that execution is not known to have ended (see :func:`~.executions.holder_is_gone`). The age
+        is read on the ledger database's clock (``read_at``), the clock every heartbeat is stamped
+        with, so workers whose own clocks disagree still agree on it.
         """
         if not self.pending or (self.execution_id or "") == execution.token:
             return False
         last = self.last_attempt_at or dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-        if dt.datetime.now(dt.timezone.utc) - last >= timeout:
+        now = self.read_at or dt.datetime.now(dt.timezone.utc)
+        if now - last >= timeout:
             return False
         return not holder_is_gone(self.execution_id)
 
@@ -272,6 +279,20 @@ class RegistrationLedger:
 
     def _marks(self, count: int) -> str:
         return ", ".join([self._placeholder] * count)
+
+    def _db_now(self, cursor: Any) -> dt.datetime:
+        """The ledger database's clock, UTC, to the second: what claims, heartbeats and records are
+        stamped with and ages are judged by, so that executions on machines whose clocks disagree
+        still agree on a claim's age. PostgreSQL's ``clock_timestamp()``; SQLite is a file on this
+        machine, so this machine's clock; other databases the local clock too (keep it in step).
+        """
+        if self._dialect == "postgresql":
+            cursor.execute("SELECT timezone('UTC', clock_timestamp())")
+            value = cursor.fetchone()[0]
+            now = value.replace(tzinfo=dt.timezone.utc)
+        else:
+            now = dt.datetime.now(dt.timezone.utc)
+        return now.replace(microsecond=0)
 
     def _where_keys(self, keys: Sequence[str]) -> tuple[str, list[Any]]:
         """The WHERE clause (and its parameters) that picks this portal's rows for ``keys``."""
@@ -400,18 +421,19 @@ class RegistrationLedger:
         columns = ", ".join(COLUMNS[1:])
         cursor = self.conn.cursor()
         try:
+            read_at = self._db_now(cursor)
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
                 chunk = wanted[start : start + _LOOKUP_CHUNK]
                 where, params = self._where_keys(chunk)
                 cursor.execute(f"SELECT {columns} FROM {self.table} {where}", params)
                 for record in cursor.fetchall():
-                    row = self._row(record)
+                    row = self._row(record, read_at)
                     found[row.row_key] = row
         finally:
             cursor.close()
         return found
 
-    def _row(self, record: Sequence[Any]) -> LedgerRow:
+    def _row(self, record: Sequence[Any], read_at: dt.datetime | None = None) -> LedgerRow:
         (key, lead_id, status, error_type, error_message, attempts, first, last, registered, dag_id,
          run_id, retryable, identifier, task_id, map_index, execution_id) = record  # fmt: skip
         return LedgerRow(
@@ -431,6 +453,7 @@ class RegistrationLedger:
             task_id=task_id,
             map_index=None if map_index is None else int(map_index),
             execution_id=execution_id,
+            read_at=read_at,
         )
 
     def lookup_identifiers(self, fingerprints: Iterable[str]) -> dict[str, list[LedgerRow]]:
@@ -448,6 +471,7 @@ class RegistrationLedger:
             conn = self.conn
             cursor = conn.cursor()
             try:
+                read_at = self._db_now(cursor)
                 for start in range(0, len(wanted), _LOOKUP_CHUNK):
                     chunk = wanted[start : start + _LOOKUP_CHUNK]
                     cursor.execute(
@@ -457,7 +481,7 @@ class RegistrationLedger:
                         [self.portal_id, *chunk, *statuses],
                     )
                     for record in cursor.fetchall():
-                        row = self._row(record)
+                        row = self._row(record, read_at)
                         found.setdefault(str(row.lead_identifier), []).append(row)
             finally:
                 cursor.close()
@@ -509,8 +533,8 @@ class RegistrationLedger:
         held = [key for key in dict.fromkeys(refresh) if key not in {o.key for o in batch}]
 
         def write() -> int:
-            now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
             with self._transaction() as cursor:
+                now = self._db_now(cursor)
                 merged = self._select(outcome.key for outcome in batch)
                 for outcome in batch:
                     row = self._merge(merged.get(outcome.key), outcome, now, execution)
@@ -536,11 +560,37 @@ class RegistrationLedger:
             return 0
 
         def write() -> int:
-            now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
             with self._transaction() as cursor:
-                return self._refresh(cursor, held, execution, now)
+                return self._refresh(cursor, held, execution, self._db_now(cursor))
 
         return self._with_retries(f"heartbeat of {len(held)} pending rows", write)
+
+    def keep(self, keys: Iterable[str], *, execution: Execution) -> set[str]:
+        """The heartbeat that also tells which claims are still ``execution``'s: refresh them and
+        return the keys whose row ``execution`` still wrote last (pending, or recorded by it since).
+
+        A key left out was taken over by another execution (which judged this one dead: frozen, or cut
+        off from the ledger for longer than its ``pending_timeout``): this execution must not send it.
+        """
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return set()
+        p = self._placeholder
+
+        def write() -> set[str]:
+            with self._transaction() as cursor:
+                self._refresh(cursor, wanted, execution, self._db_now(cursor))
+                mine: set[str] = set()
+                for start in range(0, len(wanted), _LOOKUP_CHUNK):
+                    where, params = self._where_keys(wanted[start : start + _LOOKUP_CHUNK])
+                    cursor.execute(
+                        f"SELECT row_key FROM {self.table} {where} AND execution_id = {p}",
+                        [*params, execution.token],
+                    )
+                    mine.update(str(record[0]) for record in cursor.fetchall())
+                return mine
+
+        return self._with_retries(f"heartbeat of {len(wanted)} pending rows", write)
 
     def _refresh(self, cursor: Any, keys: Sequence[str], execution: Execution, now: dt.datetime) -> int:
         refreshed = 0
@@ -562,7 +612,8 @@ class RegistrationLedger:
         *,
         execution: Execution,
         identifiers: Mapping[str, str | None] | None = None,
-        in_flight_since: dt.datetime | None = None,
+        in_flight_for: dt.timedelta | None = None,
+        pending_timeout: dt.timedelta = DEFAULT_PENDING_TIMEOUT,
     ) -> set[str]:
         """Mark keys ``pending`` for ``execution`` before their calls; return the keys it now holds.
 
@@ -574,7 +625,7 @@ class RegistrationLedger:
 
         ``identifiers`` gives each key's :func:`lead_fingerprint`, written with the claim; a key is not
         claimed when another key of this portal holds its fingerprint as registered, already
-        registered, or pending for another execution since ``in_flight_since`` (the same lead, being
+        registered, or pending for another execution within ``in_flight_for`` (the same lead, being
         sent right now): no lead is sent twice either. On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a
         transaction-level advisory lock per table and portal) claims are serialised, so that check
         cannot race another execution's claim; other databases only narrow the window.
@@ -585,12 +636,13 @@ class RegistrationLedger:
         mine = execution.token
 
         def write() -> set[str]:
-            now = self._to_db(dt.datetime.now(dt.timezone.utc).replace(microsecond=0))
-            since = self._to_db(in_flight_since) if in_flight_since is not None else now
             claimed: set[str] = set()
             p = self._placeholder
             with self._transaction() as cursor:
                 self._lock_claims(cursor)
+                clock = self._db_now(cursor)
+                now = self._to_db(clock)
+                since = self._to_db(clock - in_flight_for) if in_flight_for is not None else now
                 for key, row in previous.items():
                     fingerprint = fingerprints.get(key)
                     if fingerprint is not None and self._held_elsewhere(
@@ -599,6 +651,8 @@ class RegistrationLedger:
                         continue
                     if row is None:
                         cursor.execute(*self._insert_if_absent(key, now, execution, fingerprint))
+                    elif row.pending and not self._still_abandoned(cursor, row, execution, pending_timeout):
+                        continue  # its holder's heartbeat came in since it was read: still theirs
                     else:
                         unchanged, unchanged_params = self._unchanged(row)
                         cursor.execute(
@@ -626,14 +680,40 @@ class RegistrationLedger:
         return self._with_retries(f"claim of {len(previous)} rows", write)
 
     def _unchanged(self, row: LedgerRow) -> tuple[str, list[Any]]:
-        """SQL (and parameters) true while a key's ledger row is still ``row``: same status, same
-        writing execution, same ``last_attempt_at`` (a heartbeat changes it)."""
+        """SQL (and parameters) true while a key's ledger row is still ``row``'s: same status, same
+        writing execution and run. Never a timestamp match: a row edited by hand (microseconds, ISO
+        text) must stay claimable. A ``pending`` row is judged again under the claim lock instead
+        (see :meth:`_still_abandoned`)."""
         p = self._placeholder
         sql = f"status = {p} AND COALESCE(execution_id, '') = {p} AND COALESCE(run_id, '') = {p}"
         params: list[Any] = [row.status, row.execution_id or "", row.run_id or ""]
-        if row.last_attempt_at is None:
-            return f"{sql} AND last_attempt_at IS NULL", params
-        return f"{sql} AND last_attempt_at = {p}", [*params, self._to_db(row.last_attempt_at)]
+        return sql, params
+
+    def _still_abandoned(
+        self, cursor: Any, row: LedgerRow, execution: Execution, pending_timeout: dt.timedelta
+    ) -> bool:
+        """Read ``row``'s key again under the claim lock (and, on PostgreSQL, lock the row against a
+        heartbeat until the claim commits): true when it is still ``pending`` for the same holder and
+        that holder still looks ended (:meth:`LedgerRow.held_by_another`, on the database's clock)."""
+        if (row.execution_id or "") == execution.token:
+            return True  # ours: an earlier attempt of this claim committed
+        p = self._placeholder
+        lock = " FOR UPDATE" if self._dialect == "postgresql" else ""
+        read_at = self._db_now(cursor)
+        cursor.execute(
+            f"SELECT {', '.join(COLUMNS[1:])} FROM {self.table} "
+            f"WHERE portal_id = {p} AND row_key = {p}{lock}",
+            [self.portal_id, row.row_key],
+        )
+        record = cursor.fetchone()
+        if record is None:
+            return False
+        now = self._row(record, read_at)
+        return (
+            now.pending
+            and (now.execution_id or "") == (row.execution_id or "")
+            and not now.held_by_another(execution, pending_timeout)
+        )
 
     def _lock_claims(self, cursor: Any) -> None:
         """Serialise claims of this table and portal (see :meth:`claim`) until the transaction ends."""
@@ -753,12 +833,13 @@ class RegistrationLedger:
             conn = self.conn
             cursor = conn.cursor()
             try:
+                read_at = self._db_now(cursor)
                 cursor.execute(
                     f"SELECT {', '.join(COLUMNS[1:])} FROM {self.table} "
                     f"WHERE portal_id = {self._placeholder} AND status = {self._placeholder}",
                     [self.portal_id, PENDING],
                 )
-                return [self._row(record) for record in cursor.fetchall()]
+                return [self._row(record, read_at) for record in cursor.fetchall()]
             finally:
                 cursor.close()
                 conn.commit()

@@ -25,7 +25,7 @@ from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.executions import Execution
-from airflow_provider_lsq.transfers.ledger import LedgerRow, RegistrationLedger
+from airflow_provider_lsq.transfers.ledger import DEFAULT_PENDING_TIMEOUT, LedgerRow, RegistrationLedger
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 MAX_LOGGED_KEYS = 50  # duplicate keys and leads, NULL-key positions: logged one by one, then counted
 MAX_LOGGED_PENDING = 1000  # pending rows the query no longer returns: logged one by one, then counted
-# A live execution's claims are refreshed every flush interval; this is how long one may look idle.
-DEFAULT_PENDING_TIMEOUT = dt.timedelta(minutes=2)
 # LeadSquared's standard attribute schema names: a result column equal to one but for case was folded
 # (PostgreSQL lower-cases unquoted aliases) and would be refused on every row.
 STANDARD_ATTRIBUTES = (
@@ -358,7 +356,8 @@ class LedgerSink(OutcomeSink):
             previous,
             execution=self.execution,
             identifiers={key: self.identifiers.get(key) for key in keys},
-            in_flight_since=dt.datetime.now(dt.timezone.utc) - self.pending_timeout,
+            in_flight_for=self.pending_timeout,
+            pending_timeout=self.pending_timeout,
         )
         self.claimed.update((key, previous[key]) for key in claimed)
         for key in keys:
