@@ -89,7 +89,8 @@ class OutcomeSink:
     ``claim`` runs before rows are handed over for their calls (the ledger writes ``pending``);
     ``write`` gets each batch once and must raise if it could not record it (it is kept and
     written again); ``heartbeat`` runs every flush interval in which nothing was written (the ledger
-    refreshes the claims still in flight); ``dry_run`` sees each row of a dry run.
+    refreshes the claims still in flight); ``may_send`` can withdraw a row just before its call;
+    ``close`` ends the registration; ``dry_run`` sees each row of a dry run.
     """
 
     def claim(self, keys: list[str]) -> set[str]:
@@ -101,6 +102,13 @@ class OutcomeSink:
 
     def heartbeat(self) -> None:
         """Say the run is alive (default: nothing); raise if that could not be recorded."""
+
+    def may_send(self, key: str) -> bool:
+        """Asked from a worker thread just before each call of ``key`` is made (default: yes)."""
+        return True
+
+    def close(self) -> None:
+        """The run has ended: stop whatever the sink runs besides (default: nothing)."""
 
     def release_unrecorded(self, keep: set[str]) -> None:
         """Undo the claims of rows that got no outcome (never sent, or refused at login), but ``keep``."""
@@ -341,6 +349,7 @@ class RegistrationRun:
                 max_workers=workers,
                 on_idle=self._flush_if_due,
                 idle_seconds=min(1.0, self.flush_interval),
+                may_send=self.sink.may_send,
             )
             for outcome in outcomes:
                 self._take(outcome)
@@ -354,6 +363,7 @@ class RegistrationRun:
             feed.close()  # rows claimed but never handed over end as not sent
             self._flush(final=True)
             self._release_unsent()
+            self.sink.close()
         if self._unrecorded:
             self._log_unrecorded("the ledger could not be written")
             # No Airflow retry: it would send the rows still ``pending`` again before a person could

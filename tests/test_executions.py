@@ -12,6 +12,7 @@ operator's own ``execute`` with its own task instance.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import signal
 import subprocess
@@ -24,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException
 
+from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.passwords import generate_password
 from airflow_provider_lsq.transfers import ledger as ledger_module
 from airflow_provider_lsq.transfers.executions import Execution, _this_process_space, holder_is_gone
 from airflow_provider_lsq.transfers.ledger import RegistrationLedger
-from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
+from airflow_provider_lsq.transfers.sql_to_leadsquared import LedgerSink, get_db_hook
 from tests import test_transfer_sql as base
 from tests.helpers import call_execute
 from tests.test_transfer_sql import Warehouse, applicants, context, email, transfer
@@ -429,3 +431,106 @@ def test_after_a_sigkill_the_retry_sends_the_killed_tries_pending_rows_first(
     assert summary["resent_pending"] == len(pending) and summary["pending_not_returned"] == 0
     assert len(registrations(sb)) == 24
     assert {row["status"] for row in wh.ledger().values()} == {"registered"}
+
+
+# -- claims hold while their execution lives; a frozen one never sends what it lost ----------------------
+
+
+def test_the_keeper_holds_claims_while_the_run_thread_is_blocked_and_withdraws_lost_ones(
+    warehouse: Warehouse, lsq: Callable[..., Sandbox]
+) -> None:
+    """Nothing on the run's thread refreshes the claims (as during a slow warehouse fetch): the keeper
+    thread does, on its own connection. A claim another execution took over is withdrawn before its
+    call, and its outcome is not written over the new holder's."""
+    sb = lsq()
+    timeout = dt.timedelta(seconds=2)
+    ledger, other_ledger = ledger_of(warehouse, sb), ledger_of(warehouse, sb)
+    mine, other = Execution("d", "r", "t"), Execution("d", "r", "t", token="another-machine.1.b")
+    sink = LedgerSink(ledger, mine, pending_timeout=timeout, keep_interval=0.2)
+    try:
+        assert sink.claim(["1", "2"]) == {"1", "2"}
+        time.sleep(3 * timeout.total_seconds())  # the run's thread does nothing all along
+        seen = {row.row_key: row for row in other_ledger.pending_rows()}
+        assert all(row.held_by_another(other, timeout) for row in seen.values())
+        assert other_ledger.claim(dict(seen), execution=other, pending_timeout=timeout) == set()
+        assert sink.may_send("1") and sink.may_send("2")
+
+        warehouse.execute(  # another execution took row 2 over (it judged this one dead)
+            f"UPDATE {warehouse.ledger_table} SET execution_id = '{other.token}' WHERE row_key = '2'"
+        )
+        deadline = time.monotonic() + 30
+        while "2" not in sink.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not sink.may_send("2") and sink.may_send("1")
+        sink.write(
+            [RegistrationOutcome.registered("1", "lead-1", 1), RegistrationOutcome.registered("2", "x", 1)]
+        )
+        rows = warehouse.ledger()
+        assert rows["1"]["status"] == "registered"
+        assert rows["2"]["status"] == "pending" and rows["2"]["execution_id"] == other.token  # theirs
+    finally:
+        sink.close()
+        ledger.close()
+        other_ledger.close()
+
+
+FROZEN_TASK = """
+import datetime as dt
+import sys
+
+from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+
+
+class TaskInstance:
+    dag_id, task_id, map_index, try_number = "lsq_frozen", "register", -1, 1
+
+
+op = SqlToLeadSquaredPortalOperator(
+    task_id="register", sql=sys.argv[1], sql_conn_id=sys.argv[2], key_column="applicant_id",
+    ledger_table=sys.argv[3], max_workers=4, flush_interval_seconds=1, ledger_write_timeout=3,
+    pending_timeout=dt.timedelta(seconds=8),
+)
+op.execute({"ti": TaskInstance(), "run_id": "scheduled__1"})
+"""
+
+
+def test_a_frozen_task_that_resumes_after_its_rows_were_taken_over_does_not_send_them(
+    warehouse: Warehouse, lsq: Callable[..., Sandbox]
+) -> None:
+    """A real task process is frozen (SIGSTOP: a VM paused, a debugger) mid-run; its retry takes over
+    its claims once they are older than pending_timeout and registers everyone; then the first one
+    resumes (SIGCONT). Only the calls it had in flight at the freeze can reach LeadSquared twice."""
+    sb = lsq(latency=0.3)
+    warehouse.seed(applicants(60))
+    wh = warehouse
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    task = subprocess.Popen(
+        [sys.executable, "-c", FROZEN_TASK, wh.sql(), wh.conn_id, wh.ledger_table],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120  # the child imports Airflow first
+        while sb.register_calls < 8 and task.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        task.send_signal(signal.SIGSTOP)
+        time.sleep(10)  # past pending_timeout (8 s) on the ledger's clock: its claims look abandoned
+        retry = transfer(wh, max_workers=4, pending_timeout=dt.timedelta(seconds=8), ledger_write_timeout=3)
+        started = time.monotonic()
+        summary = retry.execute(context("scheduled__1", dag_id="lsq_frozen", try_number=2))
+        rate = summary["registered"] / (time.monotonic() - started)  # calls per second, as measured
+        assert summary["resent_pending"] > 0
+        calls_before_resuming = sb.register_calls
+    finally:
+        task.send_signal(signal.SIGCONT)
+        task.wait(timeout=120)
+
+    assert len(registrations(sb)) == 60
+    assert {row["status"] for row in wh.ledger().values()} == {"registered"}
+    # Once resumed, it sends none of the rows it had claimed and lost (it sent all of them before
+    # this fix): at most a worker caught between its check and its send at the very freeze.
+    assert sb.register_calls - calls_before_resuming <= 4
+    # In all, as a hard kill: its calls in flight and the outcomes of its last flush interval (1 s).
+    twice = {address: count for address, count in registrations(sb).items() if count > 1}
+    assert len(twice) <= 4 + math.ceil(rate * 1), twice

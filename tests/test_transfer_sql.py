@@ -115,7 +115,16 @@ class Warehouse:
         )
 
     def ledger(self) -> dict[str, dict[str, Any]]:
-        names = ("status", "lead_id", "error_type", "error_message", "attempts", "retryable", "run_id")
+        names = (
+            "status",
+            "lead_id",
+            "error_type",
+            "error_message",
+            "attempts",
+            "retryable",
+            "run_id",
+            "execution_id",
+        )
         rows = self.query(f"SELECT row_key, {', '.join(names)} FROM {self.ledger_table}")
         ledger = {str(row[0]): dict(zip(names, row[1:], strict=True)) for row in rows}
         assert len(ledger) == len(rows)

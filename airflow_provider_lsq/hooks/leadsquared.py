@@ -264,8 +264,13 @@ class LeadSquaredHook(BaseHook):
         headers: Mapping[str, str] | None = None,
         host: str | None = None,
         secrets: Iterable[str] = (),
+        may_send: Callable[[], bool] | None = None,
     ) -> tuple[Any, int]:
-        """:meth:`request`, also returning how many attempts it took. ``secrets`` are redacted too."""
+        """:meth:`request`, also returning how many attempts it took. ``secrets`` are redacted too.
+
+        ``may_send`` is asked before every attempt, once its place in the rate limit is granted: False
+        means the call must not be made now (:class:`LeadSquaredStoppedError`, never retried).
+        """
         config = self.config
         url = (base_url(host) if host else config.base_url) + "/" + path.lstrip("/")
         query = {"accessKey": config.access_key, "secretKey": config.secret_key, **(params or {})}
@@ -306,7 +311,7 @@ class LeadSquaredHook(BaseHook):
             for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    return self._attempt(method, url, query, json, headers, extra_secrets), attempts
+                    return self._attempt(method, url, query, json, headers, extra_secrets, may_send), attempts
         except LeadSquaredError as error:
             error.attempts = attempts
             if isinstance(error, _RETRYABLE) and attempts > 1:
@@ -327,6 +332,7 @@ class LeadSquaredHook(BaseHook):
         json: Any,
         headers: Mapping[str, str] | None,
         secrets: Iterable[str],
+        may_send: Callable[[], bool] | None = None,
     ) -> Any:
         """One call inside the account's window: it holds its place from send until answer + period."""
         limiter = self.rate_limiter
@@ -340,6 +346,9 @@ class LeadSquaredHook(BaseHook):
                     f"The shared rate-limit budget ({limiter.store.description}) could not be reached "
                     f"({type(error).__name__}: {self.redact(str(error))}); nothing was sent."
                 ) from None
+        if may_send is not None and not may_send():
+            self._tell_limiter(limiter.release, lease)
+            raise LeadSquaredStoppedError("Not sent: the caller withdrew the call before it was made.")
         with metrics.api_call(self.leadsquared_conn_id):  # counts a refusal as it leaves
             try:
                 response = self._send(method, url, query, json, headers, secrets)
@@ -506,6 +515,7 @@ class LeadSquaredHook(BaseHook):
         password: str,
         only_new_leads: bool,
         identifier_attribute: str | None,
+        may_send: Callable[[], bool] | None = None,
     ) -> RegistrationResult:
         fields = build_lead_fields(lead, password, identifier_attribute=identifier_attribute)
         portal_id = self.require_portal_id()
@@ -520,6 +530,7 @@ class LeadSquaredHook(BaseHook):
             json={"RegisterOnlyNewLead": only_new_leads, "LeadFields": fields},
             headers=headers,
             secrets=(password,),
+            may_send=may_send,
         )
         lead_id = body.get("LeadId") if isinstance(body, dict) else None
         if not lead_id:
@@ -540,6 +551,7 @@ class LeadSquaredHook(BaseHook):
         max_workers: int | None = None,
         on_idle: Callable[[], None] | None = None,
         idle_seconds: float = 1.0,
+        may_send: Callable[[str], bool] | None = None,
     ) -> Iterator[RegistrationOutcome]:
         """Register many ``(key, lead)`` pairs concurrently; yield one outcome per lead as each ends.
 
@@ -554,6 +566,10 @@ class LeadSquaredHook(BaseHook):
         yielded before the generator ends (or raises the authentication error).
 
         :param on_idle: called every ``idle_seconds`` while no outcome arrives (e.g. to flush records).
+        :param may_send: ``may_send(key)`` is asked, from a worker thread, just before each Register
+            call of a row is made (every attempt, after its rate-limit wait): False withdraws the row,
+            which ends ``NotSent`` when no attempt was made, else ``failed`` (retryable). The SQL
+            transfer answers False for a row whose ledger claim it cannot confirm.
         """
         make_password = password_callable or (lambda _lead: generate_password())
         workers = max_workers or self.default_max_workers
@@ -565,7 +581,10 @@ class LeadSquaredHook(BaseHook):
         def register_one(key: str, lead: Mapping[str, Any]) -> RegistrationOutcome:
             if stopping.is_set():
                 return RegistrationOutcome.not_sent(key)
-            return self._register_outcome(key, lead, make_password, only_new_leads, identifier_attribute)
+            guard = (lambda: may_send(key)) if may_send is not None else None
+            return self._register_outcome(
+                key, lead, make_password, only_new_leads, identifier_attribute, guard
+            )
 
         errors: list[BaseException] = []  # what stops the run (a bad login), raised once all is yielded
         keys: dict[Future[RegistrationOutcome], str] = {}
@@ -627,6 +646,7 @@ class LeadSquaredHook(BaseHook):
         make_password: Callable[[Mapping[str, Any]], str],
         only_new_leads: bool,
         identifier_attribute: str | None,
+        may_send: Callable[[], bool] | None = None,
     ) -> RegistrationOutcome:
         """One row's registration, with every error but a bad login turned into its outcome."""
         try:
@@ -638,7 +658,7 @@ class LeadSquaredHook(BaseHook):
                 error_type="PasswordCallableError",
             )
         try:
-            result = self._register(lead, password, only_new_leads, identifier_attribute)
+            result = self._register(lead, password, only_new_leads, identifier_attribute, may_send)
         except LeadSquaredValidationError as error:
             return RegistrationOutcome.invalid(key, error.message, error_type=error.error_type)
         except (LeadSquaredAuthenticationError, LeadSquaredBudgetUnavailableError):
