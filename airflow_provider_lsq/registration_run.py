@@ -271,7 +271,12 @@ class RegistrationRun:
                 self._log_unrecorded("the task was interrupted before they were written")
             raise
         if errors:
-            raise errors[0]
+            error = errors[0]
+            if isinstance(error, LeadSquaredAuthenticationError | LeadSquaredConfigError):
+                # Met before any row (the connection read for the worker count, a login): no retry fixes it.
+                failure = AirflowFailException(self.hook.redact(error.message))
+                raise failure from error
+            raise error
         return result[0]
 
     def stop(self) -> None:

@@ -285,6 +285,40 @@ def test_a_connection_without_portal_id_fails_the_task_for_good_before_any_call(
     assert not sandbox.calls
 
 
+def test_a_connection_value_refused_when_read_fails_the_task_for_good(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value no retry can fix (a reserve above 0.9), met when the run sizes its workers from the
+    connection: AirflowFailException, naming the field, before any call."""
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    sandbox = leadsquared_sandbox_factory(**FAST)
+    conn = json.loads(sandbox.connection_json())
+    conn["extra"]["rate_limit_reserve"] = 5
+    monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+    with pytest.raises(AirflowFailException, match="field 'rate_limit_reserve'"):
+        run(RegisterPortalUserOperator(task_id="register", leads=[lead(1)]))
+    assert not sandbox.calls
+
+
+def test_a_portal_id_lsq_does_not_know_stops_the_run_for_good_after_the_calls_in_flight(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row would be refused the same way: the run stops at the first answer (naming the field
+    and the connection) instead of spending the account's budget on every row."""
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    sandbox = leadsquared_sandbox_factory(**FAST)
+    conn = json.loads(sandbox.connection_json())
+    conn["extra"]["portal_id"] = "not-this-accounts-portal"
+    monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+    op = RegisterPortalUserOperator(task_id="register", leads=[lead(i) for i in range(60)], max_workers=2)
+    with pytest.raises(AirflowFailException, match="does not know the portal_id of connection") as info:
+        run(op)
+    assert "'leadsquared_default'" in str(info.value) and "Manage Portals" in str(info.value)
+    assert sandbox.register_calls <= 2 * 2  # the calls already handed to the two workers, no more
+
+
 def test_one_lead_twice_in_the_list_is_registered_once(sb: Sandbox, task_log: TaskLog) -> None:
     """A second row of a lead (the same key, or the same e-mail in another case under another key) is
     not sent: registering it again would reset the password the first call set."""

@@ -54,6 +54,8 @@ PUBLIC_TOKEN_PATH = "/api/Access/PublicToken"
 REGISTER_TOKEN_PATH = "/api/Access/GetRegisterToken"
 REGISTER_PATH = "/api/Authentication/v2/Register"
 _RETRYABLE = (LeadSquaredRateLimitError, LeadSquaredTransientError)
+# The Register call's answer to a portal id the account does not have: every row would meet it.
+INVALID_PORTAL_ERROR = "MXInvalidPortalException"
 TEST_TIMEOUT_SECONDS = 5.0  # test_connection's one attempt: the UI's Test button must answer quickly
 # What requests and http.client raise for a request that cannot be built: it was never sent.
 _UNBUILDABLE = (
@@ -676,6 +678,14 @@ class LeadSquaredHook(BaseHook):
                 )
             return self._failed(key, error)  # a duplicate of another unique field: this row's failure
         except LeadSquaredError as error:
+            if error.error_type == INVALID_PORTAL_ERROR:  # every row would meet it: stop the run
+                raise LeadSquaredConfigError(
+                    f"LeadSquared does not know the portal_id of connection {self.leadsquared_conn_id!r} "
+                    f"({error.message}). Copy it from Workflow > Manage Portals in LeadSquared (it is in "
+                    "the page URL), and check that the host is this account's region.",
+                    field="portal_id",
+                    conn_id=self.leadsquared_conn_id,
+                ) from None
             return self._failed(key, error)
         return RegistrationOutcome.registered(key, result.lead_id, result.attempts)
 
