@@ -252,3 +252,22 @@ def test_a_malformed_deprecated_redis_uri_never_shows_its_password(
     for fragment in ("R3d$Pw+", "R3d", password):
         assert all(fragment not in text for text in texts), texts
     assert not sandbox.calls
+
+
+def test_only_a_redis_uri_in_rate_limit_storage_is_treated_as_a_secret(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``memory`` or a file path is no secret: masking it hid the word in every later log line and
+    error (``or '***' (this process only)``). A deprecated Redis URI's password still is."""
+    import warnings
+
+    memory = LeadSquaredHook(connect(monkeypatch, sandbox, "lsq_memory", rate_limit_storage="memory"))
+    assert memory.config.rate_limit_storage == "memory"
+    assert memory.redact("storage: memory") == "storage: memory"
+
+    uri = "redis://:S3cretPw@127.0.0.1:6379/0"
+    hook = LeadSquaredHook(connect(monkeypatch, sandbox, "lsq_uri", rate_limit_storage=uri))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert hook.config.rate_limit_storage == uri
+    assert "S3cretPw" not in hook.redact(f"password S3cretPw in {uri}")

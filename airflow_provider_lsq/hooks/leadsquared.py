@@ -10,6 +10,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import requests
 import tenacity
@@ -175,8 +176,9 @@ class LeadSquaredHook(BaseHook):
         """The connection, read once; its secrets are registered with Airflow's masker."""
         config = LeadSquaredConfig.from_connection(self.get_connection(self.leadsquared_conn_id))
         self._add_secrets(config.access_key, config.secret_key)
-        if config.rate_limit_storage:
-            self._add_secrets(config.rate_limit_storage)
+        storage = config.rate_limit_storage
+        if storage and is_redis_uri(storage):  # the deprecated Redis URI: it may carry a password
+            self._add_secrets(storage, urlsplit(storage).password or "")
         return config
 
     def _add_secrets(self, *secrets: str) -> None:
