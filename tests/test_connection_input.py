@@ -228,6 +228,9 @@ def test_a_budget_storage_that_cannot_be_opened_names_the_field_and_sends_nothin
         hook.get_public_auth_key()
     assert raised.value.field == field
     assert not sandbox.calls  # nothing is sent without the budget
+    if field == "rate_limit_redis_conn_id":  # advice that works: rate_limit_storage cannot override it
+        assert "connection 'no_such_redis_conn' exists (type redis)" in raised.value.message
+        assert "memory" not in raised.value.message
 
 
 def test_a_malformed_deprecated_redis_uri_never_shows_its_password(

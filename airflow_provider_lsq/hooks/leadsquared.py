@@ -210,10 +210,17 @@ class LeadSquaredHook(BaseHook):
             field = "rate_limit_redis_conn_id" if config.rate_limit_redis_conn_id else "rate_limit_storage"
             # A Redis URI's parse error can quote part of its password: name the error's type only.
             detail = "" if is_redis_uri(config.rate_limit_storage) else f": {self.redact(str(error))}"
+            if config.rate_limit_redis_conn_id:
+                advice = (
+                    f"Check that the Airflow connection {config.rate_limit_redis_conn_id!r} exists (type "
+                    "redis), that its server answers, and that apache-airflow-providers-redis is installed "
+                    "(the [redis] extra)."
+                )
+            else:
+                advice = "Check the place rate_limit_storage names: a writable file, or a Redis that answers."
             failure = LeadSquaredConfigError(
                 f"Connection {self.leadsquared_conn_id!r}: field {field!r}: the shared rate-limit budget "
-                f"could not be opened ({type(error).__name__}{detail}). Check that place, or set "
-                "rate_limit_storage to a writable file path, or 'memory' (this process only).",
+                f"could not be opened ({type(error).__name__}{detail}). {advice}",
                 field=field,
                 conn_id=self.leadsquared_conn_id,
             )
