@@ -733,3 +733,44 @@ def test_an_unusable_budget_location_fails_the_hook_before_any_call(
         assert caught.value.field == "rate_limit_storage"
         assert str(blocker / "budget") in str(caught.value) and "LSQ_RATE_LIMIT_DIR" in str(caught.value)
         assert sandbox.calls == []
+
+
+@pytest.mark.parametrize("planted", ["", "-wal", "after the look"])
+def test_a_symlink_planted_as_the_budget_file_is_never_followed(
+    machine_temp_dir: str, planted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another local user links ``<account>.sqlite3`` (or its ``-wal``) in the shared directory to a
+    database only the task's user may write (Airflow's, say), or to a name not yet made: the store
+    refuses by name before writing anything, and the target is left as it was; also for a link
+    swapped in after the store looked (what SQLite opened is checked)."""
+    import sqlite3
+    from pathlib import Path
+
+    from airflow_provider_lsq.hooks.rate_limit import stores
+    from airflow_provider_lsq.hooks.rate_limit.stores import BudgetLocationError, default_storage_dir
+
+    if planted == "after the look":
+        looked: set[Path] = set()
+        real_look = stores._refuse_links
+        monkeypatch.setattr(
+            stores, "_refuse_links", lambda path: looked.add(path) if path not in looked else real_look(path)
+        )
+        planted = ""
+
+    victim = Path(machine_temp_dir) / "airflow.db"
+    with contextlib.closing(sqlite3.connect(victim)) as conn:
+        conn.execute("CREATE TABLE dag (x)")
+        conn.commit()
+    before = victim.read_bytes()
+    SqliteLeaseStore(default_storage_dir() / "first.sqlite3", "first")  # the directory, as made in use
+    for account, target in (("acct", victim), ("dangling", Path(machine_temp_dir) / "made-by-us.db")):
+        path = default_storage_dir() / f"{account}.sqlite3"
+        if planted:
+            SqliteLeaseStore(path, account)._conn.close()
+        Path(f"{path}{planted}").unlink(missing_ok=True)
+        Path(f"{path}{planted}").symlink_to(target)
+        with pytest.raises(BudgetLocationError, match=r"symlink to|leads to") as caught:
+            SqliteLeaseStore(path, account)
+        assert f"{path}{planted}" in str(caught.value) and "rm " in str(caught.value)
+    assert victim.read_bytes() == before
+    assert not (Path(machine_temp_dir) / "made-by-us.db").exists()
