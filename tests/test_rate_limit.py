@@ -504,6 +504,49 @@ def test_after_the_pause_every_store_admits_at_the_lowered_rate_spaced_out(
     assert spaced.lease_id is None and spaced.wait > 0  # the next call waits its turn
 
 
+@pytest.mark.parametrize("kind", ["memory", "file", pytest.param("redis", marks=pytest.mark.redis)])
+def test_stamps_far_ahead_in_a_store_never_stall_a_caller_past_the_pause_or_hold(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Another local user writes ``paused_until=2e9`` and a lease held till then into the shared
+    file (or the clock steps back, as when a VM is restored): the next wait is at most the pause, then
+    the planted lease counts for at most the hold, and the account's calls go again."""
+    import sqlite3
+
+    policy = _policy(cap=1, period=0.2, hold=0.5)
+    account = f"test-{random.getrandbits(32):x}"
+    store = _store(kind, account, tmp_path, request)
+    store.snapshot()  # the file's tables made
+    far = 2e9 if kind != "memory" else time.time() + 1e6
+    if kind == "memory":
+        state = store._state
+        state.paused_until = state.allowed_at = state.decreased_at = state.last_grant = far
+        state.allowed, state.leases = 1.0, {"planted": far}
+    elif kind == "file":
+        with contextlib.closing(sqlite3.connect(store.path)) as conn:
+            conn.execute(
+                "REPLACE INTO state VALUES (?, 'garbage', ?, ?, ?, ?)", (account, far, far, far, far)
+            )
+            conn.execute("INSERT INTO leases VALUES (?, 'planted', ?)", (account, far))
+            conn.commit()
+    else:
+        import redis
+
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        prefix = f"{{leadsquared:{account}}}"
+        client.hset(f"{prefix}:state", mapping={"paused_until": far, "allowed": 1, "allowed_at": far})
+        client.hset(f"{prefix}:state", mapping={"decreased_at": far, "last_grant": far})
+        client.zadd(f"{prefix}:leases", {"planted": far})
+    first = store.acquire(policy, "mine")
+    assert first.lease_id is None and 0 < first.wait <= policy.pause + 0.01
+    granted, deadline = first, time.monotonic() + 10
+    while granted.lease_id is None and time.monotonic() < deadline:
+        assert granted.wait <= policy.hold + 0.01
+        time.sleep(max(0.01, granted.wait))
+        granted = store.acquire(policy, "mine")
+    assert granted.lease_id == "mine"
+
+
 @pytest.mark.redis
 def test_redis_lost_mid_run_loses_no_outcome_of_a_call_made(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

@@ -22,6 +22,7 @@ integrations on it too.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import sqlite3
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from airflow_provider_lsq.hooks.rate_limit.window import Grant, Policy, WindowState
 
@@ -286,6 +287,17 @@ def _location_error(path: Path, shared: bool, error: BaseException) -> BudgetLoc
     )
 
 
+@overload
+def _number(value: Any, default: float) -> float: ...
+@overload
+def _number(value: Any, default: None) -> float | None: ...
+def _number(value: Any, default: float | None) -> float | None:
+    """``value`` as a float (infinities too: :meth:`WindowState.bound` caps them), else ``default``."""
+    if isinstance(value, (int, float)) and not math.isnan(value):
+        return float(value)
+    return default
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (account TEXT, lease TEXT, expiry REAL, PRIMARY KEY (account, lease));
 CREATE TABLE IF NOT EXISTS state (account TEXT PRIMARY KEY, allowed REAL, allowed_at REAL,
@@ -372,18 +384,24 @@ class SqliteLeaseStore:
                 raise
 
     def _load(self, cur: sqlite3.Cursor) -> WindowState:
+        """The account's state; a value that is no finite number (the file is anyone's to write) is
+        read as unset (a lease as held for the policy's whole hold: :meth:`WindowState.bound`)."""
         state = WindowState()
         rows = cur.execute("SELECT lease, expiry FROM leases WHERE account = ?", (self.account,))
-        state.leases = {lease: expiry for lease, expiry in rows}
+        state.leases = {str(lease): _number(expiry, math.inf) for lease, expiry in rows}
         row = cur.execute(
             "SELECT allowed, allowed_at, decreased_at, paused_until, last_grant FROM state WHERE account = ?",
             (self.account,),
         ).fetchone()
         if row is not None:
-            state.allowed, state.allowed_at, state.decreased_at, state.paused_until, last_grant = row
-            state.last_grant = last_grant or 0.0
+            allowed, allowed_at, decreased_at, paused_until, last_grant = row
+            state.allowed = None if allowed is None else _number(allowed, None)
+            state.allowed_at, state.decreased_at = _number(allowed_at, 0.0), _number(decreased_at, 0.0)
+            state.paused_until, state.last_grant = _number(paused_until, 0.0), _number(last_grant, 0.0)
         rows = cur.execute("SELECT hour, calls FROM daily WHERE account = ?", (self.account,))
-        state.daily = {hour: calls for hour, calls in rows}
+        for hour, calls in rows:
+            if isinstance(hour, int) and isinstance(calls, int):
+                state.daily[hour] = calls
         return state
 
     def _save(self, cur: sqlite3.Cursor, state: WindowState) -> None:
