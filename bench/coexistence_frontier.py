@@ -351,8 +351,8 @@ def print_frontier(hours: float, seeds: int, table: Callable[[list[list[str]], l
         )
     print(
         "  The provider's own rule (before: -25% per refusal, +1 call per 8 windows; now: -40% at the cap "
-        "after 30 calm minutes, else -5% (one call), +1 call per 32 windows), 10 threads: steady state "
-        "(first 5 min left out), and 60 runs of 2 min from a cold start:",
+        "after 30 calm minutes, else -5% floored (2 calls at 21-22), +1 call per 32 windows), 10 threads: "
+        "steady state (first 5 min left out), and 60 runs of 2 min from a cold start:",
         flush=True,
     )
     print(table(rows(provider), HEADERS), flush=True)

@@ -284,6 +284,27 @@ def test_no_secret_reaches_logs_or_errors(
     assert repr(hook.config).count("***") == 0 and NASTY_SECRET_KEY not in repr(hook.config)
 
 
+@pytest.mark.parametrize("at", [480, 490])
+def test_a_secret_straddling_the_message_cut_leaves_no_prefix_in_the_error(at: int) -> None:
+    """The server's message is cut to 500 characters: redacted first, so a secret echoed across the
+    cut leaves not even its first characters in the error (the task log, the ledger, XCom)."""
+    import json
+
+    import requests
+
+    from airflow_provider_lsq.hooks.responses import parse_response
+
+    secret = "Zq7!pL9#vR2$wX5%c2VjcmV0"
+    message = "x" * at + secret + " is not allowed"
+    response = requests.Response()
+    response.status_code = 400
+    response._content = json.dumps({"Status": "Error", "ExceptionMessage": message}).encode()
+    with pytest.raises(LeadSquaredAPIError) as caught:
+        parse_response(response, [secret])
+    assert "x" * 100 in str(caught.value)
+    assert not any(secret[:k] in str(caught.value) for k in range(4, len(secret) + 1))
+
+
 def test_a_bad_login_midway_stops_the_run_but_every_call_made_has_its_outcome(
     hook: LeadSquaredHook, sandbox: Sandbox
 ) -> None:

@@ -141,6 +141,8 @@ def test_numpy_scalars_from_dataframe_rows_go_as_their_python_values() -> None:
 
     assert format_value("mx_Grade", np.int64(3)) == "3"
     assert format_value("mx_Score", np.float32(2.5)) == "2.5"
+    assert format_value("mx_Score", np.float32(0.1)) == "0.1"  # not 0.10000000149011612
+    assert format_value("mx_Score", np.float16(3.3)) == "3.3"
     assert format_value("mx_Score", np.float64(3.0)) == "3"
     assert format_value("mx_Agreed", np.bool_(True)) == "true"
     assert format_value("EmailAddress", np.str_("a@example.com")) == "a@example.com"

@@ -504,6 +504,49 @@ def test_after_the_pause_every_store_admits_at_the_lowered_rate_spaced_out(
     assert spaced.lease_id is None and spaced.wait > 0  # the next call waits its turn
 
 
+@pytest.mark.parametrize("kind", ["memory", "file", pytest.param("redis", marks=pytest.mark.redis)])
+def test_stamps_far_ahead_in_a_store_never_stall_a_caller_past_the_pause_or_hold(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Another local user writes ``paused_until=2e9`` and a lease held till then into the shared
+    file (or the clock steps back, as when a VM is restored): the next wait is at most the pause, then
+    the planted lease counts for at most the hold, and the account's calls go again."""
+    import sqlite3
+
+    policy = _policy(cap=1, period=0.2, hold=0.5)
+    account = f"test-{random.getrandbits(32):x}"
+    store = _store(kind, account, tmp_path, request)
+    store.snapshot()  # the file's tables made
+    far = 2e9 if kind != "memory" else time.time() + 1e6
+    if kind == "memory":
+        state = store._state
+        state.paused_until = state.allowed_at = state.decreased_at = state.last_grant = far
+        state.allowed, state.leases = 1.0, {"planted": far}
+    elif kind == "file":
+        with contextlib.closing(sqlite3.connect(store.path)) as conn:
+            conn.execute(
+                "REPLACE INTO state VALUES (?, 'garbage', ?, ?, ?, ?)", (account, far, far, far, far)
+            )
+            conn.execute("INSERT INTO leases VALUES (?, 'planted', ?)", (account, far))
+            conn.commit()
+    else:
+        import redis
+
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        prefix = f"{{leadsquared:{account}}}"
+        client.hset(f"{prefix}:state", mapping={"paused_until": far, "allowed": 1, "allowed_at": far})
+        client.hset(f"{prefix}:state", mapping={"decreased_at": far, "last_grant": far})
+        client.zadd(f"{prefix}:leases", {"planted": far})
+    first = store.acquire(policy, "mine")
+    assert first.lease_id is None and 0 < first.wait <= policy.pause + 0.01
+    granted, deadline = first, time.monotonic() + 10
+    while granted.lease_id is None and time.monotonic() < deadline:
+        assert granted.wait <= policy.hold + 0.01
+        time.sleep(max(0.01, granted.wait))
+        granted = store.acquire(policy, "mine")
+    assert granted.lease_id == "mine"
+
+
 @pytest.mark.redis
 def test_redis_lost_mid_run_loses_no_outcome_of_a_call_made(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -733,3 +776,44 @@ def test_an_unusable_budget_location_fails_the_hook_before_any_call(
         assert caught.value.field == "rate_limit_storage"
         assert str(blocker / "budget") in str(caught.value) and "LSQ_RATE_LIMIT_DIR" in str(caught.value)
         assert sandbox.calls == []
+
+
+@pytest.mark.parametrize("planted", ["", "-wal", "after the look"])
+def test_a_symlink_planted_as_the_budget_file_is_never_followed(
+    machine_temp_dir: str, planted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another local user links ``<account>.sqlite3`` (or its ``-wal``) in the shared directory to a
+    database only the task's user may write (Airflow's, say), or to a name not yet made: the store
+    refuses by name before writing anything, and the target is left as it was; also for a link
+    swapped in after the store looked (what SQLite opened is checked)."""
+    import sqlite3
+    from pathlib import Path
+
+    from airflow_provider_lsq.hooks.rate_limit import stores
+    from airflow_provider_lsq.hooks.rate_limit.stores import BudgetLocationError, default_storage_dir
+
+    if planted == "after the look":
+        looked: set[Path] = set()
+        real_look = stores._refuse_links
+        monkeypatch.setattr(
+            stores, "_refuse_links", lambda path: looked.add(path) if path not in looked else real_look(path)
+        )
+        planted = ""
+
+    victim = Path(machine_temp_dir) / "airflow.db"
+    with contextlib.closing(sqlite3.connect(victim)) as conn:
+        conn.execute("CREATE TABLE dag (x)")
+        conn.commit()
+    before = victim.read_bytes()
+    SqliteLeaseStore(default_storage_dir() / "first.sqlite3", "first")  # the directory, as made in use
+    for account, target in (("acct", victim), ("dangling", Path(machine_temp_dir) / "made-by-us.db")):
+        path = default_storage_dir() / f"{account}.sqlite3"
+        if planted:
+            SqliteLeaseStore(path, account)._conn.close()
+        Path(f"{path}{planted}").unlink(missing_ok=True)
+        Path(f"{path}{planted}").symlink_to(target)
+        with pytest.raises(BudgetLocationError, match=r"symlink to|leads to") as caught:
+            SqliteLeaseStore(path, account)
+        assert f"{path}{planted}" in str(caught.value) and "rm " in str(caught.value)
+    assert victim.read_bytes() == before
+    assert not (Path(machine_temp_dir) / "made-by-us.db").exists()

@@ -33,13 +33,17 @@ def as_python(value: Any) -> Any:
     Dataframe rows (``to_dict("records")``, ``itertuples()``) hand over numpy scalars: ``int64``,
     ``float32``, ``bool_``, ``datetime64`` (``NaT`` becomes None). numpy is not imported: its scalars
     are recognised by module and their own ``item()``. A ``datetime64`` is taken to microseconds first,
-    since ``item()`` of a nanosecond one is a bare integer.
+    since ``item()`` of a nanosecond one is a bare integer. A float narrower than 64 bits
+    (``float16``, ``float32``) goes as its own shortest repr (``numpy.float32(0.1)`` -> ``0.1``, not
+    the ``0.10000000149011612`` its exact widening would send).
     """
     kind = type(value)
     if kind.__module__ != "numpy" or not hasattr(value, "item"):
         return value
     if kind.__name__ == "datetime64":
         value = value.astype("datetime64[us]")
+    elif kind.__name__ in ("float16", "float32"):
+        return float(str(value))  # numpy's str is the shortest repr at the value's own precision
     return value.item()
 
 

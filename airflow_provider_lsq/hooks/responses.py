@@ -98,7 +98,9 @@ def parse_response(response: requests.Response, secrets: Iterable[str]) -> Any:
     exception_type, server_message = envelope or (None, "")
     if not server_message:
         server_message = (body if isinstance(body, str) else response.text or "").strip()
-    server_message = redact(server_message[:_MAX_MESSAGE], secrets)
+    # Redact the whole text, then cut it: cut first, a secret straddling the cut is no longer matched
+    # and its first characters would reach the log, the ledger and XCom.
+    server_message = redact(server_message, secrets)[:_MAX_MESSAGE]
     said = f"LeadSquared answered {status}" + (f" {exception_type}" if exception_type else "")
     said += f": {server_message}" if server_message else " with no message"
     kwargs: dict[str, Any] = {"status_code": status, "exception_type": exception_type}

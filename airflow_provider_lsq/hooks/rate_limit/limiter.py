@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FIRST_DECREASE = 0.6  # the allowed count after a refusal at the cap, as a share of what it was
-DECREASE = 0.95  # the same below the cap (the account known busy): one call less on every plan of <= 20
+DECREASE = 0.95  # the same below the cap (the account known busy), floored: 1 call off 2..20, 2 off 21..40
 RECOVERY_PERIODS_PER_CALL = 32.0  # then one more call per this many windows, up to the cap
 CALM_PERIODS = 360.0  # windows without a decrease (30 min at 5 s) before FIRST_DECREASE applies again
 _shared: dict[tuple[Any, ...], AccountRateLimiter] = {}
@@ -45,7 +45,8 @@ def policy_for(config: LeadSquaredConfig) -> Policy:
     The first refusal at the cap after a calm spell (other traffic appearing: no decrease for 360
     windows, 30 min on a 5 s plan) drops the allowed count to 60% at once: one lockout to learn, not
     several walking down in small steps. Other refusals, the account known busy (or a cap the user
-    already set low with ``rate_limit_reserve``), take 5% off (one call, on every documented plan),
+    already set low with ``rate_limit_reserve``), take 5% off, rounded down (one call off a level of
+    2 to 20, two off 21 to 40: two at 22, the default cap on a 25-call plan),
     and the count climbs back by one call per 32 windows. Each lockout refuses every caller on the
     account, theirs too, for a whole window: a slow climb from a nearly right level keeps them rare,
     and small steps keep the level near the best one (lockouts grow steeply with the level, so a

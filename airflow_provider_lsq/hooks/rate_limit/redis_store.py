@@ -31,14 +31,30 @@ local function limit(cap, recovery)
     local recovered = tonumber(st[1]) + (now - tonumber(st[2])) * recovery
     return math.max(1, math.min(cap, math.floor(recovered)))
 end
+-- WindowState.bound: a server clock stepped back leaves stamps ahead of now; pull them back so no
+-- wait exceeds the pause or the hold.
+local function bound(pause, hold)
+    local names = {'paused_until', 'allowed_at', 'decreased_at', 'last_grant'}
+    local latest = {now + pause, now, now, now}
+    local st = redis.call('HMGET', KEYS[2], unpack(names))
+    for i = 1, 4 do
+        if st[i] and tonumber(st[i]) > latest[i] then
+            redis.call('HSET', KEYS[2], names[i], tostring(latest[i]))
+        end
+    end
+    for _, lease in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. tostring(now + hold), '+inf')) do
+        redis.call('ZADD', KEYS[1], now + hold, lease)
+    end
+end
 """
 
-# ARGV: cap, hold, recovery, daily_limit (0: none), lease id, period. Returns {kind, number}.
+# ARGV: cap, hold, recovery, daily_limit (0: none), lease id, period, pause. Returns {kind, number}.
 _ACQUIRE = (
     _PRELUDE
     + f"""
 local cap, hold, recovery = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local daily_limit, lease, period = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+bound(tonumber(ARGV[7]), hold)
 local paused = tonumber(redis.call('HGET', KEYS[2], 'paused_until') or '0')
 if paused > now then return {{'wait', tostring(paused - now)}} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -86,12 +102,14 @@ return 1
 """
 )
 
-# ARGV: cap, recovery, decrease, pause seconds, sent_at, first decrease (at the cap after calm), calm.
+# ARGV: cap, recovery, decrease, pause seconds, sent_at, first decrease (at the cap after calm), calm,
+# hold.
 _REFUSED = (
     _PRELUDE
     + """
 local cap, recovery, decrease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local pause, sent_at, first = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+bound(pause, tonumber(ARGV[8]))
 local st = redis.call('HMGET', KEYS[2], 'paused_until', 'decreased_at')
 local paused, decreased = tonumber(st[1] or '0'), tonumber(st[2] or '0')
 if now >= paused and sent_at >= decreased then
@@ -141,6 +159,7 @@ class RedisLeaseStore:
             policy.daily_limit or 0,
             lease_id,
             policy.period,
+            policy.pause,
         ]
         kind, number = self._acquire(self._keys, args)
         kind = kind.decode() if isinstance(kind, bytes) else kind
@@ -163,6 +182,7 @@ class RedisLeaseStore:
             repr(sent_at),
             policy.first_decrease,
             policy.calm,
+            policy.hold,
         ]
         self._refused(self._keys, args)
 

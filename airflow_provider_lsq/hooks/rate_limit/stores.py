@@ -12,14 +12,17 @@ processes and threads take turns; a few rows per account keep each one well unde
 Every Unix user on the machine shares it too (the account's limit does not care which user calls):
 the default directory is made like ``/tmp`` itself (mode 1777: anyone may add a file, only its owner
 may remove it) and its files world-writable (SQLite gives its ``-wal`` and ``-shm`` files the
-database's mode). A location that still cannot be written raises :class:`BudgetLocationError` naming
-the path, the user and the fix: a silent per-user or per-process budget would get the account
-refused, for the other integrations on it too.
+database's mode). Since anyone may add a file there, a symlink (or anything but a regular file) at
+the database's name or its ``-wal``/``-shm``/``-journal`` is never followed. A location that is not
+a plain file or cannot be written raises :class:`BudgetLocationError` naming the path, the user and
+the fix: a silent per-user or per-process budget would get the account refused, for the other
+integrations on it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import sqlite3
@@ -28,7 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from airflow_provider_lsq.hooks.rate_limit.window import Grant, Policy, WindowState
 
@@ -41,6 +44,7 @@ SHARED_DIR_MODE = 0o1777  # like /tmp: every user adds files, only a file's owne
 SHARED_FILE_MODE = 0o666  # every user of the machine spends the one budget
 CONFIGURED_FILE_MODE = 0o664  # a directory an admin names: its group shares it (setgid dirs)
 _SIDE_FILES = ("-wal", "-shm")
+_LINK_CHECKED = ("", *_SIDE_FILES, "-journal")  # every name SQLite opens next to the database
 
 
 class BudgetLocationError(PermissionError):
@@ -48,6 +52,10 @@ class BudgetLocationError(PermissionError):
 
     The message names the path, the user, what is wrong (owner and mode) and how to fix it.
     """
+
+
+class _NotARegularFile(OSError):
+    """A name the store would open is a symlink, a directory or a device: never followed."""
 
 
 class LeaseStore(Protocol):
@@ -135,9 +143,16 @@ def _describe(path: Path) -> str:
         owner = pwd.getpwuid(info.st_uid).pw_name
     except (ImportError, KeyError):
         owner = f"uid {info.st_uid}"
-    kind = (
-        "directory" if stat.S_ISDIR(info.st_mode) else "a symlink" if stat.S_ISLNK(info.st_mode) else "file"
-    )
+    if stat.S_ISLNK(info.st_mode):
+        kind = f"a symlink to {os.readlink(path)}"
+    else:
+        kind = (
+            "directory"
+            if stat.S_ISDIR(info.st_mode)
+            else "file"
+            if stat.S_ISREG(info.st_mode)
+            else "special file"
+        )
     return f"{path} ({kind}, owner {owner}, mode {stat.S_IMODE(info.st_mode):04o})"
 
 
@@ -166,13 +181,55 @@ def _euid() -> int:
     return os.geteuid() if hasattr(os, "geteuid") else -1
 
 
+def _refuse_links(path: Path) -> None:
+    """Raise :class:`_NotARegularFile` when the database or a file SQLite opens beside it is not a
+    regular file: in a directory every user may add to, a symlink there is anyone's, pointing anywhere
+    (say, Airflow's own database), and SQLite would follow it and write its tables there."""
+    for file in (path.with_name(path.name + suffix) for suffix in _LINK_CHECKED):
+        try:
+            info = file.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            raise _NotARegularFile(f"{file} is not a regular file; it is not followed")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open the existing database at ``path``, never through a symlink.
+
+    Python's ``sqlite3`` cannot pass SQLite's ``SQLITE_OPEN_NOFOLLOW`` flag (and ``nofollow`` is no
+    URI parameter), so: ``mode=rw`` never creates a file (a link planted since :func:`_refuse_links`
+    looked cannot make SQLite create one where it points), and the name SQLite resolved and opened
+    (``PRAGMA database_list``) must be ``path`` itself, checked before anything is written. SQLite
+    opens the ``-wal`` and ``-shm`` files with ``O_NOFOLLOW`` itself.
+    """
+    absolute = os.path.abspath(path)
+    resolved = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    try:
+        conn = sqlite3.connect(
+            f"{Path(absolute).as_uri()}?mode=rw",
+            uri=True,
+            timeout=60,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.OperationalError:
+        _refuse_links(path)  # say so when a link planted since the look is why (a dangling one)
+        raise
+    opened = conn.execute("PRAGMA database_list").fetchone()[2]
+    if opened not in (absolute, resolved):
+        conn.close()
+        raise _NotARegularFile(f"{path} leads to {opened}; it is not followed")
+    return conn
+
+
 def _create_file(path: Path, mode: int, repair: bool) -> None:
     """Create the database file with ``mode`` (not cut by the umask); ``repair``: widen our own files.
 
     Made under a temporary name and linked into place, so no process ever opens it with the umask's
     mode (SQLite would silently open a file it cannot write read-only).
     """
-    if not path.exists():
+    if not os.path.lexists(path):
         scratch = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}")
         fd = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
         try:
@@ -194,6 +251,18 @@ def _create_file(path: Path, mode: int, repair: bool) -> None:
 
 def _location_error(path: Path, shared: bool, error: BaseException) -> BudgetLocationError:
     directory = path.parent
+    if isinstance(error, _NotARegularFile):
+        found = [_describe(file) for file in (path.with_name(path.name + s) for s in _LINK_CHECKED)]
+        return BudgetLocationError(
+            f"The shared rate-limit budget {path} is not a plain file of its own ({error}); nothing was "
+            f"sent and nothing written. Found: {'; '.join(f for f in found if 'is missing' not in f)}. "
+            f"When other users may add files to {directory} (the default directory: anyone), a link "
+            "there may be another local user's attempt to make tasks write to a file only they may "
+            "(Airflow's database, say). Find out who made it, "
+            f"then remove it (`rm {path}*` as its owner or root): the next task re-makes a regular file. "
+            f"Or set {STORAGE_DIR_ENV} in every worker's environment to a directory only they can write, "
+            "or share the budget through Redis (rate_limit_redis_conn_id)."
+        )
     problems = [_describe(directory)]
     for file in (path, *(path.with_name(path.name + side) for side in _SIDE_FILES)):
         if file.exists() and not os.access(file, os.R_OK | os.W_OK):
@@ -218,6 +287,17 @@ def _location_error(path: Path, shared: bool, error: BaseException) -> BudgetLoc
     )
 
 
+@overload
+def _number(value: Any, default: float) -> float: ...
+@overload
+def _number(value: Any, default: None) -> float | None: ...
+def _number(value: Any, default: float | None) -> float | None:
+    """``value`` as a float (infinities too: :meth:`WindowState.bound` caps them), else ``default``."""
+    if isinstance(value, (int, float)) and not math.isnan(value):
+        return float(value)
+    return default
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (account TEXT, lease TEXT, expiry REAL, PRIMARY KEY (account, lease));
 CREATE TABLE IF NOT EXISTS state (account TEXT PRIMARY KEY, allowed REAL, allowed_at REAL,
@@ -235,7 +315,8 @@ class SqliteLeaseStore:
         :param shared: make the directory and file writable by every user of the machine (mode 1777
             and 666); by default, when ``path`` is in :func:`shared_temp_dir`. Elsewhere a new file is
             group-writable (664) and directories are left as they are.
-        :raises BudgetLocationError: this user cannot write the file or its directory.
+        :raises BudgetLocationError: this user cannot write the file or its directory, or the file (or
+            its ``-wal``, ``-shm`` or ``-journal``) is a symlink or anything but a regular file.
         """
         self.path = path
         self.account = account
@@ -247,8 +328,9 @@ class SqliteLeaseStore:
                 _make_shared_dir(path.parent)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
+            _refuse_links(path)
             _create_file(path, SHARED_FILE_MODE if shared else CONFIGURED_FILE_MODE, repair=shared)
-            self._conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            self._conn = _connect(path)
             self._setup()
         except (OSError, sqlite3.DatabaseError) as error:
             raise _location_error(path, shared, error) from error
@@ -302,18 +384,24 @@ class SqliteLeaseStore:
                 raise
 
     def _load(self, cur: sqlite3.Cursor) -> WindowState:
+        """The account's state; a value that is no finite number (the file is anyone's to write) is
+        read as unset (a lease as held for the policy's whole hold: :meth:`WindowState.bound`)."""
         state = WindowState()
         rows = cur.execute("SELECT lease, expiry FROM leases WHERE account = ?", (self.account,))
-        state.leases = {lease: expiry for lease, expiry in rows}
+        state.leases = {str(lease): _number(expiry, math.inf) for lease, expiry in rows}
         row = cur.execute(
             "SELECT allowed, allowed_at, decreased_at, paused_until, last_grant FROM state WHERE account = ?",
             (self.account,),
         ).fetchone()
         if row is not None:
-            state.allowed, state.allowed_at, state.decreased_at, state.paused_until, last_grant = row
-            state.last_grant = last_grant or 0.0
+            allowed, allowed_at, decreased_at, paused_until, last_grant = row
+            state.allowed = None if allowed is None else _number(allowed, None)
+            state.allowed_at, state.decreased_at = _number(allowed_at, 0.0), _number(decreased_at, 0.0)
+            state.paused_until, state.last_grant = _number(paused_until, 0.0), _number(last_grant, 0.0)
         rows = cur.execute("SELECT hour, calls FROM daily WHERE account = ?", (self.account,))
-        state.daily = {hour: calls for hour, calls in rows}
+        for hour, calls in rows:
+            if isinstance(hour, int) and isinstance(calls, int):
+                state.daily[hour] = calls
         return state
 
     def _save(self, cur: sqlite3.Cursor, state: WindowState) -> None:

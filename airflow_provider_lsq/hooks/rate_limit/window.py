@@ -98,6 +98,29 @@ class WindowState:
     last_grant: float = 0.0
     daily: dict[int, int] = field(default_factory=dict)  # hour number -> calls
 
+    def bound(self, policy: Policy, now: float) -> None:
+        """Pull back every stamp no caller could have written by ``now``, so no wait exceeds the
+        policy's pause or hold: a pause to at most ``pause`` from now, a lease to at most ``hold`` from
+        now, a decrease or grant in the future to now, a future hour's calls into this hour.
+
+        The store is shared (the default file is writable by every local user) and clocks step back (a
+        VM restored from a snapshot): without this, a ``paused_until`` years ahead stalls every task.
+        Every operation applies it first, and the store saves what it pulled back.
+        """
+        self.paused_until = min(self.paused_until, now + policy.pause)
+        self.allowed_at = min(self.allowed_at, now)
+        self.decreased_at = min(self.decreased_at, now)
+        self.last_grant = min(self.last_grant, now)
+        if self.allowed is not None:
+            self.allowed = min(max(self.allowed, 1.0), float(policy.cap))
+        latest = now + policy.hold
+        for lease, expiry in self.leases.items():
+            if expiry > latest:
+                self.leases[lease] = latest
+        hour = int(now // HOUR_SECONDS)
+        for ahead in [h for h in self.daily if h > hour]:
+            self.daily[hour] = self.daily.get(hour, 0) + self.daily.pop(ahead)
+
     def limit(self, policy: Policy, now: float) -> int:
         """The allowed count now: recovering linearly from the last decrease, never above the cap."""
         if self.allowed is None:
@@ -112,6 +135,7 @@ class WindowState:
         return sum(self.daily.values())
 
     def acquire(self, policy: Policy, now: float, lease_id: str) -> Grant:
+        self.bound(policy, now)
         if self.paused_until > now:
             return Grant(None, wait=self.paused_until - now)
         for expired in [k for k, expiry in self.leases.items() if expiry <= now]:
@@ -134,6 +158,7 @@ class WindowState:
 
     def settle(self, policy: Policy, now: float, lease_id: str) -> None:
         """The answer came: the lease now ends one window (plus margin) after it."""
+        self.bound(policy, now)
         expiry = now + policy.after_answer
         self.leases[lease_id] = min(self.leases.get(lease_id, expiry), expiry)
 
@@ -144,6 +169,7 @@ class WindowState:
         lockout, for a call sent after the last decrease, lowers the count again: by
         ``first_decrease`` at the cap after a calm spell, else by ``decrease``.
         """
+        self.bound(policy, now)
         if now >= self.paused_until and sent_at >= self.decreased_at:
             current = self.limit(policy, now)
             calm = self.decreased_at == 0.0 or now - self.decreased_at >= policy.calm
