@@ -29,7 +29,7 @@ from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.passwords import generate_password
 from airflow_provider_lsq.transfers import ledger as ledger_module
 from airflow_provider_lsq.transfers.executions import Execution, _this_process_space, holder_is_gone
-from airflow_provider_lsq.transfers.ledger import RegistrationLedger
+from airflow_provider_lsq.transfers.ledger import LedgerUnavailableError, RegistrationLedger
 from airflow_provider_lsq.transfers.sql_to_leadsquared import LedgerSink, get_db_hook
 from tests import test_transfer_sql as base
 from tests.helpers import call_execute
@@ -534,3 +534,60 @@ def test_a_frozen_task_that_resumes_after_its_rows_were_taken_over_does_not_send
     # In all, as a hard kill: its calls in flight and the outcomes of its last flush interval (1 s).
     twice = {address: count for address, count in registrations(sb).items() if count > 1}
     assert len(twice) <= 4 + math.ceil(rate * 1), twice
+
+
+def test_a_late_record_never_overwrites_the_row_of_the_execution_that_took_it_over(
+    warehouse: Warehouse, lsq: Callable[..., Sandbox]
+) -> None:
+    """A frozen execution resumes and flushes the outcome of a call it made before the freeze, before
+    its keeper has learned that the claim was taken over: the new holder's record stands."""
+    sb = lsq()
+    a, b = Execution("d", "r", "t"), Execution("d", "r", "t")
+    ledger = ledger_of(warehouse, sb)
+    try:
+        assert ledger.claim({"k": None, "j": None}, execution=a) == {"k", "j"}
+        taken = ledger.lookup(["k"])["k"]
+        assert ledger.claim({"k": taken}, execution=b, pending_timeout=dt.timedelta(0)) == {"k"}
+        ledger.record([RegistrationOutcome.registered("k", "lead-b", 1)], execution=b)
+
+        late = [
+            RegistrationOutcome.failed("k", "TransientError", "502", 1, retryable=True),
+            RegistrationOutcome.registered("j", "lead-j", 1),
+        ]
+        assert ledger.record(late, execution=a, claimed=["k", "j"]) == 1
+        assert ledger.taken_over == {"k"}
+        rows = warehouse.ledger()
+        assert rows["k"]["status"] == "registered" and rows["k"]["execution_id"] == b.token  # not resent
+        assert rows["j"]["status"] == "registered" and rows["j"]["execution_id"] == a.token
+    finally:
+        ledger.close()
+
+
+@pytest.mark.postgres
+def test_a_row_lock_held_elsewhere_bounds_a_ledger_write_by_its_timeout(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    lsq: Callable[..., Sandbox],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another session holds the row (a frozen execution mid-write): the write gives up within its
+    retries (LedgerUnavailableError), so on_kill and the task end in bounds, instead of waiting on the
+    lock for as long as it is held."""
+    sb = lsq()
+    wh = base.make_warehouse("postgres", request, tmp_path, monkeypatch)
+    ledger = ledger_of(wh, sb)
+    ledger.write_timeout = 2.0
+    holder = wh.connect()
+    release = threading.Timer(120, holder.rollback)  # a stuck test still ends
+    try:
+        assert ledger.claim({"k": None}, execution=Execution("d", "r", "t")) == {"k"}
+        holder.cursor().execute(f"SELECT * FROM {wh.ledger_table} WHERE row_key = 'k' FOR UPDATE")
+        release.start()
+        with pytest.raises(LedgerUnavailableError):
+            ledger.record([RegistrationOutcome.registered("k", "l", 1)], execution=Execution("d", "r", "t"))
+        assert release.is_alive()  # it gave up while the lock was still held
+    finally:
+        release.cancel()
+        holder.rollback()
+        holder.close()
+        ledger.close()

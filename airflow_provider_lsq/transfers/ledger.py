@@ -183,6 +183,7 @@ class RegistrationLedger:
         self.portal_id = str(portal_id)
         self.write_timeout = write_timeout
         self._conn: Any = None
+        self.taken_over: set[str] = set()  # claimed keys the last record() left to another execution
         name = str(getattr(db_hook, "dialect_name", "") or "")
         self._dialect = name if name in _TYPES else "generic"
         self._placeholder = str(getattr(db_hook, "placeholder", None) or "%s")
@@ -265,10 +266,18 @@ class RegistrationLedger:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        """A cursor in one transaction: committed when the block ends, rolled back when it raises."""
+        """A cursor in one transaction: committed when the block ends, rolled back when it raises.
+
+        On PostgreSQL a lock wait (a row or advisory lock another session holds: a frozen execution
+        mid-write, say) gives up after a share of ``write_timeout``, so the write's retries, and with
+        them ``write_timeout``, bound it; SQLite's busy timeout does the same there.
+        """
         conn = self.conn
         cursor = conn.cursor()
         try:
+            if self._dialect == "postgresql":
+                wait_ms = max(100, int(min(float(PG_LOCK_TIMEOUT[:-1]), self.write_timeout / 2) * 1000))
+                cursor.execute(f"SET LOCAL lock_timeout = '{wait_ms}ms'")
             yield cursor
             conn.commit()
         except BaseException:
@@ -517,6 +526,7 @@ class RegistrationLedger:
         execution: Execution,
         identifiers: Mapping[str, str | None] | None = None,
         refresh: Iterable[str] = (),
+        claimed: Iterable[str] = (),
     ) -> int:
         """Write a batch of outcomes in one transaction; return how many keys were written.
 
@@ -525,24 +535,36 @@ class RegistrationLedger:
         ``lead_identifier`` (a :func:`lead_fingerprint`, or None: the row has none now); a key it
         leaves out keeps the one recorded before. ``refresh`` names keys ``execution`` still holds
         ``pending``: their heartbeat is refreshed in the same transaction (see :meth:`refresh`).
+        ``claimed`` names keys ``execution`` claimed for these calls: one whose row another execution
+        has written since (it took the claim over, judging this one dead) is left as that execution
+        wrote it, never overwritten; those keys are in :attr:`taken_over` after the write.
         """
         batch = list(outcomes)
         if not batch:
             return 0
         known = identifiers or {}
         held = [key for key in dict.fromkeys(refresh) if key not in {o.key for o in batch}]
+        ours = set(claimed)
 
         def write() -> int:
             with self._transaction() as cursor:
                 now = self._db_now(cursor)
                 merged = self._select(outcome.key for outcome in batch)
-                for outcome in batch:
+                taken = {
+                    key
+                    for key in ours
+                    if key in merged and (merged[key].execution_id or "") != execution.token
+                }
+                self.taken_over = taken
+                batch_ours = [outcome for outcome in batch if outcome.key not in taken]
+                for outcome in batch_ours:
                     row = self._merge(merged.get(outcome.key), outcome, now, execution)
                     if outcome.key in known:
                         row = replace(row, lead_identifier=known[outcome.key])
                     merged[outcome.key] = row
-                written = [merged[key] for key in dict.fromkeys(outcome.key for outcome in batch)]
-                self._replace(written)
+                written = [merged[key] for key in dict.fromkeys(outcome.key for outcome in batch_ours)]
+                if written:
+                    self._replace(written)
                 self._refresh(cursor, held, execution, now)
             return len(written)
 

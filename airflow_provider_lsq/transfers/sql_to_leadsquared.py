@@ -487,8 +487,22 @@ class LedgerSink(OutcomeSink):
             held = list(self.claimed)
         mine = [o for o in outcomes if o.key not in lost]
         identifiers = {o.key: self.identifiers[o.key] for o in mine if o.key in self.identifiers}
-        self.ledger.record(mine, execution=self.execution, identifiers=identifiers, refresh=held)
+        self.ledger.record(
+            mine,
+            execution=self.execution,
+            identifiers=identifiers,
+            refresh=held,
+            claimed=[o.key for o in mine if o.key in held],
+        )
+        taken = self.ledger.taken_over
+        if taken:
+            self.log.warning(
+                "%d rows this run sent were taken over by another execution meanwhile (this one looked "
+                "dead to it: frozen, or cut off from the ledger): their records are that execution's.",
+                len(taken),
+            )
         with self._lock:
+            self.lost |= taken
             for outcome in outcomes:
                 self.claimed.pop(outcome.key, None)
                 self._claimed_at.pop(outcome.key, None)
