@@ -379,6 +379,24 @@ def test_pending_rows_of_ended_executions_are_sent_first_and_those_not_returned_
     assert later["pending_not_returned"] == 1 and later["registered"] == 0
 
 
+def start_task(script: str, wh: Warehouse) -> subprocess.Popen[bytes]:
+    """A real task process running ``script`` (its argv: the query, the warehouse, the ledger)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen(
+        [sys.executable, "-c", script, wh.sql(), wh.conn_id, wh.ledger_table],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_for_calls(sb: Sandbox, task: subprocess.Popen[bytes], calls: int) -> None:
+    """Until the sandbox has seen ``calls`` register calls (the child imports Airflow first)."""
+    deadline = time.monotonic() + 120
+    while sb.register_calls < calls and task.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 KILLED_TASK = """
 import sys
 
@@ -404,17 +422,9 @@ def test_after_a_sigkill_the_retry_sends_the_killed_tries_pending_rows_first(
     sb = lsq(latency=0.3)
     sqlite_warehouse.seed(applicants(24))
     wh = sqlite_warehouse
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    task = subprocess.Popen(
-        [sys.executable, "-c", KILLED_TASK, wh.sql(), wh.conn_id, wh.ledger_table],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    task = start_task(KILLED_TASK, wh)
     try:
-        deadline = time.monotonic() + 120  # the child imports Airflow first
-        while sb.register_calls < 8 and task.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_calls(sb, task, 8)
     finally:
         task.send_signal(signal.SIGKILL)
         task.wait()
@@ -503,17 +513,9 @@ def test_a_frozen_task_that_resumes_after_its_rows_were_taken_over_does_not_send
     sb = lsq(latency=0.3)
     warehouse.seed(applicants(60))
     wh = warehouse
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    task = subprocess.Popen(
-        [sys.executable, "-c", FROZEN_TASK, wh.sql(), wh.conn_id, wh.ledger_table],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    task = start_task(FROZEN_TASK, wh)
     try:
-        deadline = time.monotonic() + 120  # the child imports Airflow first
-        while sb.register_calls < 8 and task.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_calls(sb, task, 8)
         task.send_signal(signal.SIGSTOP)
         time.sleep(10)  # past pending_timeout (8 s) on the ledger's clock: its claims look abandoned
         retry = transfer(wh, max_workers=4, pending_timeout=dt.timedelta(seconds=8), ledger_write_timeout=3)
