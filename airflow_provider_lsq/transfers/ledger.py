@@ -673,7 +673,9 @@ class RegistrationLedger:
                         continue
                     if row is None:
                         cursor.execute(*self._insert_if_absent(key, now, execution, fingerprint))
-                    elif row.pending and not self._still_abandoned(cursor, row, execution, pending_timeout):
+                    elif row.pending and not self._still_abandoned(
+                        cursor, row, execution, pending_timeout, clock
+                    ):
                         continue  # its holder's heartbeat came in since it was read: still theirs
                     else:
                         unchanged, unchanged_params = self._unchanged(row)
@@ -712,16 +714,21 @@ class RegistrationLedger:
         return sql, params
 
     def _still_abandoned(
-        self, cursor: Any, row: LedgerRow, execution: Execution, pending_timeout: dt.timedelta
+        self,
+        cursor: Any,
+        row: LedgerRow,
+        execution: Execution,
+        pending_timeout: dt.timedelta,
+        clock: dt.datetime,
     ) -> bool:
         """Read ``row``'s key again under the claim lock (and, on PostgreSQL, lock the row against a
         heartbeat until the claim commits): true when it is still ``pending`` for the same holder and
-        that holder still looks ended (:meth:`LedgerRow.held_by_another`, on the database's clock)."""
+        that holder still looks ended (:meth:`LedgerRow.held_by_another`, on the database's clock as
+        the claim read it after taking the lock: a row-lock wait only makes the row look younger)."""
         if (row.execution_id or "") == execution.token:
             return True  # ours: an earlier attempt of this claim committed
         p = self._placeholder
         lock = " FOR UPDATE" if self._dialect == "postgresql" else ""
-        read_at = self._db_now(cursor)
         cursor.execute(
             f"SELECT {', '.join(COLUMNS[1:])} FROM {self.table} "
             f"WHERE portal_id = {p} AND row_key = {p}{lock}",
@@ -730,7 +737,7 @@ class RegistrationLedger:
         record = cursor.fetchone()
         if record is None:
             return False
-        now = self._row(record, read_at)
+        now = self._row(record, clock)
         return (
             now.pending
             and (now.execution_id or "") == (row.execution_id or "")
