@@ -302,6 +302,25 @@ def _check_failure_email(example: Sandbox, smtp: _SmtpServer, tmp_path: Path) ->
     assert not [s for s in sandbox_secrets(example) if s in message]
 
 
+@pytest.mark.airflow_db
+def test_a_run_stopped_before_any_row_mails_that_no_row_failed_and_where_to_look(
+    airflow_db: Path, smtp: _SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys LeadSquared refuses stop the task before its first row: the email must not claim "0 rows
+    failed" as if that were the cause, but say no row failed and send the reader to the task log."""
+    with _example(tmp_path, monkeypatch) as example:
+        example.set_wrong_region("portalapi-us11.leadsquared.com")  # every call answers 401
+        dag_run = _run(_dagbag().dags[UPSTREAM], {"lookback_days": 7})
+        assert str(dag_run.state) == "failed"
+        assert len(smtp.messages) == 1, "one failure email"
+        message = _body(smtp.messages[0])
+        assert "No row of this run is recorded as failed" in message, message
+        assert "its log gives" in message
+        assert "rows failed" not in message
+        assert "FROM lsq_portal_registrations" in message
+        assert not [s for s in sandbox_secrets(example) if s in message]
+
+
 def _body(raw: str) -> str:
     """The decoded text of a MIME message."""
     import email
