@@ -165,6 +165,16 @@ def add_counts_to_portal_events(
     return counts
 
 
+def keep_counts_of_stopped_run(operator: Any, summary: Mapping[str, Any]) -> None:
+    """The counts of a run stopped before its summary (a kill, a broken read, a ledger outage, a bad
+    login), for its lineage: what it finished. Airflow records no asset event for a failed task.
+
+    Sets ``operator.registration_counts`` (:data:`EVENT_COUNTS` keys only), which
+    :mod:`airflow_provider_lsq.lineage` reads; a FAIL event's portal output then has the counts too.
+    """
+    operator.registration_counts = {key: summary[key] for key in EVENT_COUNTS if key in summary}
+
+
 def publish_counts(operator: Any, context: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
     """A registration operator's counts, to its portal outlets' asset events and to its lineage.
 

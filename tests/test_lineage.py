@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.helpers import sandbox_secrets
+from tests.test_transfer_sql import BOMB, applicants, context, make_warehouse, transfer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -237,3 +238,71 @@ def test_register_portal_user_operator_reports_the_portal_with_its_counts(
     text = Serde.to_json(portal)
     assert not [s for s in sandbox_secrets(sb) if s in text]
     assert "example.edu" not in text and "Olportalname" not in text
+
+
+def _portal_counts(op: Any) -> Any:
+    outputs = op.get_openlineage_facets_on_complete(None).outputs
+    (portal,) = [o for o in outputs if o.name.startswith("portal/")]
+    return portal.outputFacets["leadsquaredRegistration"], portal.outputFacets["outputStatistics"]
+
+
+def test_a_transfer_stopped_by_a_broken_read_still_reports_the_counts_it_finished(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    leadsquared_sandbox_factory: Callable[..., Sandbox],
+) -> None:
+    """The FAIL event's lineage (the OpenLineage provider asks the same method) has the counts."""
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+    warehouse = make_warehouse("sqlite", request, tmp_path, monkeypatch)
+    warehouse.seed(applicants())
+    op = transfer(warehouse, sql=warehouse.sql(BOMB))
+    with pytest.raises(Exception):  # noqa: B017  (the warehouse's own error)
+        op.execute(context())
+    registered = sum(1 for row in warehouse.ledger().values() if row["status"] == "registered")
+    assert 0 < registered == sb.register_calls
+    facet, statistics = _portal_counts(op)
+    assert (facet.registered, facet.failed, facet.invalid) == (registered, 0, 0)
+    assert facet.total >= registered and statistics.rowCount == registered
+
+
+def test_a_killed_registration_still_reports_the_counts_it_finished(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from airflow.providers.common.compat.sdk import AirflowException
+
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=1000, rate_limit_period=1.0, latency=0.05)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_KILL", json.dumps(conn))
+    leads = [{"EmailAddress": f"olkill{i}@example.edu"} for i in range(200)]
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=leads, leadsquared_conn_id="lsq_ol_kill", max_workers=2
+    )
+
+    def kill_once_some_are_registered() -> None:
+        deadline = time.monotonic() + 30
+        while sb.register_calls < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        op.on_kill()
+
+    killer = threading.Thread(target=kill_once_some_are_registered)
+    killer.start()
+
+    class TI:
+        def xcom_push(self, key: str, value: Any) -> None:
+            pass
+
+    with pytest.raises(AirflowException, match="stopped"):
+        op.execute({"ti": TI(), "run_id": "manual__1"})  # type: ignore[arg-type]
+    killer.join()
+    facet, statistics = _portal_counts(op)
+    assert 5 <= facet.registered == sb.register_calls < len(leads)
+    assert statistics.rowCount == facet.registered
