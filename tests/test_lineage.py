@@ -45,6 +45,7 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1,
         key_column="applicant_id",
         ledger_table={ledger!r},
         max_failure_ratio=0.5,
+        batch_size={batch_size},
         outlets=[portal_asset({host!r}, {portal_id!r})],
     )
 """
@@ -82,6 +83,45 @@ def _is_task(event: dict[str, Any]) -> bool:
     return str(event.get("job", {}).get("name", "")).endswith(".register")
 
 
+def _run_with_lineage(
+    tmp_path: Path, folder: Path, dag_id: str, sb: Sandbox, postgres_server: str, state: str
+) -> list[dict[str, Any]]:
+    """``dag.test()`` of ``dag_id`` (in ``folder``) in a child process with the OpenLineage provider's
+    file transport, the sandbox as ``leadsquared_default`` and the database as ``lsq_ol_wh``; checks
+    the run ended in ``state`` and returns the events."""
+    events_file = tmp_path / "openlineage.jsonl"
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    env = {
+        **os.environ,
+        "AIRFLOW_CONN_LEADSQUARED_DEFAULT": json.dumps(conn),
+        "AIRFLOW_CONN_LSQ_OL_WH": postgres_server.replace("postgresql://", "postgres://", 1),
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+            {"type": "file", "log_file_path": str(events_file), "append": True}
+        ),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "lsq_lineage_test",
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(
+            [
+                {"name": "dags-folder", "classpath": local, "kwargs": {}},
+                {"name": f"lsq-lineage-{dag_id}", "classpath": local, "kwargs": {"path": str(folder)}},
+            ]
+        ),
+    }
+    runner = textwrap.dedent(RUNNER.format(airflow_3=AIRFLOW_3))
+    proc = subprocess.run(
+        [sys.executable, "-c", runner, str(folder), dag_id, LOGICAL_DATE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    output = proc.stdout + proc.stderr
+    ended = output.replace(f"DagRunState.{state.upper()}", state)
+    assert proc.returncode == 0 and f"STATE {state}" in ended, output[-5000:]
+    return _events(events_file)
+
+
 @pytest.mark.postgres
 @pytest.mark.airflow_db
 def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_without_secrets(
@@ -112,41 +152,11 @@ def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_
     )
     ledger = f"{schema}.lsq_ledger"
     (folder / f"{dag_id}.py").write_text(
-        DAG_FILE.format(dag_id=dag_id, sql=sql, ledger=ledger, host=sb.url, portal_id=sb.portal_id)
+        DAG_FILE.format(
+            dag_id=dag_id, sql=sql, ledger=ledger, host=sb.url, portal_id=sb.portal_id, batch_size=500
+        )
     )
-    events_file = tmp_path / "openlineage.jsonl"
-    conn = json.loads(sb.connection_json())
-    conn["extra"]["retry_wait_seconds"] = 0.01
-    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
-    env = {
-        **os.environ,
-        "AIRFLOW_CONN_LEADSQUARED_DEFAULT": json.dumps(conn),
-        "AIRFLOW_CONN_LSQ_OL_WH": postgres_server.replace("postgresql://", "postgres://", 1),
-        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
-            {"type": "file", "log_file_path": str(events_file), "append": True}
-        ),
-        "AIRFLOW__OPENLINEAGE__NAMESPACE": "lsq_lineage_test",
-        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(
-            [
-                {"name": "dags-folder", "classpath": local, "kwargs": {}},
-                {"name": "lsq-lineage-tests", "classpath": local, "kwargs": {"path": str(folder)}},
-            ]
-        ),
-    }
-    runner = textwrap.dedent(RUNNER.format(airflow_3=AIRFLOW_3))
-    proc = subprocess.run(
-        [sys.executable, "-c", runner, str(folder), dag_id, LOGICAL_DATE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "STATE success" in output.replace("DagRunState.SUCCESS", "success"), (
-        output[-5000:]
-    )
-
-    events = _events(events_file)
+    events = _run_with_lineage(tmp_path, folder, dag_id, sb, postgres_server, "success")
     complete = next(e for e in events if e["eventType"] == "COMPLETE" and _is_task(e))
     database = postgres_server.rsplit("/", 1)[1]
     inputs = {(d["namespace"], d["name"]) for d in complete["inputs"]}
@@ -166,11 +176,69 @@ def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_
     assert portal["outputFacets"]["outputStatistics"]["rowCount"] == 5
     assert "sql" in complete["job"]["facets"]  # the query, as common-sql's operators report it
 
-    text = events_file.read_text()
+    text = json.dumps(events)
     assert not [s for s in sandbox_secrets(sb) if s in text], "a secret reached a lineage event"
     for i in range(1, 7):
         assert f"lineage{i}@example.edu" not in text and f"Lineagefirst{i}" not in text
     assert "Lineagenoemail" not in text
+
+
+@pytest.mark.postgres
+@pytest.mark.airflow_db
+def test_a_failed_transfer_reports_its_counts_and_no_row_value_from_the_database_error(
+    airflow_db: Path,
+    postgres_server: str,
+    leadsquared_sandbox_factory: Callable[..., Sandbox],
+    tmp_path: Path,
+) -> None:
+    """A warehouse error quoting a row's value (a cast of an email) fails the task: its FAIL event has
+    the counts of the rows sent before it, and the value in no facet (errorMessage included)."""
+    import psycopg2
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    schema = f"olf_{uuid.uuid4().hex[:8]}"
+    db = psycopg2.connect(postgres_server)
+    with db, db.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+        cur.execute(f"CREATE TABLE {schema}.applicants (applicant_id INTEGER, email TEXT, first_name TEXT)")
+        rows = [(i, f"olbroken{i}@example.edu", f"Olbrokenname{i}") for i in range(1, 6)]
+        cur.executemany(f"INSERT INTO {schema}.applicants VALUES (%s, %s, %s)", rows)
+    db.close()
+
+    dag_id = f"lsq_lineage_fail_{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    # Row 4's cast fails, quoting its email: "invalid input syntax for type integer: ...". No ORDER BY:
+    # PostgreSQL would compute every row (and fail) before the first fetch.
+    sql = (
+        f'SELECT CAST(applicant_id AS TEXT) AS applicant_id, email AS "EmailAddress", '
+        f"first_name AS \"FirstName\", CAST(CASE WHEN applicant_id = 4 THEN email ELSE '1' END "
+        f'AS INTEGER) AS "mx_Intake" FROM {schema}.applicants'
+    )
+    (folder / f"{dag_id}.py").write_text(
+        DAG_FILE.format(
+            dag_id=dag_id,
+            sql=sql,
+            ledger=f"{schema}.lsq_ledger",
+            host=sb.url,
+            portal_id=sb.portal_id,
+            batch_size=1,
+        )
+    )
+    events = _run_with_lineage(tmp_path, folder, dag_id, sb, postgres_server, "failed")
+
+    fail = next(e for e in events if e["eventType"] == "FAIL" and _is_task(e))
+    outputs = {(d["namespace"], d["name"]): d for d in fail["outputs"]}
+    portal = outputs[(f"leadsquared://127.0.0.1:{sb.port}", f"portal/{sb.portal_id}")]
+    counts = portal["outputFacets"]["leadsquaredRegistration"]
+    assert 1 <= counts["registered"] == sb.register_calls <= 3
+    assert (counts["failed"], counts["invalid"]) == (0, 0)
+    error = fail["run"]["facets"]["errorMessage"]
+    assert "InvalidTextRepresentation" in error["message"] and "22P02" in error["message"]
+    text = json.dumps(events)
+    for i in range(1, 6):
+        assert f"olbroken{i}@example.edu" not in text and f"Olbrokenname{i}" not in text, i
+    assert not [s for s in sandbox_secrets(sb) if s in text]
 
 
 def test_without_the_openlineage_provider_nothing_is_imported_or_reported(tmp_path: Path) -> None:
