@@ -374,3 +374,31 @@ def test_a_killed_registration_still_reports_the_counts_it_finished(
     facet, statistics = _portal_counts(op)
     assert 5 <= facet.registered == sb.register_calls < len(leads)
     assert statistics.rowCount == facet.registered
+
+
+def test_a_portal_registration_failing_its_ratio_names_no_lead_in_its_error_and_reports_counts(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its rows are keyed by their email (the default): the exception, which Airflow's OpenLineage
+    provider puts in the FAIL event's errorMessage facet, names none of them."""
+    from airflow.providers.common.compat.sdk import AirflowException
+
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_RATIO", json.dumps(conn))
+    leads = [{"EmailAddress": "olratio1@example.edu", "FirstName": "Olrationame"}]
+    leads += [{"EmailAddress": f"olratio{i}@example.edu", "mx_Unknown": "x"} for i in range(2, 5)]
+    op = RegisterPortalUserOperator(task_id="register", leads=leads, leadsquared_conn_id="lsq_ol_ratio")
+
+    class TI:
+        def xcom_push(self, key: str, value: Any) -> None:
+            pass
+
+    with pytest.raises(AirflowException, match="3 of 4 rows failed") as info:
+        op.execute({"ti": TI(), "run_id": "manual__1"})  # type: ignore[arg-type]
+    assert "example.edu" not in str(info.value) and "olratio" not in str(info.value)
+    facet, _ = _portal_counts(op)
+    assert (facet.registered, facet.failed, facet.total) == (1, 3, 4)

@@ -144,6 +144,7 @@ class RegisterPortalUserOperator(BaseOperator):
             time.monotonic() - started,
             self.max_failure_ratio,
             on_summary=lambda summary: publish_counts(self, context, summary),
+            name_rows=False,  # keys are lead values; the exception reaches lineage and callbacks
         )
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
