@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -402,3 +403,33 @@ def test_a_portal_registration_failing_its_ratio_names_no_lead_in_its_error_and_
     assert "example.edu" not in str(info.value) and "olratio" not in str(info.value)
     facet, _ = _portal_counts(op)
     assert (facet.registered, facet.failed, facet.total) == (1, 3, 4)
+
+
+@pytest.mark.postgres
+def test_a_warehouse_that_is_down_costs_the_query_and_ledger_datasets_not_the_portal_and_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The OpenLineage provider asks for lineage when the task failed, often because the warehouse is
+    down: the portal output and the counts of what the run finished are still reported."""
+    from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = closed.getsockname()[1]
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_DOWN", f"postgres://postgres@127.0.0.1:{port}/warehouse")
+    lsq = {"conn_type": "leadsquared", "host": "https://PortalAPI.leadsquared.com", "login": "u$DownKey1"}
+    lsq |= {"password": "DownSecret+/=", "extra": {"portal_id": "p1"}}
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_DOWN_PORTAL", json.dumps(lsq))
+    op = SqlToLeadSquaredPortalOperator(
+        task_id="register",
+        sql="SELECT applicant_id FROM crm.applicants",
+        sql_conn_id="lsq_ol_down",
+        key_column="applicant_id",
+        leadsquared_conn_id="lsq_ol_down_portal",
+    )
+    op.registration_counts = {"total": 7, "registered": 5, "failed": 0, "invalid": 0}
+    try:
+        facet, statistics = _portal_counts(op)
+    finally:
+        closed.close()
+    assert (facet.registered, facet.total, statistics.rowCount) == (5, 7, 5)
