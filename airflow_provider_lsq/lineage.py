@@ -23,7 +23,7 @@ The portal's dataset has namespace ``leadsquared://<portal API host>`` and name 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from airflow_provider_lsq.assets import SCHEME, portal_uri
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def openlineage_installed() -> bool:
@@ -90,7 +91,8 @@ def portal_lineage(operator: Any) -> OperatorLineage | None:
         return None
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    output = portal_output(operator.leadsquared_conn_id, getattr(operator, "registration_counts", None))
+    counts = getattr(operator, "registration_counts", None)
+    output = _guarded("the portal", lambda: portal_output(operator.leadsquared_conn_id, counts))
     return OperatorLineage(outputs=[output] if output is not None else [])
 
 
@@ -119,7 +121,8 @@ def transfer_lineage(operator: Any) -> OperatorLineage | None:
         ),
     )
     outputs: list[Any] = list(ledger.outputs) if ledger is not None else []
-    portal = portal_output(operator.leadsquared_conn_id, getattr(operator, "registration_counts", None))
+    counts = getattr(operator, "registration_counts", None)
+    portal = _guarded("the portal", lambda: portal_output(operator.leadsquared_conn_id, counts))
     if portal is not None:
         outputs.append(portal)
     if query is None:
@@ -132,7 +135,7 @@ def transfer_lineage(operator: Any) -> OperatorLineage | None:
     )
 
 
-def _guarded(what: str, compute: Callable[[], OperatorLineage | None]) -> OperatorLineage | None:
+def _guarded(what: str, compute: Callable[[], T | None]) -> T | None:
     """``compute()``, or None (logged by error type only: a database's message may quote data)."""
     try:
         return compute()

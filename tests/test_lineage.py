@@ -433,3 +433,21 @@ def test_a_warehouse_that_is_down_costs_the_query_and_ledger_datasets_not_the_po
     finally:
         closed.close()
     assert (facet.registered, facet.total, statistics.rowCount) == (5, 7, 5)
+
+
+@pytest.mark.postgres
+def test_a_broken_leadsquared_connection_costs_the_portal_not_the_query_and_ledger(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    warehouse = make_warehouse("postgres", request, tmp_path, monkeypatch)
+    warehouse.seed(applicants(2))
+    broken = {"conn_type": "leadsquared", "host": "ftp://nowhere", "login": "u$BrokenKey1"}
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_BROKEN", json.dumps({**broken, "password": "BrokenSecret+/="}))
+    op = transfer(warehouse, leadsquared_conn_id="lsq_ol_broken")
+    lineage = op.get_openlineage_facets_on_complete(None)
+    assert [d.name.rsplit(".", 2)[1:] for d in lineage.inputs] == [[warehouse.schema, "applicants"]]
+    assert [d.name.rsplit(".", 2)[1:] for d in lineage.outputs] == [[warehouse.schema, "lsq_ledger"]]
+    portal = RegisterPortalUserOperator(task_id="r", leads=[], leadsquared_conn_id="lsq_ol_broken")
+    assert portal.get_openlineage_facets_on_complete(None).outputs == []
