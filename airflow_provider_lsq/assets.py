@@ -47,7 +47,7 @@ def portal_host(base_url: str) -> str:
     """
     text = base_url.strip()
     parts = urlsplit(text if "://" in text else f"https://{text}")
-    host = (parts.hostname or "").lower()
+    host = (parts.hostname or "").lower().rstrip(".")  # "host." is the same DNS name as "host"
     if not host:
         raise ValueError(f"no host in the portal API URL {base_url!r}")
     port = _port(parts, f"the portal API URL {base_url!r}")
@@ -108,7 +108,8 @@ def sanitize_uri(uri: SplitResult) -> SplitResult:
     The host is lower-cased and loses an explicit 443; the path must be ``/portal/<portal_id>`` (a
     trailing slash is dropped); a query or fragment is refused. Raises ValueError on anything else.
     """
-    if not uri.netloc or not uri.hostname:
+    hostname = (uri.hostname or "").lower().rstrip(".")  # "host." is the same DNS name as "host"
+    if not uri.netloc or not hostname:
         raise ValueError("URI format leadsquared:// must contain the portal API host")
     if uri.query or uri.fragment:
         raise ValueError("URI format leadsquared:// takes no query or fragment")
@@ -116,7 +117,7 @@ def sanitize_uri(uri: SplitResult) -> SplitResult:
     if len(parts) != 3 or parts[1] != "portal" or not parts[2]:
         raise ValueError("URI format leadsquared:// must be leadsquared://<host>/portal/<portal_id>")
     port = _port(uri, "URI format leadsquared://")
-    host = _netloc(uri.hostname.lower(), None if port == 443 else port)
+    host = _netloc(hostname, None if port == 443 else port)
     return uri._replace(scheme=SCHEME, netloc=host, path="/".join(parts))
 
 

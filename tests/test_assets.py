@@ -98,6 +98,8 @@ def test_ipv6_hosts_stray_spaces_and_bad_ports_make_uris_that_parse_back_or_a_cl
     assert portal_host("http://[::1]:8765") == "[::1]:8765"
     assert portal_host("https://[2001:DB8::1]:443/") == "[2001:db8::1]"
     assert portal_host("  PortalAPI.leadsquared.com  ") == "portalapi.leadsquared.com"
+    assert portal_host("https://portalapi.leadsquared.com.:443") == "portalapi.leadsquared.com"  # FQDN
+    assert sanitize_uri(urlsplit("leadsquared://H.com./portal/p1")).netloc == "h.com"
     uri = portal_uri("http://[::1]:8765", "p1")
     assert uri == "leadsquared://[::1]:8765/portal/p1"
     assert sanitize_uri(urlsplit(uri)).geturl() == uri  # it parses back as itself
