@@ -23,18 +23,19 @@ The portal's dataset has namespace ``leadsquared://<portal API host>`` and name 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from airflow_provider_lsq.assets import SCHEME, portal_uri
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from airflow.providers.common.sql.hooks.sql import DbApiHook
     from airflow.providers.openlineage.extractors import OperatorLineage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def openlineage_installed() -> bool:
@@ -90,7 +91,8 @@ def portal_lineage(operator: Any) -> OperatorLineage | None:
         return None
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    output = portal_output(operator.leadsquared_conn_id, getattr(operator, "registration_counts", None))
+    counts = getattr(operator, "registration_counts", None)
+    output = _guarded("the portal", lambda: portal_output(operator.leadsquared_conn_id, counts))
     return OperatorLineage(outputs=[output] if output is not None else [])
 
 
@@ -103,12 +105,24 @@ def transfer_lineage(operator: Any) -> OperatorLineage | None:
     from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
 
     sql = operator.sql.strip().rstrip(";").strip()
-    query = _sql_lineage(get_db_hook(operator.sql_conn_id, "sql_conn_id"), sql, use_connection=None)
-    ledger_hook = get_db_hook(operator.ledger_conn_id or operator.sql_conn_id, "ledger_conn_id")
+    # Each part on its own: a warehouse that is down (the very reason a task fails) costs the query's
+    # inputs, not the portal and the counts of what the run finished.
+    query = _guarded(
+        "the query's tables",
+        lambda: _sql_lineage(get_db_hook(operator.sql_conn_id, "sql_conn_id"), sql, use_connection=None),
+    )
     # The ledger's dataset, named by the same parser: a statement writing to it, parsed, never run.
-    ledger = _sql_lineage(ledger_hook, f"INSERT INTO {operator.ledger_table} (row_key) VALUES ('')", False)
+    ledger = _guarded(
+        "the ledger table",
+        lambda: _sql_lineage(
+            get_db_hook(operator.ledger_conn_id or operator.sql_conn_id, "ledger_conn_id"),
+            f"INSERT INTO {operator.ledger_table} (row_key) VALUES ('')",
+            False,
+        ),
+    )
     outputs: list[Any] = list(ledger.outputs) if ledger is not None else []
-    portal = portal_output(operator.leadsquared_conn_id, getattr(operator, "registration_counts", None))
+    counts = getattr(operator, "registration_counts", None)
+    portal = _guarded("the portal", lambda: portal_output(operator.leadsquared_conn_id, counts))
     if portal is not None:
         outputs.append(portal)
     if query is None:
@@ -119,6 +133,15 @@ def transfer_lineage(operator: Any) -> OperatorLineage | None:
         run_facets=query.run_facets,
         job_facets=query.job_facets,
     )
+
+
+def _guarded(what: str, compute: Callable[[], T | None]) -> T | None:
+    """``compute()``, or None (logged by error type only: a database's message may quote data)."""
+    try:
+        return compute()
+    except Exception as error:
+        log.warning("OpenLineage: %s could not be read (%s): left out.", what, type(error).__name__)
+        return None
 
 
 def _sql_lineage(hook: DbApiHook, sql: str, use_connection: bool | None) -> OperatorLineage | None:

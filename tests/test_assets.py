@@ -94,6 +94,25 @@ def test_the_scheme_is_declared_and_airflow_normalises_with_it() -> None:
     assert (dataset.namespace, dataset.name) == ("leadsquared://portalapi.leadsquared.com", "portal/abc")
 
 
+def test_ipv6_hosts_stray_spaces_and_bad_ports_make_uris_that_parse_back_or_a_clear_error() -> None:
+    assert portal_host("http://[::1]:8765") == "[::1]:8765"
+    assert portal_host("https://[2001:DB8::1]:443/") == "[2001:db8::1]"
+    assert portal_host("  PortalAPI.leadsquared.com  ") == "portalapi.leadsquared.com"
+    assert portal_host("https://portalapi.leadsquared.com.:443") == "portalapi.leadsquared.com"  # FQDN
+    assert sanitize_uri(urlsplit("leadsquared://H.com./portal/p1")).netloc == "h.com"
+    uri = portal_uri("http://[::1]:8765", "p1")
+    assert uri == "leadsquared://[::1]:8765/portal/p1"
+    assert sanitize_uri(urlsplit(uri)).geturl() == uri  # it parses back as itself
+    assert sanitize_uri(urlsplit("leadsquared://[2001:DB8::1]:443/portal/p1")).netloc == "[2001:db8::1]"
+    dataset = convert_asset_to_openlineage(portal_asset("http://[::1]:8765", "p1"), None)
+    assert (dataset.namespace, dataset.name) == ("leadsquared://[::1]:8765", "portal/p1")
+    for bad in ("leadsquared://h:abc/portal/p1", "leadsquared://h:99999/portal/p1"):
+        with pytest.raises(ValueError, match="leadsquared://: the port is not a number"):
+            sanitize_uri(urlsplit(bad))
+    with pytest.raises(ValueError, match="portal API URL 'https://h:x': the port"):
+        portal_host("https://h:x")
+
+
 # -- the example DAGs, end to end ------------------------------------------------------------------------
 
 
