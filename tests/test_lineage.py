@@ -52,8 +52,14 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1,
 """
 
 RUNNER = """
-import datetime as dt, sys
-from airflow.models import DagBag
+import datetime as dt, json, os, sys
+from airflow.models import Connection, DagBag
+from airflow.utils.session import create_session
+# Connections stored in the metadata database (the UI's and the CLI's), not in environment variables.
+with create_session() as session:
+    for conn_id, fields in json.loads(os.environ.get("LSQ_STORED_CONNECTIONS", "{{}}")).items():
+        session.query(Connection).filter(Connection.conn_id == conn_id).delete()
+        session.add(Connection(conn_id=conn_id, **fields))
 bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
 dag = bag.dags[sys.argv[2]]
@@ -85,19 +91,38 @@ def _is_task(event: dict[str, Any]) -> bool:
 
 
 def _run_with_lineage(
-    tmp_path: Path, folder: Path, dag_id: str, sb: Sandbox, postgres_server: str, state: str
+    tmp_path: Path,
+    folder: Path,
+    dag_id: str,
+    sb: Sandbox,
+    postgres_server: str,
+    state: str,
+    stored_connections: bool = False,
 ) -> list[dict[str, Any]]:
     """``dag.test()`` of ``dag_id`` (in ``folder``) in a child process with the OpenLineage provider's
-    file transport, the sandbox as ``leadsquared_default`` and the database as ``lsq_ol_wh``; checks
-    the run ended in ``state`` and returns the events."""
+    file transport, the sandbox as ``leadsquared_default`` and the database as ``lsq_ol_wh`` (in
+    environment variables, or with ``stored_connections`` in the metadata database); checks the run
+    ended in ``state`` and returns the events."""
     events_file = tmp_path / "openlineage.jsonl"
     conn = json.loads(sb.connection_json())
     conn["extra"]["retry_wait_seconds"] = 0.01
+    warehouse = postgres_server.replace("postgresql://", "postgres://", 1)
     local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    if stored_connections:
+        conn["extra"] = json.dumps(conn["extra"])
+        connections = {
+            "LSQ_STORED_CONNECTIONS": json.dumps(
+                {"leadsquared_default": conn, "lsq_ol_wh": {"uri": warehouse}}
+            )
+        }
+    else:
+        connections = {
+            "AIRFLOW_CONN_LEADSQUARED_DEFAULT": json.dumps(conn),
+            "AIRFLOW_CONN_LSQ_OL_WH": warehouse,
+        }
     env = {
-        **os.environ,
-        "AIRFLOW_CONN_LEADSQUARED_DEFAULT": json.dumps(conn),
-        "AIRFLOW_CONN_LSQ_OL_WH": postgres_server.replace("postgresql://", "postgres://", 1),
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")},
+        **connections,
         "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
             {"type": "file", "log_file_path": str(events_file), "append": True}
         ),
@@ -125,12 +150,17 @@ def _run_with_lineage(
 
 @pytest.mark.postgres
 @pytest.mark.airflow_db
+@pytest.mark.parametrize("stored_connections", [False, True], ids=["env-connections", "stored-connections"])
 def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_without_secrets(
     airflow_db: Path,
     postgres_server: str,
     leadsquared_sandbox_factory: Callable[..., Sandbox],
     tmp_path: Path,
+    stored_connections: bool,
 ) -> None:
+    """With connections in environment variables, and in the metadata database: on Airflow 3 the
+    OpenLineage listener reports from a forked process, where a ``dag.test()`` run cannot look a
+    stored connection up (it waited until the listener's timeout and the COMPLETE event was lost)."""
     import psycopg2
 
     sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
@@ -157,7 +187,9 @@ def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_
             dag_id=dag_id, sql=sql, ledger=ledger, host=sb.url, portal_id=sb.portal_id, batch_size=500
         )
     )
-    events = _run_with_lineage(tmp_path, folder, dag_id, sb, postgres_server, "success")
+    events = _run_with_lineage(
+        tmp_path, folder, dag_id, sb, postgres_server, "success", stored_connections=stored_connections
+    )
     complete = next(e for e in events if e["eventType"] == "COMPLETE" and _is_task(e))
     database = postgres_server.rsplit("/", 1)[1]
     inputs = {(d["namespace"], d["name"]) for d in complete["inputs"]}

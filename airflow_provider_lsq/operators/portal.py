@@ -17,7 +17,7 @@ from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
 from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
-from airflow_provider_lsq.lineage import portal_lineage
+from airflow_provider_lsq.lineage import portal_lineage, prepare_portal_lineage
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
 
@@ -123,6 +123,7 @@ class RegisterPortalUserOperator(BaseOperator):
             sink=sink,
             total=len(leads),
         )
+        prepare_portal_lineage(self, run.hook)
         progress = run.progress
         self.log.info(
             "%s %d leads as portal users (connection %r).",

@@ -23,7 +23,7 @@ from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_coun
 from airflow_provider_lsq.exceptions import WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, first_identifier, lead_fingerprint
-from airflow_provider_lsq.lineage import transfer_lineage
+from airflow_provider_lsq.lineage import prepare_transfer_lineage, transfer_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
@@ -252,6 +252,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: the ledger and "
                 "the registration need it (Workflow > Manage Portals in LeadSquared, in the page URL)."
             )
+        prepare_transfer_lineage(self, sql_hook, ledger_hook, lsq_hook)
         execution = self._execution(context)
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
