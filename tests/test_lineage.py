@@ -148,6 +148,20 @@ def _run_with_lineage(
     return _events(events_file)
 
 
+def _applicants_schema(postgres_server: str, prefix: str, rows: list[tuple[Any, ...]]) -> str:
+    """A new schema holding ``applicants (applicant_id, email, first_name)`` with ``rows``; its name."""
+    import psycopg2
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    db = psycopg2.connect(postgres_server)
+    with db, db.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+        cur.execute(f"CREATE TABLE {schema}.applicants (applicant_id INTEGER, email TEXT, first_name TEXT)")
+        cur.executemany(f"INSERT INTO {schema}.applicants VALUES (%s, %s, %s)", rows)
+    db.close()
+    return schema
+
+
 @pytest.mark.postgres
 @pytest.mark.airflow_db
 @pytest.mark.parametrize("stored_connections", [False, True], ids=["env-connections", "stored-connections"])
@@ -161,18 +175,11 @@ def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_
     """With connections in environment variables, and in the metadata database: on Airflow 3 the
     OpenLineage listener reports from a forked process, where a ``dag.test()`` run cannot look a
     stored connection up (it waited until the listener's timeout and the COMPLETE event was lost)."""
-    import psycopg2
 
     sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
-    schema = f"ol_{uuid.uuid4().hex[:8]}"
-    db = psycopg2.connect(postgres_server)
-    with db, db.cursor() as cur:
-        cur.execute(f"CREATE SCHEMA {schema}")
-        cur.execute(f"CREATE TABLE {schema}.applicants (applicant_id INTEGER, email TEXT, first_name TEXT)")
-        rows = [(i, f"lineage{i}@example.edu", f"Lineagefirst{i}") for i in range(1, 6)]
-        rows.append((6, None, "Lineagenoemail"))  # invalid: no identifier
-        cur.executemany(f"INSERT INTO {schema}.applicants VALUES (%s, %s, %s)", rows)
-    db.close()
+    rows = [(i, f"lineage{i}@example.edu", f"Lineagefirst{i}") for i in range(1, 6)]
+    rows.append((6, None, "Lineagenoemail"))  # invalid: no identifier
+    schema = _applicants_schema(postgres_server, "ol", rows)
 
     dag_id = f"lsq_lineage_{uuid.uuid4().hex[:6]}"
     folder = tmp_path / "dags"
@@ -226,17 +233,10 @@ def test_a_failed_transfer_reports_its_counts_and_no_row_value_from_the_database
 ) -> None:
     """A warehouse error quoting a row's value (a cast of an email) fails the task: its FAIL event has
     the counts of the rows sent before it, and the value in no facet (errorMessage included)."""
-    import psycopg2
 
     sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
-    schema = f"olf_{uuid.uuid4().hex[:8]}"
-    db = psycopg2.connect(postgres_server)
-    with db, db.cursor() as cur:
-        cur.execute(f"CREATE SCHEMA {schema}")
-        cur.execute(f"CREATE TABLE {schema}.applicants (applicant_id INTEGER, email TEXT, first_name TEXT)")
-        rows = [(i, f"olbroken{i}@example.edu", f"Olbrokenname{i}") for i in range(1, 6)]
-        cur.executemany(f"INSERT INTO {schema}.applicants VALUES (%s, %s, %s)", rows)
-    db.close()
+    rows = [(i, f"olbroken{i}@example.edu", f"Olbrokenname{i}") for i in range(1, 6)]
+    schema = _applicants_schema(postgres_server, "olf", rows)
 
     dag_id = f"lsq_lineage_fail_{uuid.uuid4().hex[:6]}"
     folder = tmp_path / "dags"
