@@ -35,7 +35,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredConfigError,
     LeadSquaredValidationError,
 )
-from airflow_provider_lsq.hooks.payload import build_lead_fields
+from airflow_provider_lsq.hooks.payload import as_python, build_lead_fields, is_missing
 from airflow_provider_lsq.outcomes import NOT_SENT, RegistrationOutcome
 from airflow_provider_lsq.progress import RegistrationProgress
 
@@ -76,8 +76,8 @@ def row_key(position: int, row: Any, key_field: str) -> tuple[str, RegistrationO
     if not isinstance(row, Mapping):
         message = f"a lead must be a mapping of attribute names, got {type(row).__name__}"
         return fallback, RegistrationOutcome.invalid(fallback, message)
-    value = row.get(key_field)
-    if value is None or not str(value).strip():
+    value = as_python(row.get(key_field))
+    if is_missing(value) or not str(value).strip():  # NaN, pandas.NA, NaT: a dataframe's empty cell
         message = f"field {key_field!r}: the row key is missing or empty"
         return fallback, RegistrationOutcome.invalid(fallback, message)
     return str(value), None

@@ -346,3 +346,47 @@ def test_one_lead_twice_in_the_list_is_registered_once(sb: Sandbox, task_log: Ta
     log = task_log()
     assert "Row A-3 (position 3) is not sent: the same lead (same EmailAddress) as row A-1" in log
     assert "Row A-2 (position 4) is not sent: the same row key as row A-2" in log
+
+
+def test_dataframe_records_with_empty_cells_and_an_array_cell(sb: Sandbox, task_log: TaskLog) -> None:
+    """``to_dict("records")``: an empty key cell is NaN, which was the row key ``nan`` (so a second row
+    without one was dropped as a duplicate of the first), and a cell holding an array raised numpy's
+    ValueError, which stopped the run. Each is now one invalid row naming its field."""
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "EmailAddress": ["a@example.edu", None, None, "d@example.edu", "e@example.edu"],
+            "Phone": ["1", "2", "3", None, None],
+            "mx_Courses": [None, None, None, np.array(["x", "y"]), None],
+            "FirstName": [np.nan, "B", pd.NA, "D", "E"],  # empty cells: left out
+        }
+    )
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=frame.to_dict("records"), key_field="Phone", max_failure_ratio=1.0
+    )
+    summary, outcomes, _ = run(op)
+    assert summary["duplicates"] == 0 and summary["total"] == 5
+    assert outcomes["1"]["status"] == "registered"
+    for key in ("2", "3"):  # no e-mail: invalid, each under its own key
+        assert outcomes[key]["status"] == "invalid" and "'EmailAddress'" in outcomes[key]["error_message"]
+    assert outcomes["#4"]["status"] == outcomes["#5"]["status"] == "invalid"
+    assert "'Phone'" in outcomes["#4"]["error_message"]
+    assert "nan" not in outcomes
+
+
+def test_dataframe_rows_name_the_field_of_an_array_cell(sb: Sandbox) -> None:
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame({"EmailAddress": ["a@example.edu", "b@example.edu"], "mx_Courses": [None, None]})
+    frame["mx_Courses"] = frame["mx_Courses"].astype(object)
+    frame.at[1, "mx_Courses"] = np.array(["x", "y"])
+    summary, outcomes, _ = run(
+        RegisterPortalUserOperator(task_id="register", leads=frame.to_dict("records"), max_failure_ratio=1.0)
+    )
+    assert outcomes["a@example.edu"]["status"] == "registered"
+    bad = outcomes["b@example.edu"]
+    assert bad["status"] == "invalid" and "field 'mx_Courses'" in bad["error_message"]
+    assert summary["registered"] == 1 and summary["invalid"] == 1
