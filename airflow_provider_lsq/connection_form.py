@@ -31,7 +31,7 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     "rate_limit_period_seconds": {
         "label": "Rate Limit Period (seconds)",
         "description": "Length of your plan's rate-limit window (5 seconds on the documented plans).",
-        "schema": {"type": ["number", "null"], "default": 5, "minimum": 0.1},
+        "schema": {"type": ["number", "null"], "default": 5, "minimum": 0.1, "maximum": 86400},
     },
     "daily_call_limit": {
         "label": "Daily Call Limit",
@@ -62,11 +62,11 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     },
     "timeout_seconds": {
         "label": "Timeout (seconds)",
-        "schema": {"type": ["number", "null"], "default": 30, "minimum": 1},
+        "schema": {"type": ["number", "null"], "default": 30, "minimum": 1, "maximum": 3600},
     },
     "max_retries": {
         "label": "Max Retries",
-        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 0},
+        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 0, "maximum": 100},
     },
     "api_host": {
         "label": "Lead API Host",
@@ -110,7 +110,7 @@ def connection_form_widgets() -> dict[str, Any]:
         elif "integer" in kinds:
             widgets[name] = IntegerField(
                 label,
-                validators=[Optional(), NumberRange(min=schema.get("minimum"))],
+                validators=[Optional(), NumberRange(min=schema.get("minimum"), max=schema.get("maximum"))],
                 widget=BS3TextFieldWidget(),
                 default=schema.get("default"),
                 description=description,

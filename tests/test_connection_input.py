@@ -99,6 +99,16 @@ def test_a_blank_portal_id_is_no_portal_id(monkeypatch: pytest.MonkeyPatch) -> N
         ({"extra": {"timeout_seconds": "nan"}}, "timeout_seconds"),
         ({"extra": {"max_retries": -1}}, "max_retries"),
         ({"extra": {"rate_limit_storage": "localhost:6379"}}, "rate_limit_storage"),
+        # Past about 1e9 s a duration overflowed the socket's timeout (a raw OverflowError stopped the
+        # run) or the Redis budget's stamps ("could not be reached"); a tiny period overflowed the
+        # worker count. Each number is held to its form field's bounds, however it was set.
+        ({"extra": {"timeout_seconds": 1e30}}, "timeout_seconds"),
+        ({"extra": {"timeout_seconds": "0.001"}}, "timeout_seconds"),
+        ({"extra": {"rate_limit_period_seconds": 1e308}}, "rate_limit_period_seconds"),
+        ({"extra": {"rate_limit_period_seconds": 5e-324}}, "rate_limit_period_seconds"),
+        ({"extra": {"rate_limit_margin_seconds": "1e300"}}, "rate_limit_margin_seconds"),
+        ({"extra": {"retry_wait_seconds": 1e300}}, "retry_wait_seconds"),
+        ({"extra": {"max_retries": 10**30}}, "max_retries"),
     ],
 )
 def test_values_no_request_can_carry_are_refused_naming_field_and_connection(
@@ -274,3 +284,29 @@ def test_only_a_redis_uri_in_rate_limit_storage_is_treated_as_a_secret(
         warnings.simplefilter("ignore")
         assert hook.config.rate_limit_storage == uri
     assert "S3cretPw" not in hook.redact(f"password S3cretPw in {uri}")
+
+
+def test_every_bound_the_form_shows_is_the_one_the_connection_is_held_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The form's JSON Schema (Airflow 3.2+ checks it) and the reader (CLI, env, secrets) agree."""
+    from airflow_provider_lsq.connection_form import CONN_FIELDS
+
+    checked = 0
+    for name, spec in CONN_FIELDS.items():
+        schema = spec["schema"]
+        for bound, step in (("minimum", -1), ("maximum", +1)):
+            if bound not in schema or name == "rate_limit_reserve":
+                continue
+            limit = schema[bound]
+            ok = _conn(monkeypatch, f"lsq_{name}_{bound}_ok", **KEYS, extra={name: limit})
+            assert getattr(ok.config, name) == limit
+            outside = limit + step * (0.05 if "number" in schema["type"] else 1)
+            if outside <= 0:
+                continue  # below zero has its own message
+            bad = _conn(monkeypatch, f"lsq_{name}_{bound}_bad", **KEYS, extra={name: outside})
+            with pytest.raises(LeadSquaredConfigError, match=f"'{name}' must be from") as err:
+                bad.config  # noqa: B018
+            assert err.value.field == name
+            checked += 1
+    assert checked >= 5

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from airflow_provider_lsq.connection_form import CONN_FIELDS
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError
 
 if TYPE_CHECKING:
@@ -34,6 +35,23 @@ def _extra(extras: dict[str, Any], name: str) -> Any:
     if value in (None, ""):
         value = extras.get(f"extra__{CONN_TYPE}__{name}")
     return None if value == "" else value
+
+
+# Bounds of the numbers that only the JSON extra sets (the form's fields carry theirs in their schema).
+# A duration past these is a typo, and past about 1e9 seconds it overflows the socket's timeout or the
+# Redis budget's millisecond stamps, which failed as a raw OverflowError or "Redis could not be reached".
+_JSON_ONLY_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "rate_limit_margin_seconds": (None, 3600),
+    "retry_wait_seconds": (None, 3600),
+}
+
+
+def number_bounds(name: str) -> tuple[float | None, float | None]:
+    """``(minimum, maximum)`` of a numeric extra: the form's JSON Schema, enforced however it was set."""
+    if name in _JSON_ONLY_BOUNDS:
+        return _JSON_ONLY_BOUNDS[name]
+    schema = CONN_FIELDS.get(name, {}).get("schema", {})
+    return schema.get("minimum"), schema.get("maximum")
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -113,8 +131,16 @@ class _ConnectionReader:
         return host
 
     def number(
-        self, name: str, kind: type[int] | type[float], default: Any, *, allow_zero: bool = False
+        self,
+        name: str,
+        kind: type[int] | type[float],
+        default: Any,
+        *,
+        allow_zero: bool = False,
+        bounded: bool = True,
     ) -> Any:
+        """The extra ``name`` as a number: finite, not negative, within :func:`number_bounds` if
+        ``bounded`` (the caller checks and explains the bounds itself otherwise)."""
         value = _extra(self.extras, name)
         if isinstance(value, str):
             value = value.strip() or None
@@ -136,6 +162,9 @@ class _ConnectionReader:
             raise self.error(name, f"must be a finite number, got {value!r}")
         if result < 0 or (result == 0 and not allow_zero):
             raise self.error(name, f"must be {'zero or more' if allow_zero else 'positive'}, got {value!r}")
+        low, high = number_bounds(name) if bounded else (None, None)
+        if (low is not None and result < low) or (high is not None and result > high):
+            raise self.error(name, f"must be from {low if low is not None else 0} to {high}, got {value!r}")
         return result
 
 
@@ -210,7 +239,7 @@ class LeadSquaredConfig:
                 "names a Redis server, but the redis package is missing: "
                 "pip install 'airflow-provider-leadsquared[redis]'",
             )
-        reserve = read.number("rate_limit_reserve", float, 0.1, allow_zero=True)
+        reserve = read.number("rate_limit_reserve", float, 0.1, allow_zero=True, bounded=False)
         if reserve > MAX_RESERVE:
             raise read.error(
                 "rate_limit_reserve",
