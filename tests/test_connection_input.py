@@ -99,6 +99,8 @@ def test_a_blank_portal_id_is_no_portal_id(monkeypatch: pytest.MonkeyPatch) -> N
         ({"extra": {"timeout_seconds": "nan"}}, "timeout_seconds"),
         ({"extra": {"max_retries": -1}}, "max_retries"),
         ({"extra": {"rate_limit_storage": "localhost:6379"}}, "rate_limit_storage"),
+        ({"extra": {"rate_limit_storage": "/shared/lsq\x00budget"}}, "rate_limit_storage"),
+        ({"extra": {"rate_limit_storage": "/shared/lsq\nbudget"}}, "rate_limit_storage"),
         # Past about 1e9 s a duration overflowed the socket's timeout (a raw OverflowError stopped the
         # run) or the Redis budget's stamps ("could not be reached"); a tiny period overflowed the
         # worker count. Each number is held to its form field's bounds, however it was set.
@@ -310,3 +312,24 @@ def test_every_bound_the_form_shows_is_the_one_the_connection_is_held_to(
             assert err.value.field == name
             checked += 1
     assert checked >= 5
+
+
+def test_a_budget_file_path_may_hold_spaces_and_any_letter(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A path such as ``/mnt/Shared Drive/lsq`` was refused as a value "no request can carry"."""
+    folder = tmp_path / "Shared Drive" / "bütçe"
+    folder.mkdir(parents=True)
+    hook = LeadSquaredHook(connect(monkeypatch, sandbox, "lsq_spaced", rate_limit_storage=f" {folder}\n"))
+    assert hook.config.rate_limit_storage == str(folder)
+    hook.get_public_auth_key()
+    assert list(folder.glob("*.sqlite3")), "the budget file is in the folder named"
+
+
+def test_memory_storage_in_any_case_is_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """``Memory`` was a file of that name in the task's working directory."""
+    monkeypatch.chdir(tmp_path)
+    hook = _conn(monkeypatch, "lsq_memory_case", **KEYS, extra={"rate_limit_storage": "Memory"})
+    assert hook.config.rate_limit_storage == "memory"
+    assert type(hook.rate_limiter.store).__name__ == "MemoryLeaseStore"
+    assert list(tmp_path.iterdir()) == []

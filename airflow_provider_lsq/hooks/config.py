@@ -113,6 +113,23 @@ class _ConnectionReader:
             )
         return text
 
+    def storage(self) -> str | None:
+        """``rate_limit_storage``: a file path may hold spaces and any letter (``/mnt/Shared Drive/lsq``),
+        not a control character; ``memory`` in any case; a Redis URI is checked like a key."""
+        value = _extra(self.extras, "rate_limit_storage")
+        if isinstance(value, str) and is_redis_uri(value.strip()):
+            return self.text("rate_limit_storage", value, secret=True)  # it may hold a password
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self.error("rate_limit_storage", f"must be text, got {type(value).__name__}")
+        text = str(value).strip()
+        if not text:
+            return None
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            raise self.error("rate_limit_storage", f"holds a control character (got {text!r})")
+        return "memory" if text.lower() == "memory" else text
+
     def extra_text(self, name: str, *, secret: bool = False) -> str | None:
         return self.text(name, _extra(self.extras, name), secret=secret)
 
@@ -225,7 +242,7 @@ class LeadSquaredConfig:
                 conn_id=conn.conn_id,
             )
         host = read.host("host", conn.host)
-        storage = read.extra_text("rate_limit_storage", secret=True)  # a deprecated Redis URI has one
+        storage = read.storage()
         redis_conn_id = read.extra_text("rate_limit_redis_conn_id")
         if storage and not is_redis_uri(storage) and _NOT_A_PATH.match(storage):
             raise read.error(
