@@ -92,6 +92,8 @@ def test_a_blank_portal_id_is_no_portal_id(monkeypatch: pytest.MonkeyPatch) -> N
         ({"host": "portal api.leadsquared.com"}, "host"),
         ({"host": "ftp://portalapi.leadsquared.com"}, "host"),
         ({"host": "http://127.0.0.1:port"}, "host"),
+        ({"host": "127.0.0.1", "port": 99999}, "port"),  # was "field 'request'" on every row
+        ({"host": "127.0.0.1", "port": -1}, "port"),
         ({"extra": {"api_host": "api\tus11.leadsquared.com"}}, "api_host"),
         ({"extra": {"rate_limit_calls": "2.5"}}, "rate_limit_calls"),
         ({"extra": {"rate_limit_calls": True}}, "rate_limit_calls"),

@@ -242,6 +242,9 @@ class LeadSquaredConfig:
                 conn_id=conn.conn_id,
             )
         host = read.host("host", conn.host)
+        port = conn.port
+        if port and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535):
+            raise read.error("port", f"must be a TCP port from 1 to 65535, got {port!r}")
         storage = read.storage()
         redis_conn_id = read.extra_text("rate_limit_redis_conn_id")
         if storage and not is_redis_uri(storage) and _NOT_A_PATH.match(storage):
@@ -272,7 +275,7 @@ class LeadSquaredConfig:
                 "rate_limit_redis_conn_id",
             )
         return cls(
-            base_url=base_url(host, conn.port),
+            base_url=base_url(host, port),
             access_key=access_key,
             secret_key=secret_key,
             portal_id=read.extra_text("portal_id"),
