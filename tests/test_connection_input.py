@@ -335,3 +335,43 @@ def test_memory_storage_in_any_case_is_memory(monkeypatch: pytest.MonkeyPatch, t
     assert hook.config.rate_limit_storage == "memory"
     assert type(hook.rate_limiter.store).__name__ == "MemoryLeaseStore"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_test_connection_answers_in_time_when_the_server_trickles_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """requests' timeout bounds each wait for a byte, not the exchange: a host that answers a byte at a
+    time kept the Test button waiting for as long as it trickled (minutes)."""
+    import socket
+    import threading
+    import time
+
+    from airflow_provider_lsq.hooks import leadsquared
+
+    monkeypatch.setattr(leadsquared, "TEST_TIMEOUT_SECONDS", 1.0)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"x" * 200:
+                if stop.wait(0.3):
+                    return
+                conn.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    host = f"http://127.0.0.1:{port}"
+    hook = _conn(monkeypatch, "lsq_trickle", host=host, **KEYS, extra={"portal_id": "p"})
+    started = time.monotonic()
+    try:
+        ok, message = hook.test_connection()
+    finally:
+        stop.set()
+        server.close()
+    assert time.monotonic() - started < 4
+    assert not ok and "did not answer within 2 s" in message and f"127.0.0.1:{port}" in message
+    assert KEYS["password"] not in message

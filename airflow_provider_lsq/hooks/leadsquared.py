@@ -463,27 +463,54 @@ class LeadSquaredHook(BaseHook):
             config = self.config
             url = f"{config.base_url}{PUBLIC_TOKEN_PATH}"
             query = {"accessKey": config.access_key, "secretKey": config.secret_key}
-            response = self._send(
-                "GET",
-                url,
-                query,
-                None,
-                None,
-                self._secrets,
-                timeout=min(TEST_TIMEOUT_SECONDS, config.timeout_seconds),
+            timeout = min(TEST_TIMEOUT_SECONDS, config.timeout_seconds)
+            response = self._send_within(
+                timeout + 1.0,
+                lambda: self._send("GET", url, query, None, None, self._secrets, timeout=timeout),
             )
+            if response is None:
+                return False, (
+                    f"LeadSquared at {config.base_url} did not answer within {timeout + 1.0:g} s (it "
+                    "accepted the connection but its answer came too slowly). Check the host."
+                )
             body = parse_response(response, self._secrets)
             if not isinstance(body, dict) or not body.get("PublicAuthKey"):
                 raise LeadSquaredAPIError("LeadSquared's PublicToken answer held no PublicAuthKey.")
             self._add_secrets(body["PublicAuthKey"])
         except (LeadSquaredError, ValueError) as error:
             return False, self.redact(str(error))
+        except Exception as error:  # the Test button shows whatever it gets: never a key
+            return False, self.redact(f"{type(error).__name__}: {error}")
         if not config.portal_id:
             return False, (
                 "The keys were accepted, but the connection has no portal_id: registration needs it "
                 "(Workflow > Manage Portals in LeadSquared, in the page URL)."
             )
         return True, "Connection to LeadSquared works: the keys were accepted and a portal is set."
+
+    @staticmethod
+    def _send_within(seconds: float, send: Callable[[], requests.Response]) -> requests.Response | None:
+        """``send()``'s answer, or None when it takes longer than ``seconds`` in all.
+
+        requests' timeout bounds each wait for a byte, not the exchange: a server that sends its answer
+        a byte at a time never trips it. The exchange runs in a daemon thread, which the caller stops
+        waiting for (it ends with its connection's own timeout).
+        """
+        outcome: list[requests.Response] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                outcome.append(send())
+            except BaseException as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=run, name="lsq-test-connection", daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if errors:
+            raise errors[0]
+        return outcome[0] if outcome else None
 
     # -- registration ----------------------------------------------------------------------------
 
