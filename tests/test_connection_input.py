@@ -375,3 +375,23 @@ def test_test_connection_answers_in_time_when_the_server_trickles_its_answer(
     assert time.monotonic() - started < 4
     assert not ok and "did not answer within 2 s" in message and f"127.0.0.1:{port}" in message
     assert KEYS["password"] not in message
+
+
+@pytest.mark.parametrize(
+    "extra", ['{"portal_id": "p1", "rate_limit_calls": 10,}', "{not json", "portal_id=p1"]
+)
+def test_an_extra_that_is_not_json_is_refused_naming_the_field_and_connection(extra: str) -> None:
+    """Airflow reads invalid JSON as no extra at all (it only logs): every extra silently took its
+    default, e.g. 25 calls per 5 s on a plan of 10, and the portal id went missing."""
+    from airflow.providers.common.compat.sdk import Connection
+
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+
+    conn = Connection(
+        conn_id="lsq_bad_json", conn_type="leadsquared", login="ak-1", password="sk-1", extra=extra
+    )
+    with pytest.raises(
+        LeadSquaredConfigError, match="'lsq_bad_json': field 'extra' is not valid JSON"
+    ) as err:
+        LeadSquaredConfig.from_connection(conn)
+    assert err.value.field == "extra" and "p1" not in str(err.value)

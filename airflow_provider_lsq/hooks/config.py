@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -85,6 +86,16 @@ class _ConnectionReader:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.conn_id = conn.conn_id
+        raw = conn.extra
+        if isinstance(raw, str) and raw.strip():
+            # Airflow reads invalid JSON as no extra at all (it only logs): every extra would silently
+            # take its default, e.g. 25 calls per 5 s on a smaller plan. Its text is not shown: it may
+            # hold a deprecated Redis URI's password.
+            try:
+                json.loads(raw)
+            except json.JSONDecodeError as error:
+                where = f"{error.msg} at line {error.lineno} column {error.colno}"
+                raise self.error("extra", f"is not valid JSON ({where})") from None
         extras = conn.extra_dejson
         if not isinstance(extras, dict):
             raise self.error("extra", "must be a JSON object")
