@@ -395,3 +395,42 @@ def test_an_extra_that_is_not_json_is_refused_naming_the_field_and_connection(ex
     ) as err:
         LeadSquaredConfig.from_connection(conn)
     assert err.value.field == "extra" and "p1" not in str(err.value)
+
+
+@pytest.mark.parametrize("redis_conn", [None, {"conn_type": "redis", "host": "127.0.0.1", "port": 9}])
+def test_test_connection_says_when_the_redis_budget_cannot_be_used(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, redis_conn: dict[str, Any] | None
+) -> None:
+    """The Test button skipped the rate-limit budget: with its Redis connection missing or down it said
+    the connection works, and every run then stopped at its first call."""
+    if redis_conn is not None:
+        monkeypatch.setenv("AIRFLOW_CONN_LSQ_BUDGET_REDIS", json.dumps(redis_conn))
+    hook = LeadSquaredHook(
+        connect(monkeypatch, sandbox, "lsq_budget", rate_limit_redis_conn_id="lsq_budget_redis")
+    )
+    ok, message = hook.test_connection()
+    assert not ok and "keys were accepted" in message
+    assert "'lsq_budget': field 'rate_limit_redis_conn_id'" in message and "lsq_budget_redis" in message
+
+
+@pytest.mark.redis
+def test_test_connection_passes_with_a_working_redis_budget(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(redis_url)
+    redis_conn = {
+        "conn_type": "redis",
+        "host": parts.hostname,
+        "port": parts.port,
+        "extra": {"db": int(parts.path[1:])},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_BUDGET_REDIS_OK", json.dumps(redis_conn))
+    hook = LeadSquaredHook(
+        connect(monkeypatch, sandbox, "lsq_budget_ok", rate_limit_redis_conn_id="lsq_budget_redis_ok")
+    )
+    assert hook.test_connection() == (
+        True,
+        "Connection to LeadSquared works: the keys were accepted and a portal is set.",
+    )
