@@ -92,6 +92,9 @@ def test_a_blank_portal_id_is_no_portal_id(monkeypatch: pytest.MonkeyPatch) -> N
         ({"host": "portal api.leadsquared.com"}, "host"),
         ({"host": "ftp://portalapi.leadsquared.com"}, "host"),
         ({"host": "http://127.0.0.1:port"}, "host"),
+        ({"host": "https://admin:S3cretPw@portalapi.leadsquared.com"}, "host"),  # shown in every error
+        ({"host": "https://portalapi.leadsquared.com/?region=us"}, "host"),  # paths went after the query
+        ({"extra": {"api_host": "https://api.leadsquared.com#x"}}, "api_host"),
         ({"host": "127.0.0.1", "port": 99999}, "port"),  # was "field 'request'" on every row
         ({"host": "127.0.0.1", "port": -1}, "port"),
         ({"extra": {"api_host": "api\tus11.leadsquared.com"}}, "api_host"),

@@ -156,6 +156,12 @@ class _ConnectionReader:
             raise self.error(name, f"is not a host name or URL ({error})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise self.error(name, f"must be a host name or an http(s) URL, got {host!r}")
+        if "@" in parts.netloc:  # a user or password would be shown wherever the URL is (errors, logs)
+            raise self.error(name, "must not hold a user or password: the keys go in login and password")
+        if parts.query or parts.fragment or "?" in url or "#" in url:
+            raise self.error(
+                name, f"must not hold a query or fragment (every call's path is added to it), got {host!r}"
+            )
         return host
 
     def number(
