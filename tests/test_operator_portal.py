@@ -390,3 +390,28 @@ def test_dataframe_rows_name_the_field_of_an_array_cell(sb: Sandbox) -> None:
     bad = outcomes["b@example.edu"]
     assert bad["status"] == "invalid" and "field 'mx_Courses'" in bad["error_message"]
     assert summary["registered"] == 1 and summary["invalid"] == 1
+
+
+def test_undecodable_bytes_in_a_value_make_that_row_invalid_not_the_run_fail(sb: Sandbox) -> None:
+    """A file read with ``surrogateescape`` leaves lone surrogates: in the identifier they raised
+    UnicodeEncodeError while the lead was fingerprinted, which stopped the whole run naming nothing;
+    elsewhere they were sent."""
+    undecodable = b"b\xff@example.edu".decode("utf-8", "surrogateescape")
+    leads = [
+        lead(1),
+        {"EmailAddress": undecodable, "FirstName": "Bad"},
+        lead(3, FirstName="Z\udc80"),
+        lead(4),
+    ]
+    summary, outcomes, _ = run(
+        RegisterPortalUserOperator(
+            task_id="register", leads=leads, key_field="FirstName", max_failure_ratio=1.0
+        )
+    )
+    assert outcomes["Student1"]["status"] == outcomes["Student4"]["status"] == "registered"
+    assert outcomes["Bad"]["status"] == "invalid"
+    assert "field 'EmailAddress'" in outcomes["Bad"]["error_message"]
+    assert outcomes["Z\udc80"]["status"] == "invalid"
+    assert "field 'FirstName'" in outcomes["Z\udc80"]["error_message"]
+    assert summary["registered"] == 2 and summary["invalid"] == 2
+    assert sb.register_calls == 2

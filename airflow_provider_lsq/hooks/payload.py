@@ -103,6 +103,14 @@ def _format_value(attribute: str, value: Any) -> str | None:
                 f"field {attribute!r}: the value holds control characters that cannot be sent",
                 field=attribute,
             )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: bytes decoded with ``surrogateescape``
+            raise LeadSquaredValidationError(
+                f"field {attribute!r}: the value holds bytes that are not text (read with the wrong "
+                "encoding?)",
+                field=attribute,
+            ) from None
         return value if value.strip() else None
     if isinstance(value, bool):
         return "true" if value else "false"
