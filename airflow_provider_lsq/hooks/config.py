@@ -198,7 +198,8 @@ class _ConnectionReader:
             raise self.error(name, f"must be {'zero or more' if allow_zero else 'positive'}, got {value!r}")
         low, high = number_bounds(name) if bounded else (None, None)
         if (low is not None and result < low) or (high is not None and result > high):
-            raise self.error(name, f"must be from {low if low is not None else 0} to {high}, got {value!r}")
+            bounds = f"from {low} to {high}" if low is not None else f"at most {high}"
+            raise self.error(name, f"must be {bounds}, got {value!r}")
         return result
 
 
