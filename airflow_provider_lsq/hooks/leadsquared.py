@@ -508,7 +508,11 @@ class LeadSquaredHook(BaseHook):
         if not (config.rate_limit_redis_conn_id or is_redis_uri(config.rate_limit_storage)):
             return None
         field = "rate_limit_redis_conn_id" if config.rate_limit_redis_conn_id else "rate_limit_storage"
-        where = "it"
+        where = (
+            f"Redis connection {config.rate_limit_redis_conn_id!r}"
+            if config.rate_limit_redis_conn_id
+            else "Redis"
+        )
 
         def read() -> None:
             nonlocal where
