@@ -411,7 +411,28 @@ def test_undecodable_bytes_in_a_value_make_that_row_invalid_not_the_run_fail(sb:
     assert outcomes["Student1"]["status"] == outcomes["Student4"]["status"] == "registered"
     assert outcomes["Bad"]["status"] == "invalid"
     assert "field 'EmailAddress'" in outcomes["Bad"]["error_message"]
-    assert outcomes["Z\udc80"]["status"] == "invalid"
-    assert "field 'FirstName'" in outcomes["Z\udc80"]["error_message"]
+    assert outcomes["#3"]["status"] == "invalid"  # its key is not text: named by position
+    assert "field 'FirstName'" in outcomes["#3"]["error_message"]
     assert summary["registered"] == 2 and summary["invalid"] == 2
     assert sb.register_calls == 2
+
+
+def test_an_integer_key_column_with_an_empty_cell_keys_rows_as_integers(sb: Sandbox) -> None:
+    """pandas turns an integer column with an empty cell into floats: the keys were ``1.0`` and ``2.0``,
+    which match no id the user has. A key is the text sent for its field."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"mx_Applicant_Id": [1, 2, None], "EmailAddress": [f"k{i}@example.edu" for i in range(3)]}
+    )
+    assert frame["mx_Applicant_Id"].dtype == "float64"
+    _, outcomes, _ = run(
+        RegisterPortalUserOperator(
+            task_id="register",
+            leads=frame.to_dict("records"),
+            key_field="mx_Applicant_Id",
+            max_failure_ratio=1.0,
+        )
+    )
+    assert set(outcomes) == {"1", "2", "#3"}
+    assert outcomes["#3"]["status"] == "invalid" and "'mx_Applicant_Id'" in outcomes["#3"]["error_message"]
