@@ -2,6 +2,7 @@
 # `make test` runs lint, format check, types and the tests; `make docs` builds the docs site
 # (warnings are errors) into docs/_build/html. Each builds what it needs.
 SHELL := /bin/bash
+# The interpreter the venv is made with (3.11+), e.g. PYTHON=python3.12.
 PYTHON ?= python3
 VENV ?= .venv
 # Extra requirement given to the installer, e.g. AIRFLOW_SPEC='apache-airflow==2.11.*'.
@@ -18,6 +19,9 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "$(VENV) runs $$($(BIN)/python -V 2>&1); the package needs Python 3.11+." \
+			"Remove it (make clean) and run again with PYTHON=python3.11 (or a newer one)."; exit 1; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --resolution $(RESOLUTION) \
 		-e '.[dev]' '$(AIRFLOW_SPEC)'

@@ -45,13 +45,27 @@ def portal_host(base_url: str) -> str:
     ``https://PortalAPI.leadsquared.com`` -> ``portalapi.leadsquared.com``;
     ``http://127.0.0.1:8765`` -> ``127.0.0.1:8765``. ``base_url`` is :attr:`LeadSquaredConfig.base_url`.
     """
-    parts = urlsplit(base_url if "://" in base_url else f"https://{base_url}")
-    host = (parts.hostname or "").lower()
+    text = base_url.strip()
+    parts = urlsplit(text if "://" in text else f"https://{text}")
+    host = (parts.hostname or "").lower().rstrip(".")  # "host." is the same DNS name as "host"
     if not host:
         raise ValueError(f"no host in the portal API URL {base_url!r}")
-    if parts.port and parts.port != _DEFAULT_PORTS.get(parts.scheme):
-        return f"{host}:{parts.port}"
-    return host
+    port = _port(parts, f"the portal API URL {base_url!r}")
+    return _netloc(host, None if port == _DEFAULT_PORTS.get(parts.scheme) else port)
+
+
+def _port(parts: SplitResult, what: str) -> int | None:
+    try:
+        return parts.port
+    except ValueError as error:  # "Port could not be cast to integer value as 'abc'", out of range
+        raise ValueError(f"{what}: the port is not a number from 0 to 65535 ({error})") from None
+
+
+def _netloc(host: str, port: int | None) -> str:
+    """``host[:port]``, an IPv6 address in brackets (``[::1]:8765``) so the URI parses back."""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
 
 
 def portal_uri(host: str, portal_id: str) -> str:
@@ -94,16 +108,16 @@ def sanitize_uri(uri: SplitResult) -> SplitResult:
     The host is lower-cased and loses an explicit 443; the path must be ``/portal/<portal_id>`` (a
     trailing slash is dropped); a query or fragment is refused. Raises ValueError on anything else.
     """
-    if not uri.netloc or not uri.hostname:
+    hostname = (uri.hostname or "").lower().rstrip(".")  # "host." is the same DNS name as "host"
+    if not uri.netloc or not hostname:
         raise ValueError("URI format leadsquared:// must contain the portal API host")
     if uri.query or uri.fragment:
         raise ValueError("URI format leadsquared:// takes no query or fragment")
     parts = uri.path.rstrip("/").split("/")
     if len(parts) != 3 or parts[1] != "portal" or not parts[2]:
         raise ValueError("URI format leadsquared:// must be leadsquared://<host>/portal/<portal_id>")
-    host = uri.hostname.lower()
-    if uri.port and uri.port != 443:
-        host = f"{host}:{uri.port}"
+    port = _port(uri, "URI format leadsquared://")
+    host = _netloc(hostname, None if port == 443 else port)
     return uri._replace(scheme=SCHEME, netloc=host, path="/".join(parts))
 
 
@@ -163,6 +177,16 @@ def add_counts_to_portal_events(
         event = outlet_events[outlet]
         event.extra = {**(event.extra or {}), **counts}
     return counts
+
+
+def keep_counts_of_stopped_run(operator: Any, summary: Mapping[str, Any]) -> None:
+    """The counts of a run stopped before its summary (a kill, a broken read, a ledger outage, a bad
+    login), for its lineage: what it finished. Airflow records no asset event for a failed task.
+
+    Sets ``operator.registration_counts`` (:data:`EVENT_COUNTS` keys only), which
+    :mod:`airflow_provider_lsq.lineage` reads; a FAIL event's portal output then has the counts too.
+    """
+    operator.registration_counts = {key: summary[key] for key in EVENT_COUNTS if key in summary}
 
 
 def publish_counts(operator: Any, context: Mapping[str, Any], summary: Mapping[str, Any]) -> None:

@@ -99,3 +99,14 @@ class LeadSquaredBudgetUnavailableError(LeadSquaredError):
 
 class LeadSquaredStoppedError(LeadSquaredError):
     """The task is stopping (``on_kill``): a call still waiting for the rate limit was not sent."""
+
+
+class WarehouseReadError(Exception):
+    """Running the transfer's query, or reading its rows, failed in the warehouse.
+
+    Its message names the database's error (type and SQLSTATE when the driver gives one) but not the
+    database's own text, which may quote a row's values (``invalid input syntax for type integer:
+    "asha@example.com"``): the exception travels on to lineage (the FAIL event's ``errorMessage``
+    facet), failure callbacks and notifiers. The task log has the database's message. Not an
+    ``AirflowException``: Airflow retries it like the database's own error.
+    """

@@ -14,6 +14,13 @@ What is reported:
   as an output (same naming, from the ledger's hook); and the portal as an output.
 - ``RegisterPortalUserOperator``: the portal as an output.
 
+Connections are read while the task runs, not when the event is built: :func:`prepare_transfer_lineage`
+and :func:`prepare_portal_lineage`, called from ``execute()``, compute every part that needs a
+connection and keep it on the operator. On Airflow 3 the OpenLineage listener builds the COMPLETE and
+FAIL events in a forked process, where a connection lookup can hang (``airflow dags test`` with
+connections stored in the metadata database waited there until the listener's timeout, and the
+task's COMPLETE event was lost).
+
 The portal's dataset has namespace ``leadsquared://<portal API host>`` and name ``portal/<portal_id>``
 (the same as its asset, :mod:`airflow_provider_lsq.assets`), the run's counts as the
 ``leadsquaredRegistration`` output facet and the rows registered as the standard
@@ -23,18 +30,23 @@ The portal's dataset has namespace ``leadsquared://<portal API host>`` and name 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from airflow_provider_lsq.assets import SCHEME, portal_uri
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from airflow.providers.common.sql.hooks.sql import DbApiHook
     from airflow.providers.openlineage.extractors import OperatorLineage
 
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def openlineage_installed() -> bool:
@@ -46,26 +58,82 @@ def openlineage_installed() -> bool:
     return True
 
 
+def openlineage_enabled() -> bool:
+    """True when the OpenLineage provider is installed and not turned off (``[openlineage] disabled``
+    or no transport): only then is preparing the lineage worth its SQL parsing."""
+    if not openlineage_installed():
+        return False
+    try:
+        from airflow.providers.openlineage.conf import is_disabled
+    except ImportError:  # an older provider: let it decide later, as before
+        return True
+    try:
+        return not is_disabled()
+    except Exception:  # a configuration it cannot read: it will say so itself
+        return True
+
+
+@dataclass(frozen=True)
+class PreparedLineage:
+    """What a registration's lineage needs from its connections, read while the task runs.
+
+    ``query``: the query's inputs and SQL facets (None: none could be read); ``ledger``: the ledger
+    table as an output (None: none); ``portal``: the portal's ``(namespace, name)`` (None: no portal).
+    """
+
+    query: OperatorLineage | None = None
+    ledger: OperatorLineage | None = None
+    portal: tuple[str, str] | None = None
+
+
+def prepare_transfer_lineage(
+    operator: Any, sql_hook: DbApiHook, ledger_hook: DbApiHook, lsq_hook: LeadSquaredHook
+) -> None:
+    """Compute the transfer's lineage parts from its hooks and keep them on ``operator`` (as
+    ``prepared_lineage``), for the events built after ``execute()``. Does nothing when OpenLineage is
+    not installed or turned off; never raises (what cannot be read is left out with a warning)."""
+    if not openlineage_enabled():
+        return
+    sql = operator.sql.strip().rstrip(";").strip()
+    operator.prepared_lineage = PreparedLineage(
+        query=_guarded("the query's tables", lambda: _sql_lineage(sql_hook, sql, use_connection=None)),
+        ledger=_guarded("the ledger table", lambda: _ledger_lineage(ledger_hook, operator.ledger_table)),
+        portal=_guarded("the portal", lambda: _portal_name(lsq_hook.config)),
+    )
+
+
+def prepare_portal_lineage(operator: Any, lsq_hook: LeadSquaredHook) -> None:
+    """``RegisterPortalUserOperator``'s part of :func:`prepare_transfer_lineage`: the portal's name."""
+    if not openlineage_enabled():
+        return
+    operator.prepared_lineage = PreparedLineage(
+        portal=_guarded("the portal", lambda: _portal_name(lsq_hook.config))
+    )
+
+
+def _portal_name(config: LeadSquaredConfig) -> tuple[str, str] | None:
+    return portal_dataset_name(config.base_url, config.portal_id) if config.portal_id else None
+
+
 def portal_dataset_name(base_url: str, portal_id: str) -> tuple[str, str]:
     """``(namespace, name)`` of a portal: ``("leadsquared://<host>", "portal/<portal_id>")``."""
     parts = urlsplit(portal_uri(base_url, portal_id))
     return f"{SCHEME}://{parts.netloc}", parts.path.lstrip("/")
 
 
-def portal_output(leadsquared_conn_id: str, counts: Mapping[str, Any] | None) -> Any:
-    """The portal as an OpenLineage output dataset, with the run's counts when there are any."""
+def portal_output(portal: tuple[str, str] | None, counts: Mapping[str, Any] | None) -> Any:
+    """The portal ``(namespace, name)`` as an OpenLineage output dataset, with the run's counts when
+    there are any; None without a portal."""
     from airflow.providers.common.compat.openlineage.facet import (
         OutputDataset,
         OutputStatisticsOutputDatasetFacet,
     )
 
-    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
     from airflow_provider_lsq.lineage_facets import FACET_NAME, LeadSquaredRegistrationOutputDatasetFacet
 
-    config = LeadSquaredHook(leadsquared_conn_id).config
-    if not config.portal_id:
+    if portal is None:
         return None
-    namespace, name = portal_dataset_name(config.base_url, config.portal_id)
+    namespace, name = portal
     facets: dict[str, Any] = {}
     if counts:
         facets[FACET_NAME] = LeadSquaredRegistrationOutputDatasetFacet(
@@ -90,8 +158,47 @@ def portal_lineage(operator: Any) -> OperatorLineage | None:
         return None
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    output = portal_output(operator.leadsquared_conn_id, getattr(operator, "registration_counts", None))
+    counts = getattr(operator, "registration_counts", None)
+    prepared = _prepared(operator)
+    output = _guarded("the portal", lambda: portal_output(prepared.portal, counts))
     return OperatorLineage(outputs=[output] if output is not None else [])
+
+
+def _prepared(operator: Any) -> PreparedLineage:
+    """The parts ``execute()`` prepared, or, for an event built before it did (START, or a task that
+    failed before reading its connections), the same parts read now."""
+    prepared = getattr(operator, "prepared_lineage", None)
+    if isinstance(prepared, PreparedLineage):
+        return prepared
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+
+    portal = _guarded(
+        "the portal", lambda: _portal_name(LeadSquaredHook(operator.leadsquared_conn_id).config)
+    )
+    if not hasattr(operator, "sql"):
+        return PreparedLineage(portal=portal)
+    from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
+
+    sql = operator.sql.strip().rstrip(";").strip()
+    return PreparedLineage(
+        query=_guarded(
+            "the query's tables",
+            lambda: _sql_lineage(get_db_hook(operator.sql_conn_id, "sql_conn_id"), sql, use_connection=None),
+        ),
+        ledger=_guarded(
+            "the ledger table",
+            lambda: _ledger_lineage(
+                get_db_hook(operator.ledger_conn_id or operator.sql_conn_id, "ledger_conn_id"),
+                operator.ledger_table,
+            ),
+        ),
+        portal=portal,
+    )
+
+
+def _ledger_lineage(hook: DbApiHook, table: str) -> OperatorLineage | None:
+    """The ledger's dataset, named by the same parser: a statement writing to it, parsed, never run."""
+    return _sql_lineage(hook, f"INSERT INTO {table} (row_key) VALUES ('')", False)
 
 
 def transfer_lineage(operator: Any) -> OperatorLineage | None:
@@ -100,15 +207,13 @@ def transfer_lineage(operator: Any) -> OperatorLineage | None:
         return None
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
-
-    sql = operator.sql.strip().rstrip(";").strip()
-    query = _sql_lineage(get_db_hook(operator.sql_conn_id, "sql_conn_id"), sql, use_connection=None)
-    ledger_hook = get_db_hook(operator.ledger_conn_id or operator.sql_conn_id, "ledger_conn_id")
-    # The ledger's dataset, named by the same parser: a statement writing to it, parsed, never run.
-    ledger = _sql_lineage(ledger_hook, f"INSERT INTO {operator.ledger_table} (row_key) VALUES ('')", False)
+    # Each part on its own: a warehouse that is down (the very reason a task fails) costs the query's
+    # inputs, not the portal and the counts of what the run finished.
+    prepared = _prepared(operator)
+    query, ledger = prepared.query, prepared.ledger
     outputs: list[Any] = list(ledger.outputs) if ledger is not None else []
-    portal = portal_output(operator.leadsquared_conn_id, getattr(operator, "registration_counts", None))
+    counts = getattr(operator, "registration_counts", None)
+    portal = _guarded("the portal", lambda: portal_output(prepared.portal, counts))
     if portal is not None:
         outputs.append(portal)
     if query is None:
@@ -119,6 +224,15 @@ def transfer_lineage(operator: Any) -> OperatorLineage | None:
         run_facets=query.run_facets,
         job_facets=query.job_facets,
     )
+
+
+def _guarded(what: str, compute: Callable[[], T | None]) -> T | None:
+    """``compute()``, or None (logged by error type only: a database's message may quote data)."""
+    try:
+        return compute()
+    except Exception as error:
+        log.warning("OpenLineage: %s could not be read (%s): left out.", what, type(error).__name__)
+        return None
 
 
 def _sql_lineage(hook: DbApiHook, sql: str, use_connection: bool | None) -> OperatorLineage | None:

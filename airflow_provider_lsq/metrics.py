@@ -3,7 +3,8 @@
 Whichever backend the deployment configured in ``[metrics]`` receives them; with metrics off, every
 call here is a no-op. Every name starts with :data:`PREFIX` (after Airflow's own ``statsd_prefix``, so
 ``airflow.leadsquared.calls`` on StatsD) and every metric is tagged with the LeadSquared connection id
-(``conn_id``), never with anything about a lead:
+(``conn_id``; a character other than ASCII letters, digits, ``_``, ``.`` and ``-`` becomes ``_``, so
+``lsq:prod#1`` is tagged ``lsq_prod_1``), never with anything about a lead:
 
 =============================================  =======  ==================================================
 name                                           type     what
@@ -26,6 +27,7 @@ has no tags).
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -47,10 +49,20 @@ CALL_DURATION = PREFIX + "call_duration"
 REFUSALS = PREFIX + "refusals"
 RETRIES = PREFIX + "retries"
 RATE_LIMIT_WAIT = PREFIX + "rate_limit_wait"
+# What a tag value may hold: Airflow drops a whole metric (logging a traceback each time) whose name,
+# InfluxDB-style tags included, has any other character, and drops a tag holding "," or "=". Airflow
+# connection ids may also hold ":", "#", "!", "(", ")", "/", "\\" and non-ASCII letters.
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+MAX_TAG_LENGTH = 100  # Airflow refuses a metric name (tags included) longer than 250 characters
+
+
+def tag_value(conn_id: str) -> str:
+    """``conn_id`` as a tag value every backend takes: each other character becomes ``_``."""
+    return _TAG_UNSAFE.sub("_", conn_id)[:MAX_TAG_LENGTH] or "_"
 
 
 def _tags(conn_id: str) -> dict[str, str]:
-    return {"conn_id": conn_id}
+    return {"conn_id": tag_value(conn_id)}
 
 
 def registration(conn_id: str, status: RegistrationStatus | str) -> None:

@@ -168,25 +168,38 @@ class RegistrationProgress:
         return summary
 
     def raise_if_too_many_failures(
-        self, max_failure_ratio: float, *, considered: int | None = None, failures: int | None = None
+        self,
+        max_failure_ratio: float,
+        *,
+        considered: int | None = None,
+        failures: int | None = None,
+        name_rows: bool = True,
     ) -> None:
         """Fail when ``(invalid + failed) / considered`` exceeds the ratio, naming the first failures.
 
         ``considered`` and ``failures`` default to this progress's counts; the SQL transfer passes the
-        whole run's (its earlier tries included, from the ledger).
+        whole run's (its earlier tries included, from the ledger). ``name_rows`` False: the message
+        leaves the rows' keys out (they are lead values), pointing at the WARNING lines that name them.
+        The exception travels on to lineage (the FAIL event's ``errorMessage``) and failure callbacks.
         """
         considered = self.considered if considered is None else considered
         failures = self.failures if failures is None else failures
         first = self.first_failures
         if not considered or failures / considered <= max_failure_ratio:
             return
+        verdict = (
+            f"{failures} of {considered} rows failed ({failures / considered:.1%}), above "
+            f"max_failure_ratio={max_failure_ratio}."
+        )
+        if not name_rows:
+            raise AirflowException(
+                f"{verdict} The first failures are logged above at WARNING by row key, and every "
+                "outcome is in XCom 'outcomes' (the row keys are lead values: not repeated here)."
+            )
         lines = "\n".join(f"  {line}" for line in first)
         more = failures - len(first)
         tail = f"\n  ... and {more} more (see the task log and the outcomes)" if more > 0 else ""
-        raise AirflowException(
-            f"{failures} of {considered} rows failed ({failures / considered:.1%}), above "
-            f"max_failure_ratio={max_failure_ratio}. First failures:\n{lines}{tail}"
-        )
+        raise AirflowException(f"{verdict} First failures:\n{lines}{tail}")
 
     # -- logging ---------------------------------------------------------------------------------
 

@@ -527,17 +527,21 @@ class RegistrationRun:
         *,
         verdict: tuple[int, int] | None = None,
         on_summary: Callable[[dict[str, Any]], None] | None = None,
+        name_rows: bool = True,
         **extra: int,
     ) -> dict[str, Any]:
         """Log and return the summary (counts only); raise when too many rows failed.
 
         ``verdict`` is ``(considered, failures)`` when the operator knows the whole run's counts.
         ``on_summary`` gets the summary before the verdict, so a failing run publishes its counts too.
+        ``name_rows`` False: the failure's message names no row key (they are lead values).
         """
         summary = {**self.progress.summary(dry_run, duration), **extra}
         self.log.info("LeadSquared registration summary: %s", summary)
         if on_summary is not None:
             on_summary(summary)
         considered, failures = verdict if verdict is not None else (None, None)
-        self.progress.raise_if_too_many_failures(max_failure_ratio, considered=considered, failures=failures)
+        self.progress.raise_if_too_many_failures(
+            max_failure_ratio, considered=considered, failures=failures, name_rows=name_rows
+        )
         return summary

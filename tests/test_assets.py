@@ -94,6 +94,25 @@ def test_the_scheme_is_declared_and_airflow_normalises_with_it() -> None:
     assert (dataset.namespace, dataset.name) == ("leadsquared://portalapi.leadsquared.com", "portal/abc")
 
 
+def test_ipv6_hosts_stray_spaces_and_bad_ports_make_uris_that_parse_back_or_a_clear_error() -> None:
+    assert portal_host("http://[::1]:8765") == "[::1]:8765"
+    assert portal_host("https://[2001:DB8::1]:443/") == "[2001:db8::1]"
+    assert portal_host("  PortalAPI.leadsquared.com  ") == "portalapi.leadsquared.com"
+    assert portal_host("https://portalapi.leadsquared.com.:443") == "portalapi.leadsquared.com"  # FQDN
+    assert sanitize_uri(urlsplit("leadsquared://H.com./portal/p1")).netloc == "h.com"
+    uri = portal_uri("http://[::1]:8765", "p1")
+    assert uri == "leadsquared://[::1]:8765/portal/p1"
+    assert sanitize_uri(urlsplit(uri)).geturl() == uri  # it parses back as itself
+    assert sanitize_uri(urlsplit("leadsquared://[2001:DB8::1]:443/portal/p1")).netloc == "[2001:db8::1]"
+    dataset = convert_asset_to_openlineage(portal_asset("http://[::1]:8765", "p1"), None)
+    assert (dataset.namespace, dataset.name) == ("leadsquared://[::1]:8765", "portal/p1")
+    for bad in ("leadsquared://h:abc/portal/p1", "leadsquared://h:99999/portal/p1"):
+        with pytest.raises(ValueError, match="leadsquared://: the port is not a number"):
+            sanitize_uri(urlsplit(bad))
+    with pytest.raises(ValueError, match="portal API URL 'https://h:x': the port"):
+        portal_host("https://h:x")
+
+
 # -- the example DAGs, end to end ------------------------------------------------------------------------
 
 
@@ -300,6 +319,25 @@ def _check_failure_email(example: Sandbox, smtp: _SmtpServer, tmp_path: Path) ->
     assert "FROM lsq_portal_registrations" in message
     assert not [e for e in emails if e in message]
     assert not [s for s in sandbox_secrets(example) if s in message]
+
+
+@pytest.mark.airflow_db
+def test_a_run_stopped_before_any_row_mails_that_no_row_failed_and_where_to_look(
+    airflow_db: Path, smtp: _SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys LeadSquared refuses stop the task before its first row: the email must not claim "0 rows
+    failed" as if that were the cause, but say no row failed and send the reader to the task log."""
+    with _example(tmp_path, monkeypatch) as example:
+        example.set_wrong_region("portalapi-us11.leadsquared.com")  # every call answers 401
+        dag_run = _run(_dagbag().dags[UPSTREAM], {"lookback_days": 7})
+        assert str(dag_run.state) == "failed"
+        assert len(smtp.messages) == 1, "one failure email"
+        message = _body(smtp.messages[0])
+        assert "No row of this run is recorded as failed" in message, message
+        assert "its log gives" in message
+        assert "rows failed" not in message
+        assert "FROM lsq_portal_registrations" in message
+        assert not [s for s in sandbox_secrets(example) if s in message]
 
 
 def _body(raw: str) -> str:

@@ -483,3 +483,16 @@ def test_seed_postgres_round_trips_unicode(postgres_server: str) -> None:
     assert count == 150
     assert dt.datetime(2026, 11, 13, 5, 30) <= low <= high < dt.datetime(2026, 11, 20, 5, 30)
     assert {"Zoë", "José", "Ananyā", "Søren", "李"} & names
+
+
+def test_seed_cli_names_a_missing_postgres_database_without_its_password(
+    postgres_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database that does not exist yet is the usual first mistake: one line saying so, no traceback."""
+    server, _, _ = postgres_server.rpartition("/")
+    missing = server.replace("postgres@", "postgres:s3cret-pw@") + "/lsq_no_such_warehouse"
+    assert seed_warehouse.main(["--postgres", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Not seeded: Cannot connect to the PostgreSQL warehouse postgresql://")
+    assert "lsq_no_such_warehouse" in err and "createdb" in err
+    assert "s3cret-pw" not in err and "Traceback" not in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.helpers import sandbox_secrets
+from tests.test_transfer_sql import BOMB, applicants, context, make_warehouse, transfer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -44,13 +46,20 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1,
         key_column="applicant_id",
         ledger_table={ledger!r},
         max_failure_ratio=0.5,
+        batch_size={batch_size},
         outlets=[portal_asset({host!r}, {portal_id!r})],
     )
 """
 
 RUNNER = """
-import datetime as dt, sys
-from airflow.models import DagBag
+import datetime as dt, json, os, sys
+from airflow.models import Connection, DagBag
+from airflow.utils.session import create_session
+# Connections stored in the metadata database (the UI's and the CLI's), not in environment variables.
+with create_session() as session:
+    for conn_id, fields in json.loads(os.environ.get("LSQ_STORED_CONNECTIONS", "{{}}")).items():
+        session.query(Connection).filter(Connection.conn_id == conn_id).delete()
+        session.add(Connection(conn_id=conn_id, **fields))
 bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
 dag = bag.dags[sys.argv[2]]
@@ -81,14 +90,77 @@ def _is_task(event: dict[str, Any]) -> bool:
     return str(event.get("job", {}).get("name", "")).endswith(".register")
 
 
+def _run_with_lineage(
+    tmp_path: Path,
+    folder: Path,
+    dag_id: str,
+    sb: Sandbox,
+    postgres_server: str,
+    state: str,
+    stored_connections: bool = False,
+) -> list[dict[str, Any]]:
+    """``dag.test()`` of ``dag_id`` (in ``folder``) in a child process with the OpenLineage provider's
+    file transport, the sandbox as ``leadsquared_default`` and the database as ``lsq_ol_wh`` (in
+    environment variables, or with ``stored_connections`` in the metadata database); checks the run
+    ended in ``state`` and returns the events."""
+    events_file = tmp_path / "openlineage.jsonl"
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    warehouse = postgres_server.replace("postgresql://", "postgres://", 1)
+    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    if stored_connections:
+        conn["extra"] = json.dumps(conn["extra"])
+        connections = {
+            "LSQ_STORED_CONNECTIONS": json.dumps(
+                {"leadsquared_default": conn, "lsq_ol_wh": {"uri": warehouse}}
+            )
+        }
+    else:
+        connections = {
+            "AIRFLOW_CONN_LEADSQUARED_DEFAULT": json.dumps(conn),
+            "AIRFLOW_CONN_LSQ_OL_WH": warehouse,
+        }
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")},
+        **connections,
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+            {"type": "file", "log_file_path": str(events_file), "append": True}
+        ),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "lsq_lineage_test",
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(
+            [
+                {"name": "dags-folder", "classpath": local, "kwargs": {}},
+                {"name": f"lsq-lineage-{dag_id}", "classpath": local, "kwargs": {"path": str(folder)}},
+            ]
+        ),
+    }
+    runner = textwrap.dedent(RUNNER.format(airflow_3=AIRFLOW_3))
+    proc = subprocess.run(
+        [sys.executable, "-c", runner, str(folder), dag_id, LOGICAL_DATE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    output = proc.stdout + proc.stderr
+    ended = output.replace(f"DagRunState.{state.upper()}", state)
+    assert proc.returncode == 0 and f"STATE {state}" in ended, output[-5000:]
+    return _events(events_file)
+
+
 @pytest.mark.postgres
 @pytest.mark.airflow_db
+@pytest.mark.parametrize("stored_connections", [False, True], ids=["env-connections", "stored-connections"])
 def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_without_secrets(
     airflow_db: Path,
     postgres_server: str,
     leadsquared_sandbox_factory: Callable[..., Sandbox],
     tmp_path: Path,
+    stored_connections: bool,
 ) -> None:
+    """With connections in environment variables, and in the metadata database: on Airflow 3 the
+    OpenLineage listener reports from a forked process, where a ``dag.test()`` run cannot look a
+    stored connection up (it waited until the listener's timeout and the COMPLETE event was lost)."""
     import psycopg2
 
     sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
@@ -111,41 +183,13 @@ def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_
     )
     ledger = f"{schema}.lsq_ledger"
     (folder / f"{dag_id}.py").write_text(
-        DAG_FILE.format(dag_id=dag_id, sql=sql, ledger=ledger, host=sb.url, portal_id=sb.portal_id)
+        DAG_FILE.format(
+            dag_id=dag_id, sql=sql, ledger=ledger, host=sb.url, portal_id=sb.portal_id, batch_size=500
+        )
     )
-    events_file = tmp_path / "openlineage.jsonl"
-    conn = json.loads(sb.connection_json())
-    conn["extra"]["retry_wait_seconds"] = 0.01
-    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
-    env = {
-        **os.environ,
-        "AIRFLOW_CONN_LEADSQUARED_DEFAULT": json.dumps(conn),
-        "AIRFLOW_CONN_LSQ_OL_WH": postgres_server.replace("postgresql://", "postgres://", 1),
-        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
-            {"type": "file", "log_file_path": str(events_file), "append": True}
-        ),
-        "AIRFLOW__OPENLINEAGE__NAMESPACE": "lsq_lineage_test",
-        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(
-            [
-                {"name": "dags-folder", "classpath": local, "kwargs": {}},
-                {"name": "lsq-lineage-tests", "classpath": local, "kwargs": {"path": str(folder)}},
-            ]
-        ),
-    }
-    runner = textwrap.dedent(RUNNER.format(airflow_3=AIRFLOW_3))
-    proc = subprocess.run(
-        [sys.executable, "-c", runner, str(folder), dag_id, LOGICAL_DATE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    events = _run_with_lineage(
+        tmp_path, folder, dag_id, sb, postgres_server, "success", stored_connections=stored_connections
     )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "STATE success" in output.replace("DagRunState.SUCCESS", "success"), (
-        output[-5000:]
-    )
-
-    events = _events(events_file)
     complete = next(e for e in events if e["eventType"] == "COMPLETE" and _is_task(e))
     database = postgres_server.rsplit("/", 1)[1]
     inputs = {(d["namespace"], d["name"]) for d in complete["inputs"]}
@@ -165,11 +209,69 @@ def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_
     assert portal["outputFacets"]["outputStatistics"]["rowCount"] == 5
     assert "sql" in complete["job"]["facets"]  # the query, as common-sql's operators report it
 
-    text = events_file.read_text()
+    text = json.dumps(events)
     assert not [s for s in sandbox_secrets(sb) if s in text], "a secret reached a lineage event"
     for i in range(1, 7):
         assert f"lineage{i}@example.edu" not in text and f"Lineagefirst{i}" not in text
     assert "Lineagenoemail" not in text
+
+
+@pytest.mark.postgres
+@pytest.mark.airflow_db
+def test_a_failed_transfer_reports_its_counts_and_no_row_value_from_the_database_error(
+    airflow_db: Path,
+    postgres_server: str,
+    leadsquared_sandbox_factory: Callable[..., Sandbox],
+    tmp_path: Path,
+) -> None:
+    """A warehouse error quoting a row's value (a cast of an email) fails the task: its FAIL event has
+    the counts of the rows sent before it, and the value in no facet (errorMessage included)."""
+    import psycopg2
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    schema = f"olf_{uuid.uuid4().hex[:8]}"
+    db = psycopg2.connect(postgres_server)
+    with db, db.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+        cur.execute(f"CREATE TABLE {schema}.applicants (applicant_id INTEGER, email TEXT, first_name TEXT)")
+        rows = [(i, f"olbroken{i}@example.edu", f"Olbrokenname{i}") for i in range(1, 6)]
+        cur.executemany(f"INSERT INTO {schema}.applicants VALUES (%s, %s, %s)", rows)
+    db.close()
+
+    dag_id = f"lsq_lineage_fail_{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    # Row 4's cast fails, quoting its email: "invalid input syntax for type integer: ...". No ORDER BY:
+    # PostgreSQL would compute every row (and fail) before the first fetch.
+    sql = (
+        f'SELECT CAST(applicant_id AS TEXT) AS applicant_id, email AS "EmailAddress", '
+        f"first_name AS \"FirstName\", CAST(CASE WHEN applicant_id = 4 THEN email ELSE '1' END "
+        f'AS INTEGER) AS "mx_Intake" FROM {schema}.applicants'
+    )
+    (folder / f"{dag_id}.py").write_text(
+        DAG_FILE.format(
+            dag_id=dag_id,
+            sql=sql,
+            ledger=f"{schema}.lsq_ledger",
+            host=sb.url,
+            portal_id=sb.portal_id,
+            batch_size=1,
+        )
+    )
+    events = _run_with_lineage(tmp_path, folder, dag_id, sb, postgres_server, "failed")
+
+    fail = next(e for e in events if e["eventType"] == "FAIL" and _is_task(e))
+    outputs = {(d["namespace"], d["name"]): d for d in fail["outputs"]}
+    portal = outputs[(f"leadsquared://127.0.0.1:{sb.port}", f"portal/{sb.portal_id}")]
+    counts = portal["outputFacets"]["leadsquaredRegistration"]
+    assert 1 <= counts["registered"] == sb.register_calls <= 3
+    assert (counts["failed"], counts["invalid"]) == (0, 0)
+    error = fail["run"]["facets"]["errorMessage"]
+    assert "InvalidTextRepresentation" in error["message"] and "22P02" in error["message"]
+    text = json.dumps(events)
+    for i in range(1, 6):
+        assert f"olbroken{i}@example.edu" not in text and f"Olbrokenname{i}" not in text, i
+    assert not [s for s in sandbox_secrets(sb) if s in text]
 
 
 def test_without_the_openlineage_provider_nothing_is_imported_or_reported(tmp_path: Path) -> None:
@@ -237,3 +339,147 @@ def test_register_portal_user_operator_reports_the_portal_with_its_counts(
     text = Serde.to_json(portal)
     assert not [s for s in sandbox_secrets(sb) if s in text]
     assert "example.edu" not in text and "Olportalname" not in text
+
+
+def _portal_counts(op: Any) -> Any:
+    outputs = op.get_openlineage_facets_on_complete(None).outputs
+    (portal,) = [o for o in outputs if o.name.startswith("portal/")]
+    return portal.outputFacets["leadsquaredRegistration"], portal.outputFacets["outputStatistics"]
+
+
+def test_a_transfer_stopped_by_a_broken_read_still_reports_the_counts_it_finished(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    leadsquared_sandbox_factory: Callable[..., Sandbox],
+) -> None:
+    """The FAIL event's lineage (the OpenLineage provider asks the same method) has the counts."""
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+    warehouse = make_warehouse("sqlite", request, tmp_path, monkeypatch)
+    warehouse.seed(applicants())
+    op = transfer(warehouse, sql=warehouse.sql(BOMB))
+    with pytest.raises(Exception):  # noqa: B017  (the warehouse's own error)
+        op.execute(context())
+    registered = sum(1 for row in warehouse.ledger().values() if row["status"] == "registered")
+    assert 0 < registered == sb.register_calls
+    facet, statistics = _portal_counts(op)
+    assert (facet.registered, facet.failed, facet.invalid) == (registered, 0, 0)
+    assert facet.total >= registered and statistics.rowCount == registered
+
+
+def test_a_killed_registration_still_reports_the_counts_it_finished(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from airflow.providers.common.compat.sdk import AirflowException
+
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=1000, rate_limit_period=1.0, latency=0.05)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_KILL", json.dumps(conn))
+    leads = [{"EmailAddress": f"olkill{i}@example.edu"} for i in range(200)]
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=leads, leadsquared_conn_id="lsq_ol_kill", max_workers=2
+    )
+
+    def kill_once_some_are_registered() -> None:
+        deadline = time.monotonic() + 30
+        while sb.register_calls < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        op.on_kill()
+
+    killer = threading.Thread(target=kill_once_some_are_registered)
+    killer.start()
+
+    class TI:
+        def xcom_push(self, key: str, value: Any) -> None:
+            pass
+
+    with pytest.raises(AirflowException, match="stopped"):
+        op.execute({"ti": TI(), "run_id": "manual__1"})  # type: ignore[arg-type]
+    killer.join()
+    facet, statistics = _portal_counts(op)
+    assert 5 <= facet.registered == sb.register_calls < len(leads)
+    assert statistics.rowCount == facet.registered
+
+
+def test_a_portal_registration_failing_its_ratio_names_no_lead_in_its_error_and_reports_counts(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its rows are keyed by their email (the default): the exception, which Airflow's OpenLineage
+    provider puts in the FAIL event's errorMessage facet, names none of them."""
+    from airflow.providers.common.compat.sdk import AirflowException
+
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_RATIO", json.dumps(conn))
+    leads = [{"EmailAddress": "olratio1@example.edu", "FirstName": "Olrationame"}]
+    leads += [{"EmailAddress": f"olratio{i}@example.edu", "mx_Unknown": "x"} for i in range(2, 5)]
+    op = RegisterPortalUserOperator(task_id="register", leads=leads, leadsquared_conn_id="lsq_ol_ratio")
+
+    class TI:
+        def xcom_push(self, key: str, value: Any) -> None:
+            pass
+
+    with pytest.raises(AirflowException, match="3 of 4 rows failed") as info:
+        op.execute({"ti": TI(), "run_id": "manual__1"})  # type: ignore[arg-type]
+    assert "example.edu" not in str(info.value) and "olratio" not in str(info.value)
+    facet, _ = _portal_counts(op)
+    assert (facet.registered, facet.failed, facet.total) == (1, 3, 4)
+
+
+@pytest.mark.postgres
+def test_a_warehouse_that_is_down_costs_the_query_and_ledger_datasets_not_the_portal_and_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The OpenLineage provider asks for lineage when the task failed, often because the warehouse is
+    down: the portal output and the counts of what the run finished are still reported."""
+    from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = closed.getsockname()[1]
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_DOWN", f"postgres://postgres@127.0.0.1:{port}/warehouse")
+    lsq = {"conn_type": "leadsquared", "host": "https://PortalAPI.leadsquared.com", "login": "u$DownKey1"}
+    lsq |= {"password": "DownSecret+/=", "extra": {"portal_id": "p1"}}
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_DOWN_PORTAL", json.dumps(lsq))
+    op = SqlToLeadSquaredPortalOperator(
+        task_id="register",
+        sql="SELECT applicant_id FROM crm.applicants",
+        sql_conn_id="lsq_ol_down",
+        key_column="applicant_id",
+        leadsquared_conn_id="lsq_ol_down_portal",
+    )
+    op.registration_counts = {"total": 7, "registered": 5, "failed": 0, "invalid": 0}
+    try:
+        facet, statistics = _portal_counts(op)
+    finally:
+        closed.close()
+    assert (facet.registered, facet.total, statistics.rowCount) == (5, 7, 5)
+
+
+@pytest.mark.postgres
+def test_a_broken_leadsquared_connection_costs_the_portal_not_the_query_and_ledger(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    warehouse = make_warehouse("postgres", request, tmp_path, monkeypatch)
+    warehouse.seed(applicants(2))
+    broken = {"conn_type": "leadsquared", "host": "ftp://nowhere", "login": "u$BrokenKey1"}
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_BROKEN", json.dumps({**broken, "password": "BrokenSecret+/="}))
+    op = transfer(warehouse, leadsquared_conn_id="lsq_ol_broken")
+    lineage = op.get_openlineage_facets_on_complete(None)
+    assert [d.name.rsplit(".", 2)[1:] for d in lineage.inputs] == [[warehouse.schema, "applicants"]]
+    assert [d.name.rsplit(".", 2)[1:] for d in lineage.outputs] == [[warehouse.schema, "lsq_ledger"]]
+    portal = RegisterPortalUserOperator(task_id="r", leads=[], leadsquared_conn_id="lsq_ol_broken")
+    assert portal.get_openlineage_facets_on_complete(None).outputs == []

@@ -195,3 +195,29 @@ class _TI:
 
     def xcom_push(self, key: str, value: Any) -> None:
         pass
+
+
+def test_a_connection_id_with_characters_statsd_refuses_still_gets_its_metrics_with_a_safe_tag(
+    statsd: StatsdListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Airflow allows ``:``, ``#``, ``!``, ``(``, ``)``, ``/`` and non-ASCII letters in a connection
+    id; Airflow's Stats drops a metric whose name or tag holds one (and a tag with ``,`` or ``=``)."""
+    odd = {
+        "lsq:prod#1": "lsq_prod_1",
+        "lsq prod(eu)!": "lsq_prod_eu__",
+        "lsq/prod\\x": "lsq_prod_x",
+        "lsq,a=b": "lsq_a_b",
+        "lsqünï": "lsq_n_",
+        "x" * 300: "x" * metrics.MAX_TAG_LENGTH,
+    }
+    caplog.set_level("ERROR")
+    for conn_id in odd:
+        metrics.registration(conn_id, "registered")
+        with metrics.api_call(conn_id):
+            pass
+    packets = statsd.drain()
+    p = "airflow." + metrics.PREFIX
+    for name in ("registrations.registered", "calls", "call_duration"):
+        tags = sorted(t["conn_id"] for n, t, _, _ in packets if n == p + name)
+        assert tags == sorted(odd.values()), name
+    assert "Invalid stat name" not in caplog.text and "Dropping invalid tag" not in caplog.text

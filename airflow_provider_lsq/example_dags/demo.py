@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -45,9 +46,10 @@ DAG_ID = "lsq_register_new_applicants"
 TASK_ID = "register_new_applicants"
 LEDGER_TABLE = "lsq_portal_registrations"
 LOOKBACK_DAYS = 7
+# The sandbox's usual port when it is free, so the portal's asset (``leadsquared://127.0.0.1:8765/...``)
+# stays the same from one demo run to the next; any free port otherwise.
+SANDBOX_PORT = 8765
 SANDBOX_ARGS = [
-    "--port",
-    "0",
     "--rate-limit",
     "25/5",
     "--latency",
@@ -107,6 +109,17 @@ def migrate(home: Path, env: dict[str, str]) -> None:
     marker.touch()
 
 
+def port_is_free(port: int) -> bool:
+    """Whether ``127.0.0.1:port`` can be bound now."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the sandbox's server binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class SandboxProcess:
     """The sandbox CLI as a subprocess: it prints the Airflow connection as one JSON line."""
 
@@ -115,7 +128,8 @@ class SandboxProcess:
         self.connection: dict[str, Any] = {}
 
     def start(self, timeout: float = 30.0) -> SandboxProcess:
-        command = [sys.executable, "-m", "airflow_provider_lsq.sandbox", *SANDBOX_ARGS]
+        port = SANDBOX_PORT if port_is_free(SANDBOX_PORT) else 0
+        command = [sys.executable, "-m", "airflow_provider_lsq.sandbox", "--port", str(port), *SANDBOX_ARGS]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line: list[str] = []
         stdout = self.proc.stdout

@@ -141,6 +141,9 @@ FAILURE_EMAIL = SmtpNotifier(
 <p>{{ ti.task_id }} in {{ dag.dag_id }} (run {{ run_id }}) failed.</p>
 {% if counts is none -%}
 <p>The ledger could not be read: the task log says why the run stopped.</p>
+{%- elif counts.get("failed", 0) + counts.get("invalid", 0) == 0 -%}
+<p>No row of this run is recorded as failed ({{ counts.get("registered", 0) }} registered in this run):
+the task stopped for another reason, which its log gives (a refused connection, the warehouse, a stop).</p>
 {%- else -%}
 <p>{{ counts.get("failed", 0) + counts.get("invalid", 0) }} rows failed
 ({{ counts.get("failed", 0) }} failed, {{ counts.get("invalid", 0) }} invalid,

@@ -238,11 +238,29 @@ def _seed_sqlite(path: str, rows: Iterator[tuple[Any, ...]]) -> None:
         conn.close()
 
 
-def _seed_postgres(uri: str, rows: Iterator[tuple[Any, ...]]) -> None:
-    import psycopg2
-    from psycopg2.extras import execute_values
+class SeedError(Exception):
+    """The warehouse cannot be seeded; the message says why and what to do."""
 
-    conn = psycopg2.connect(uri)
+
+def _seed_postgres(uri: str, rows: Iterator[tuple[Any, ...]]) -> None:
+    try:
+        import psycopg2
+        from psycopg2.extras import execute_values
+    except ImportError as error:
+        raise SeedError(
+            "A PostgreSQL warehouse needs psycopg2, which the PostgreSQL provider installs: "
+            "pip install 'airflow-provider-leadsquared[postgres]'"
+        ) from error
+
+    try:
+        conn = psycopg2.connect(uri)
+    except psycopg2.OperationalError as error:
+        # psycopg2's message names the server and the database, never the password.
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise SeedError(
+            f"Cannot connect to the PostgreSQL warehouse {_without_password(uri)}: {reason}. The database "
+            "must exist (createdb, or CREATE DATABASE) and accept this user."
+        ) from error
     try:
         with conn, conn.cursor() as cur:
             cur.execute(f"DROP TABLE IF EXISTS {TABLE}")
@@ -252,6 +270,12 @@ def _seed_postgres(uri: str, rows: Iterator[tuple[Any, ...]]) -> None:
                 execute_values(cur, sql, batch, page_size=1000)
     finally:
         conn.close()
+
+
+def _without_password(uri: str) -> str:
+    """``scheme://host:port/db``: the URI without its user and password, to name it in a message."""
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
 
 
 def _is_postgres(target: str) -> bool:
@@ -306,10 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--end", default=None, help="exclusive end, ISO date/time in UTC (default: today)")
     parser.add_argument("--seed", type=int, default=SEED, help="random seed (default %(default)s)")
     args = parser.parse_args(argv)
-    result = seed(
-        args.sqlite or args.postgres, days=args.days, count=args.count, end=args.end, seed=args.seed
-    )
-    where_to = args.sqlite or args.postgres.split("@")[-1]  # never print a password from the URI
+    try:
+        result = seed(
+            args.sqlite or args.postgres, days=args.days, count=args.count, end=args.end, seed=args.seed
+        )
+    except SeedError as error:
+        print(f"Not seeded: {error}", file=sys.stderr)
+        return 1
+    where_to = args.sqlite or _without_password(args.postgres)  # never print a password from the URI
     print(
         f"Seeded {result.count} applicants into {TABLE} at {where_to}, created in "
         f"[{result.start:%Y-%m-%d %H:%M}, {result.end:%Y-%m-%d %H:%M}) UTC; bad rows: no email "

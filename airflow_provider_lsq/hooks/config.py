@@ -274,8 +274,9 @@ class LeadSquaredConfig:
         if is_redis_uri(storage) and importlib.util.find_spec("redis") is None:
             raise read.error(
                 "rate_limit_storage",
-                "names a Redis server, but the redis package is missing: "
-                "pip install 'airflow-provider-leadsquared[redis]'",
+                "names a Redis server, but the redis package is missing: install the provider's "
+                "redis extra (pip install 'airflow-provider-leadsquared[redis]', which installs "
+                "apache-airflow-providers-redis)",
             )
         reserve = read.number("rate_limit_reserve", float, 0.1, allow_zero=True, bounded=False)
         if reserve > MAX_RESERVE:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
 
-from airflow_provider_lsq.assets import publish_counts
+from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
-from airflow_provider_lsq.lineage import portal_lineage
+from airflow_provider_lsq.lineage import portal_lineage, prepare_portal_lineage
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
 
@@ -123,6 +123,7 @@ class RegisterPortalUserOperator(BaseOperator):
             sink=sink,
             total=len(leads),
         )
+        prepare_portal_lineage(self, run.hook)
         progress = run.progress
         self.log.info(
             "%s %d leads as portal users (connection %r).",
@@ -134,6 +135,9 @@ class RegisterPortalUserOperator(BaseOperator):
         try:
             with progress:
                 run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.register(rows))
+        except BaseException:  # a kill too: the FAIL event's lineage says what the run finished
+            keep_counts_of_stopped_run(self, progress.summary(self.is_dry_run))
+            raise
         finally:  # a run stopped by a bad login or a kill still shows what it finished
             context["ti"].xcom_push(key="outcomes", value=sink.outcomes)
         return run.finish(
@@ -141,6 +145,7 @@ class RegisterPortalUserOperator(BaseOperator):
             time.monotonic() - started,
             self.max_failure_ratio,
             on_summary=lambda summary: publish_counts(self, context, summary),
+            name_rows=False,  # keys are lead values; the exception reaches lineage and callbacks
         )
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:

@@ -32,13 +32,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m airflow_provider_lsq.sandbox", description="A local LeadSquared portal API."
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
-    parser.add_argument("--rate-limit", type=_rate_limit, default=(25, 5.0), metavar="N/P")
-    parser.add_argument("--daily-limit", type=int, default=None, metavar="N")
-    parser.add_argument("--refusal-form", choices=["429", "403", "200", "cycle"], default="429")
-    parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS")
-    parser.add_argument("--latency-jitter", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        default=(25, 5.0),
+        metavar="N/P",
+        help="the account's plan: N calls per moving window of P seconds; one more locks the account "
+        "out for a window (default 25/5)",
+    )
+    parser.add_argument(
+        "--daily-limit", type=int, default=None, metavar="N", help="calls allowed per day (default: none)"
+    )
+    parser.add_argument(
+        "--refusal-form",
+        choices=["429", "403", "200", "cycle"],
+        default="429",
+        help="how a rate-limit refusal answers: HTTP 429, 403, or 200 with an error body; 'cycle' "
+        "rotates through them (default 429)",
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.0, metavar="SECONDS", help="added to every answer (default 0)"
+    )
+    parser.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="random extra latency, up to this much (default 0)",
+    )
     parser.add_argument(
         "--background-rate",
         type=float,
@@ -46,12 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CALLS_PER_SECOND",
         help="the account's other integrations: calls at random arrivals spending the same budget",
     )
-    parser.add_argument("--fault-rate", type=float, default=0.0, metavar="P")
-    parser.add_argument("--lost-response-rate", type=float, default=0.0, metavar="P")
-    parser.add_argument("--access-key", default=None)
-    parser.add_argument("--secret-key", default=None)
-    parser.add_argument("--portal-id", default="sandbox-portal")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of calls answered by a gateway fault (502 or 503, with or without an HTML body) "
+        "(default 0)",
+    )
+    parser.add_argument(
+        "--lost-response-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of register calls carried out whose answer is then lost (a 502 from the gateway) "
+        "(default 0)",
+    )
+    parser.add_argument("--access-key", default=None, help="the account's Access Key (default: random)")
+    parser.add_argument("--secret-key", default=None, help="the account's Secret Key (default: random)")
+    parser.add_argument("--portal-id", default="sandbox-portal", help="(default sandbox-portal)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="random seed for faults and latency, for repeatable runs"
+    )
     return parser
 
 

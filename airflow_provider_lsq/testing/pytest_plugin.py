@@ -10,7 +10,7 @@ Installed as a pytest plugin (entry point ``leadsquared``), so the fixtures are 
   ``background_rate=1.0`` makes the sandbox play the account's other integrations (web forms,
   telephony) at 1 call per second, random arrivals, on the same budget; ``sandbox.refusals_by_caller``
   then tells whose calls were refused (``ours``, ``background``).
-- ``leadsquared_sandbox_factory``: ``make(**kwargs) -> Sandbox`` for several sandboxes in one test.
+- ``leadsquared_sandbox_factory``: a function ``(**kwargs) -> Sandbox``, for several sandboxes in one test.
 - ``leadsquared_conn``: the sandbox above, also exported as ``AIRFLOW_CONN_LEADSQUARED_DEFAULT``.
 
 This module never imports Airflow, so it loads in any pytest run.

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from airflow.providers.common.compat.sdk import AirflowFailException, BaseHook, BaseOperator
 from airflow.providers.common.sql.hooks.sql import DbApiHook
 
-from airflow_provider_lsq.assets import publish_counts
-from airflow_provider_lsq.exceptions import LeadSquaredConfigError
+from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_counts
+from airflow_provider_lsq.exceptions import LeadSquaredConfigError, WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, first_identifier, lead_fingerprint
-from airflow_provider_lsq.lineage import transfer_lineage
+from airflow_provider_lsq.lineage import prepare_transfer_lineage, transfer_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
@@ -255,6 +255,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: the ledger and "
                 "the registration need it (Workflow > Manage Portals in LeadSquared, in the page URL)."
             )
+        prepare_transfer_lineage(self, sql_hook, ledger_hook, lsq_hook)
         execution = self._execution(context)
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
@@ -272,7 +273,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         progress = run.progress
         transfer = _Transfer(self, ledger, sink, run, execution)
         with progress:
-            run.execute(lambda: transfer.run(sql_hook, sql, portal_id))
+            try:
+                run.execute(lambda: transfer.run(sql_hook, sql, portal_id))
+            except BaseException:  # a kill too: the FAIL event's lineage says what the run finished
+                keep_counts_of_stopped_run(self, progress.summary(self.is_dry_run))
+                raise
         return run.finish(
             self.is_dry_run,
             time.monotonic() - started,
@@ -556,7 +561,10 @@ class _Transfer:
             def query(name: str) -> Any:
                 cursor = conn.cursor(name=name) if is_postgres else conn.cursor()
                 cursors.append(cursor)
-                self.op._execute(cursor, sql)
+                try:
+                    self.op._execute(cursor, sql)
+                except Exception as error:
+                    raise self._read_failed(error, 0) from None
                 return cursor
 
             try:
@@ -701,7 +709,10 @@ class _Transfer:
         ``only``: take only rows of these keys, removing each as it is met, and stop once none is
         left. ``skip``: leave out the first row of each of these keys (met by an earlier pass).
         """
-        records = cursor.fetchmany(self.op.batch_size)
+        try:
+            records = cursor.fetchmany(self.op.batch_size)
+        except Exception as error:
+            raise self._read_failed(error, 0) from None
         if not records:
             return iter(())
         columns = [str(column[0]) for column in cursor.description]  # psycopg: known after a fetch
@@ -760,9 +771,25 @@ class _Transfer:
                 return  # every row wanted is met: the rest of the query is not read
             try:
                 records = cursor.fetchmany(self.op.batch_size)
-            except Exception:
-                self.log.error("Reading the query's rows failed after %d rows: stopping.", position)
-                raise
+            except Exception as error:
+                raise self._read_failed(error, position) from None
+
+    def _read_failed(self, error: Exception, rows_read: int) -> WarehouseReadError:
+        """``error`` from the warehouse, logged whole (the task log), as an exception without the
+        database's message, which may quote a row's values: see :class:`WarehouseReadError`."""
+        self.log.error(
+            "Reading the query's rows failed after %d rows: stopping. The database said:",
+            rows_read,
+            exc_info=error,
+        )
+        code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        code = code or getattr(error, "sqlite_errorname", None)
+        kind = f"{type(error).__module__}.{type(error).__qualname__}" + (f" ({code})" if code else "")
+        return WarehouseReadError(
+            f"Reading the rows of the query on {self.op.sql_conn_id!r} failed after {rows_read} rows: "
+            f"{kind}. The database's message is in the task log (it may quote a row's values, so "
+            "it is not repeated here)."
+        )
 
     def _fill_identifiers(self, keyed: list[_Keyed], known: Mapping[str, LedgerRow]) -> None:
         """Give rows an earlier release recorded as registered their lead's fingerprint (no call).

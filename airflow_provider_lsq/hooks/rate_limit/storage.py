@@ -47,8 +47,9 @@ def _redis_from_connection(conn_id: str) -> tuple[Any, str]:
         from airflow.providers.redis.hooks.redis import RedisHook
     except ImportError as error:
         raise ValueError(
-            f"rate_limit_redis_conn_id={conn_id!r} needs the official Redis provider: install "
-            "'airflow-provider-leadsquared[redis]' (apache-airflow-providers-redis)."
+            f"rate_limit_redis_conn_id={conn_id!r} needs the official Redis provider: install the "
+            "provider's redis extra (pip install 'airflow-provider-leadsquared[redis]', which installs "
+            "apache-airflow-providers-redis)."
         ) from error
     from airflow.providers.common.compat.sdk import mask_secret
 
