@@ -4,10 +4,12 @@ Airflow 3.2+ reads it from the provider info (``conn-fields``, ``ui-field-behavi
 the hook (:func:`connection_form_widgets`). Both are built from these two dicts, so the keys are the
 same everywhere. This module imports nothing at import time, so provider discovery stays cheap.
 
-Placeholders: Airflow 2.11 to 3.1 show ``UI_FIELD_BEHAVIOUR["placeholders"]`` inside every field. The
-Airflow 3.2+ form builds extra fields from their JSON Schema and shows a placeholder only for the
-built-in fields (host, login, password); an extra field's example therefore also sits in its
-``description``, which that form shows under the field.
+Placeholders: Airflow 2.11 shows ``UI_FIELD_BEHAVIOUR["placeholders"]`` inside every field. Every
+Airflow 3 form (3.0 and 3.1 too) shows those for the built-in fields (host, login, password) only. It
+builds extra fields from their JSON Schema, and shows a placeholder in a text field only when its
+schema has ``examples``, which it also offers as the field is typed in. So a field whose example is a
+value worth picking (``memory``, ``redis_default``) has ``examples``; every extra field's example also
+sits in its ``description``, shown under the field (a portal id example would be a wrong value to pick).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     "rate_limit_period_seconds": {
         "label": "Rate Limit Period (seconds)",
         "description": "Length of your plan's rate-limit window (5 seconds on the documented plans).",
-        "schema": {"type": ["number", "null"], "default": 5, "minimum": 0.1},
+        "schema": {"type": ["number", "null"], "default": 5, "minimum": 0.1, "maximum": 86400},
     },
     "daily_call_limit": {
         "label": "Daily Call Limit",
@@ -49,7 +51,8 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
             "Optional: the id of an Airflow 'redis' connection (e.g. redis_default) that shares the budget "
             "across machines."
         ),
-        "schema": {"type": ["string", "null"]},
+        # ``examples``: Airflow 3.2+ shows a placeholder in the field and offers them as it is typed in.
+        "schema": {"type": ["string", "null"], "examples": ["redis_default"]},
     },
     "rate_limit_storage": {
         "label": "Rate Limit Storage",
@@ -58,15 +61,15 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
             "(e.g. /shared/lsq-budget). "
             "Across machines, use Rate Limit Redis Connection Id instead."
         ),
-        "schema": {"type": ["string", "null"]},
+        "schema": {"type": ["string", "null"], "examples": ["memory"]},
     },
     "timeout_seconds": {
         "label": "Timeout (seconds)",
-        "schema": {"type": ["number", "null"], "default": 30, "minimum": 1},
+        "schema": {"type": ["number", "null"], "default": 30, "minimum": 1, "maximum": 3600},
     },
     "max_retries": {
         "label": "Max Retries",
-        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 0},
+        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 0, "maximum": 100},
     },
     "api_host": {
         "label": "Lead API Host",
@@ -110,7 +113,7 @@ def connection_form_widgets() -> dict[str, Any]:
         elif "integer" in kinds:
             widgets[name] = IntegerField(
                 label,
-                validators=[Optional(), NumberRange(min=schema.get("minimum"))],
+                validators=[Optional(), NumberRange(min=schema.get("minimum"), max=schema.get("maximum"))],
                 widget=BS3TextFieldWidget(),
                 default=schema.get("default"),
                 description=description,

@@ -35,7 +35,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredConfigError,
     LeadSquaredValidationError,
 )
-from airflow_provider_lsq.hooks.payload import build_lead_fields
+from airflow_provider_lsq.hooks.payload import build_lead_fields, format_value
 from airflow_provider_lsq.outcomes import NOT_SENT, RegistrationOutcome
 from airflow_provider_lsq.progress import RegistrationProgress
 
@@ -70,17 +70,22 @@ def valid_outcome_dict(key: str) -> dict[str, Any]:
 def row_key(position: int, row: Any, key_field: str) -> tuple[str, RegistrationOutcome | None]:
     """The key naming ``row`` in outcomes; with an ``invalid`` outcome when the row has none.
 
-    Rows without a usable key are named by their 1-based position, ``#<position>``.
+    Rows without a usable key are named by their 1-based position, ``#<position>``. The key is the
+    text sent for the field (:func:`~airflow_provider_lsq.hooks.payload.format_value`): a dataframe's
+    integer id column holding an empty cell is a float column, and its ``5.0`` is the key ``5``.
     """
     fallback = f"#{position}"
     if not isinstance(row, Mapping):
         message = f"a lead must be a mapping of attribute names, got {type(row).__name__}"
         return fallback, RegistrationOutcome.invalid(fallback, message)
-    value = row.get(key_field)
-    if value is None or not str(value).strip():
+    try:
+        text = format_value(key_field, row.get(key_field))
+    except LeadSquaredValidationError as error:
+        return fallback, RegistrationOutcome.invalid(fallback, error.message)
+    if text is None:  # None, blank, or a dataframe's empty cell (NaN, pandas.NA, NaT)
         message = f"field {key_field!r}: the row key is missing or empty"
         return fallback, RegistrationOutcome.invalid(fallback, message)
-    return str(value), None
+    return text, None
 
 
 class OutcomeSink:

@@ -92,6 +92,11 @@ def test_a_blank_portal_id_is_no_portal_id(monkeypatch: pytest.MonkeyPatch) -> N
         ({"host": "portal api.leadsquared.com"}, "host"),
         ({"host": "ftp://portalapi.leadsquared.com"}, "host"),
         ({"host": "http://127.0.0.1:port"}, "host"),
+        ({"host": "https://admin:S3cretPw@portalapi.leadsquared.com"}, "host"),  # shown in every error
+        ({"host": "https://portalapi.leadsquared.com/?region=us"}, "host"),  # paths went after the query
+        ({"extra": {"api_host": "https://api.leadsquared.com#x"}}, "api_host"),
+        ({"host": "127.0.0.1", "port": 99999}, "port"),  # was "field 'request'" on every row
+        ({"host": "127.0.0.1", "port": -1}, "port"),
         ({"extra": {"api_host": "api\tus11.leadsquared.com"}}, "api_host"),
         ({"extra": {"rate_limit_calls": "2.5"}}, "rate_limit_calls"),
         ({"extra": {"rate_limit_calls": True}}, "rate_limit_calls"),
@@ -99,6 +104,18 @@ def test_a_blank_portal_id_is_no_portal_id(monkeypatch: pytest.MonkeyPatch) -> N
         ({"extra": {"timeout_seconds": "nan"}}, "timeout_seconds"),
         ({"extra": {"max_retries": -1}}, "max_retries"),
         ({"extra": {"rate_limit_storage": "localhost:6379"}}, "rate_limit_storage"),
+        ({"extra": {"rate_limit_storage": "/shared/lsq\x00budget"}}, "rate_limit_storage"),
+        ({"extra": {"rate_limit_storage": "/shared/lsq\nbudget"}}, "rate_limit_storage"),
+        # Past about 1e9 s a duration overflowed the socket's timeout (a raw OverflowError stopped the
+        # run) or the Redis budget's stamps ("could not be reached"); a tiny period overflowed the
+        # worker count. Each number is held to its form field's bounds, however it was set.
+        ({"extra": {"timeout_seconds": 1e30}}, "timeout_seconds"),
+        ({"extra": {"timeout_seconds": "0.001"}}, "timeout_seconds"),
+        ({"extra": {"rate_limit_period_seconds": 1e308}}, "rate_limit_period_seconds"),
+        ({"extra": {"rate_limit_period_seconds": 5e-324}}, "rate_limit_period_seconds"),
+        ({"extra": {"rate_limit_margin_seconds": "1e300"}}, "rate_limit_margin_seconds"),
+        ({"extra": {"retry_wait_seconds": 1e300}}, "retry_wait_seconds"),
+        ({"extra": {"max_retries": 10**30}}, "max_retries"),
     ],
 )
 def test_values_no_request_can_carry_are_refused_naming_field_and_connection(
@@ -274,3 +291,149 @@ def test_only_a_redis_uri_in_rate_limit_storage_is_treated_as_a_secret(
         warnings.simplefilter("ignore")
         assert hook.config.rate_limit_storage == uri
     assert "S3cretPw" not in hook.redact(f"password S3cretPw in {uri}")
+
+
+def test_every_bound_the_form_shows_is_the_one_the_connection_is_held_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The form's JSON Schema (Airflow 3.2+ checks it) and the reader (CLI, env, secrets) agree."""
+    from airflow_provider_lsq.connection_form import CONN_FIELDS
+
+    checked = 0
+    for name, spec in CONN_FIELDS.items():
+        schema = spec["schema"]
+        for bound, step in (("minimum", -1), ("maximum", +1)):
+            if bound not in schema or name == "rate_limit_reserve":
+                continue
+            limit = schema[bound]
+            ok = _conn(monkeypatch, f"lsq_{name}_{bound}_ok", **KEYS, extra={name: limit})
+            assert getattr(ok.config, name) == limit
+            outside = limit + step * (0.05 if "number" in schema["type"] else 1)
+            if outside <= 0:
+                continue  # below zero has its own message
+            bad = _conn(monkeypatch, f"lsq_{name}_{bound}_bad", **KEYS, extra={name: outside})
+            with pytest.raises(LeadSquaredConfigError, match=f"'{name}' must be from") as err:
+                bad.config  # noqa: B018
+            assert err.value.field == name
+            checked += 1
+    assert checked >= 5
+
+
+def test_a_budget_file_path_may_hold_spaces_and_any_letter(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A path such as ``/mnt/Shared Drive/lsq`` was refused as a value "no request can carry"."""
+    folder = tmp_path / "Shared Drive" / "bütçe"
+    folder.mkdir(parents=True)
+    hook = LeadSquaredHook(connect(monkeypatch, sandbox, "lsq_spaced", rate_limit_storage=f" {folder}\n"))
+    assert hook.config.rate_limit_storage == str(folder)
+    hook.get_public_auth_key()
+    assert list(folder.glob("*.sqlite3")), "the budget file is in the folder named"
+
+
+def test_memory_storage_in_any_case_is_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """``Memory`` was a file of that name in the task's working directory."""
+    monkeypatch.chdir(tmp_path)
+    hook = _conn(monkeypatch, "lsq_memory_case", **KEYS, extra={"rate_limit_storage": "Memory"})
+    assert hook.config.rate_limit_storage == "memory"
+    assert type(hook.rate_limiter.store).__name__ == "MemoryLeaseStore"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_test_connection_answers_in_time_when_the_server_trickles_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """requests' timeout bounds each wait for a byte, not the exchange: a host that answers a byte at a
+    time kept the Test button waiting for as long as it trickled (minutes)."""
+    import socket
+    import threading
+    import time
+
+    from airflow_provider_lsq.hooks import leadsquared
+
+    monkeypatch.setattr(leadsquared, "TEST_TIMEOUT_SECONDS", 1.0)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"x" * 200:
+                if stop.wait(0.3):
+                    return
+                conn.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    host = f"http://127.0.0.1:{port}"
+    hook = _conn(monkeypatch, "lsq_trickle", host=host, **KEYS, extra={"portal_id": "p"})
+    started = time.monotonic()
+    try:
+        ok, message = hook.test_connection()
+    finally:
+        stop.set()
+        server.close()
+    assert time.monotonic() - started < 4
+    assert not ok and "did not answer within 2 s" in message and f"127.0.0.1:{port}" in message
+    assert KEYS["password"] not in message
+
+
+@pytest.mark.parametrize(
+    "extra", ['{"portal_id": "p1", "rate_limit_calls": 10,}', "{not json", "portal_id=p1"]
+)
+def test_an_extra_that_is_not_json_is_refused_naming_the_field_and_connection(extra: str) -> None:
+    """Airflow reads invalid JSON as no extra at all (it only logs): every extra silently took its
+    default, e.g. 25 calls per 5 s on a plan of 10, and the portal id went missing."""
+    from airflow.providers.common.compat.sdk import Connection
+
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+
+    conn = Connection(
+        conn_id="lsq_bad_json", conn_type="leadsquared", login="ak-1", password="sk-1", extra=extra
+    )
+    with pytest.raises(
+        LeadSquaredConfigError, match="'lsq_bad_json': field 'extra' is not valid JSON"
+    ) as err:
+        LeadSquaredConfig.from_connection(conn)
+    assert err.value.field == "extra" and "p1" not in str(err.value)
+
+
+@pytest.mark.parametrize("redis_conn", [None, {"conn_type": "redis", "host": "127.0.0.1", "port": 9}])
+def test_test_connection_says_when_the_redis_budget_cannot_be_used(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, redis_conn: dict[str, Any] | None
+) -> None:
+    """The Test button skipped the rate-limit budget: with its Redis connection missing or down it said
+    the connection works, and every run then stopped at its first call."""
+    if redis_conn is not None:
+        monkeypatch.setenv("AIRFLOW_CONN_LSQ_BUDGET_REDIS", json.dumps(redis_conn))
+    hook = LeadSquaredHook(
+        connect(monkeypatch, sandbox, "lsq_budget", rate_limit_redis_conn_id="lsq_budget_redis")
+    )
+    ok, message = hook.test_connection()
+    assert not ok and "keys were accepted" in message
+    assert "'lsq_budget': field 'rate_limit_redis_conn_id'" in message and "lsq_budget_redis" in message
+
+
+@pytest.mark.redis
+def test_test_connection_passes_with_a_working_redis_budget(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(redis_url)
+    redis_conn = {
+        "conn_type": "redis",
+        "host": parts.hostname,
+        "port": parts.port,
+        "extra": {"db": int(parts.path[1:])},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_BUDGET_REDIS_OK", json.dumps(redis_conn))
+    hook = LeadSquaredHook(
+        connect(monkeypatch, sandbox, "lsq_budget_ok", rate_limit_redis_conn_id="lsq_budget_redis_ok")
+    )
+    assert hook.test_connection() == (
+        True,
+        "Connection to LeadSquared works: the keys were accepted and a portal is set.",
+    )

@@ -349,3 +349,93 @@ def test_one_lead_twice_in_the_list_is_registered_once(sb: Sandbox, task_log: Ta
     log = task_log()
     assert "Row A-3 (position 3) is not sent: the same lead (same EmailAddress) as row A-1" in log
     assert "Row A-2 (position 4) is not sent: the same row key as row A-2" in log
+
+
+def test_dataframe_records_with_empty_cells_and_an_array_cell(sb: Sandbox, task_log: TaskLog) -> None:
+    """``to_dict("records")``: an empty key cell is NaN, which was the row key ``nan`` (so a second row
+    without one was dropped as a duplicate of the first), and a cell holding an array raised numpy's
+    ValueError, which stopped the run. Each is now one invalid row naming its field."""
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "EmailAddress": ["a@example.edu", None, None, "d@example.edu", "e@example.edu"],
+            "Phone": ["1", "2", "3", None, None],
+            "mx_Courses": [None, None, None, np.array(["x", "y"]), None],
+            "FirstName": [np.nan, "B", pd.NA, "D", "E"],  # empty cells: left out
+        }
+    )
+    op = RegisterPortalUserOperator(
+        task_id="register", leads=frame.to_dict("records"), key_field="Phone", max_failure_ratio=1.0
+    )
+    summary, outcomes, _ = run(op)
+    assert summary["duplicates"] == 0 and summary["total"] == 5
+    assert outcomes["1"]["status"] == "registered"
+    for key in ("2", "3"):  # no e-mail: invalid, each under its own key
+        assert outcomes[key]["status"] == "invalid" and "'EmailAddress'" in outcomes[key]["error_message"]
+    assert outcomes["#4"]["status"] == outcomes["#5"]["status"] == "invalid"
+    assert "'Phone'" in outcomes["#4"]["error_message"]
+    assert "nan" not in outcomes
+
+
+def test_dataframe_rows_name_the_field_of_an_array_cell(sb: Sandbox) -> None:
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame({"EmailAddress": ["a@example.edu", "b@example.edu"], "mx_Courses": [None, None]})
+    frame["mx_Courses"] = frame["mx_Courses"].astype(object)
+    frame.at[1, "mx_Courses"] = np.array(["x", "y"])
+    summary, outcomes, _ = run(
+        RegisterPortalUserOperator(task_id="register", leads=frame.to_dict("records"), max_failure_ratio=1.0)
+    )
+    assert outcomes["a@example.edu"]["status"] == "registered"
+    bad = outcomes["b@example.edu"]
+    assert bad["status"] == "invalid" and "field 'mx_Courses'" in bad["error_message"]
+    assert summary["registered"] == 1 and summary["invalid"] == 1
+
+
+def test_undecodable_bytes_in_a_value_make_that_row_invalid_not_the_run_fail(sb: Sandbox) -> None:
+    """A file read with ``surrogateescape`` leaves lone surrogates: in the identifier they raised
+    UnicodeEncodeError while the lead was fingerprinted, which stopped the whole run naming nothing;
+    elsewhere they were sent."""
+    undecodable = b"b\xff@example.edu".decode("utf-8", "surrogateescape")
+    leads = [
+        lead(1),
+        {"EmailAddress": undecodable, "FirstName": "Bad"},
+        lead(3, FirstName="Z\udc80"),
+        lead(4),
+    ]
+    summary, outcomes, _ = run(
+        RegisterPortalUserOperator(
+            task_id="register", leads=leads, key_field="FirstName", max_failure_ratio=1.0
+        )
+    )
+    assert outcomes["Student1"]["status"] == outcomes["Student4"]["status"] == "registered"
+    assert outcomes["Bad"]["status"] == "invalid"
+    assert "field 'EmailAddress'" in outcomes["Bad"]["error_message"]
+    assert outcomes["#3"]["status"] == "invalid"  # its key is not text: named by position
+    assert "field 'FirstName'" in outcomes["#3"]["error_message"]
+    assert summary["registered"] == 2 and summary["invalid"] == 2
+    assert sb.register_calls == 2
+
+
+def test_an_integer_key_column_with_an_empty_cell_keys_rows_as_integers(sb: Sandbox) -> None:
+    """pandas turns an integer column with an empty cell into floats: the keys were ``1.0`` and ``2.0``,
+    which match no id the user has. A key is the text sent for its field."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"mx_Applicant_Id": [1, 2, None], "EmailAddress": [f"k{i}@example.edu" for i in range(3)]}
+    )
+    assert frame["mx_Applicant_Id"].dtype == "float64"
+    _, outcomes, _ = run(
+        RegisterPortalUserOperator(
+            task_id="register",
+            leads=frame.to_dict("records"),
+            key_field="mx_Applicant_Id",
+            max_failure_ratio=1.0,
+        )
+    )
+    assert set(outcomes) == {"1", "2", "#3"}
+    assert outcomes["#3"]["status"] == "invalid" and "'mx_Applicant_Id'" in outcomes["#3"]["error_message"]

@@ -160,3 +160,24 @@ def test_numpy_scalars_from_dataframe_rows_go_as_their_python_values() -> None:
         {"Attribute": "mx_Grade", "Value": "7"},
         {"Attribute": "mx_Agreed", "Value": "false"},
     ]
+
+
+def test_numpy_arrays_and_out_of_range_dates_are_refused_naming_the_field() -> None:
+    """A dataframe cell holding an array raised numpy's own ValueError, which stopped the whole run;
+    a one-element array went as its element, and a datetime64 past year 9999 as a bare integer."""
+    import numpy as np
+
+    for value in (np.array([1, 2]), np.array([5]), np.array(5), np.datetime64("20000-01-01")):
+        with pytest.raises(LeadSquaredValidationError, match="field 'mx_Courses'") as err:
+            build_lead_fields({"EmailAddress": "a@example.com", "mx_Courses": value}, "Passw0rd!")
+        assert err.value.field == "mx_Courses"
+
+
+def test_a_value_whose_reading_raises_is_refused_naming_the_field() -> None:
+    class BrokenZone(dt.tzinfo):
+        def utcoffset(self, _: dt.datetime | None) -> dt.timedelta:
+            raise RuntimeError("secret-ish detail")
+
+    with pytest.raises(LeadSquaredValidationError, match="field 'mx_Applied'") as err:
+        format_value("mx_Applied", dt.datetime(2026, 1, 2, tzinfo=BrokenZone()))
+    assert err.value.field == "mx_Applied" and "secret-ish" not in err.value.message

@@ -50,7 +50,8 @@ def test_provider_info_and_hook_form_declare_the_same_fields() -> None:
 def test_airflow3_form_shows_an_example_for_portal_id_and_the_rate_limit_storage() -> None:
     """Airflow 3.2+ builds extra fields from their JSON Schema: the example sits in the description.
 
-    Its form shows a placeholder only for the built-in fields; 2.11 to 3.1 show ``placeholders``.
+    Airflow 3's form shows ``placeholders`` only for the built-in fields (2.11 shows them in every
+    field); a text field whose schema has ``examples`` gets a placeholder and offers them.
     """
     service = pytest.importorskip("airflow.api_fastapi.core_api.services.ui.connections")
     meta = {m.connection_type: m for m in service.HookMetaService.hook_meta_data()}["leadsquared"]
@@ -61,12 +62,15 @@ def test_airflow3_form_shows_an_example_for_portal_id_and_the_rate_limit_storage
     )
     assert "e.g." in extra["rate_limit_storage"]["description"]
     assert "e.g. redis_default" in extra["rate_limit_redis_conn_id"]["description"]
+    # A text field with ``examples`` gets a placeholder in the Airflow 3 form, and offers them.
+    assert extra["rate_limit_storage"]["schema"]["examples"] == ["memory"]
+    assert extra["rate_limit_redis_conn_id"]["schema"]["examples"] == ["redis_default"]
     # No password-format extra: Airflow 2.11's form renders it empty and drops it on save.
     assert all(field["schema"].get("format") != "password" for field in extra.values())
     assert extra["rate_limit_calls"]["value"] == 25  # numbers show their default
     assert meta.standard_fields.host.placeholder.startswith("portalapi.leadsquared.com")
     for name in ("portal_id", "rate_limit_storage", "rate_limit_redis_conn_id"):
-        assert UI_FIELD_BEHAVIOUR["placeholders"][name]  # what Airflow 2.11 to 3.1 show inside the field
+        assert UI_FIELD_BEHAVIOUR["placeholders"][name]  # what Airflow 2.11 shows inside the field
 
 
 def test_hook_form_widgets_carry_the_descriptions() -> None:

@@ -4,6 +4,7 @@ and PostgreSQL. Each small input of the issue is a test here."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -242,11 +243,22 @@ def test_a_column_in_the_wrong_case_fails_before_any_call_or_record(
 def test_unfixable_errors_fail_without_airflow_retries(
     sqlite_warehouse: Warehouse,
     lsq: Callable[..., Sandbox],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sb = lsq(conn_extra={"portal_id": None})
     sqlite_warehouse.seed(applicants(2))
     with pytest.raises(AirflowFailException, match="no portal_id"):
         transfer(sqlite_warehouse).execute(context())
+    # A connection value refused when read (not JSON, a portal id with a space): no retry fixes it
+    # either; it raised LeadSquaredConfigError, which Airflow retried.
+    for extra in ('{"portal_id": "sandbox-portal",}', {"portal_id": "sandbox portal"}):
+        sb = lsq()
+        conn = json.loads(sb.connection_json())
+        conn["extra"] = extra if isinstance(extra, str) else {**conn["extra"], **extra}
+        monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+        with pytest.raises(AirflowFailException, match=r"'leadsquared_default': field '(extra|portal_id)'"):
+            transfer(sqlite_warehouse).execute(context())
+        assert sb.calls == []  # and no ledger: it is made once the connection is read
     sb = lsq()
     with pytest.raises(AirflowFailException, match="key_column 'student_id'"):
         transfer(sqlite_warehouse, key_column="student_id").execute(context())

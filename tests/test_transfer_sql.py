@@ -676,3 +676,40 @@ def test_dag_test_runs_the_transfer_end_to_end(
     stored = json.dumps(value) + json.dumps(rendered, default=str) + task_log()
     assert not [s for s in sandbox_secrets(sb) if s in stored]
     assert email(1) not in json.dumps(value)
+
+
+@pytest.mark.postgres
+def test_postgres_values_that_cannot_be_sent_are_invalid_rows_naming_the_field(
+    lsq: Callable[..., Sandbox],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a warehouse hands over: jsonb (a dict), an array, bytea, an interval, numeric Infinity are
+    invalid rows naming their column; a float NaN means no value, as NULL does."""
+    wh = make_warehouse("postgres", request, tmp_path, monkeypatch)
+    sb = lsq()
+    wh.seed(applicants(7))
+    columns = {
+        2: ("mx_Json", """'{"a": 1}'::jsonb"""),
+        3: ("mx_Bytes", r"'\x00ff'::bytea"),
+        4: ("mx_Number", "'Infinity'::numeric"),
+        5: ("mx_Float", "'NaN'::float8"),
+        6: ("mx_Courses", "ARRAY[1, 2]"),
+        7: ("mx_Wait", "interval '1 day'"),
+    }
+    extra = "".join(
+        f', CASE WHEN applicant_id = {i} THEN {expr} END AS "{name}"' for i, (name, expr) in columns.items()
+    )
+    summary = transfer(wh, sql=wh.sql(extra_columns=extra), max_failure_ratio=1.0).execute(context())
+
+    ledger = wh.ledger()
+    assert ledger["1"]["status"] == ledger["5"]["status"] == "registered"
+    for i, (name, _) in columns.items():
+        if i == 5:
+            continue
+        assert ledger[str(i)]["status"] == "invalid", (i, ledger[str(i)])
+        assert f"field '{name}'" in ledger[str(i)]["error_message"]
+        assert not ledger[str(i)]["retryable"]
+    assert summary["registered"] == 2 and summary["invalid"] == 5
+    assert sb.register_calls == 2

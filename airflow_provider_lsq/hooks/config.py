@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from airflow_provider_lsq.connection_form import CONN_FIELDS
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError
 
 if TYPE_CHECKING:
@@ -34,6 +36,23 @@ def _extra(extras: dict[str, Any], name: str) -> Any:
     if value in (None, ""):
         value = extras.get(f"extra__{CONN_TYPE}__{name}")
     return None if value == "" else value
+
+
+# Bounds of the numbers that only the JSON extra sets (the form's fields carry theirs in their schema).
+# A duration past these is a typo, and past about 1e9 seconds it overflows the socket's timeout or the
+# Redis budget's millisecond stamps, which failed as a raw OverflowError or "Redis could not be reached".
+_JSON_ONLY_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "rate_limit_margin_seconds": (None, 3600),
+    "retry_wait_seconds": (None, 3600),
+}
+
+
+def number_bounds(name: str) -> tuple[float | None, float | None]:
+    """``(minimum, maximum)`` of a numeric extra: the form's JSON Schema, enforced however it was set."""
+    if name in _JSON_ONLY_BOUNDS:
+        return _JSON_ONLY_BOUNDS[name]
+    schema = CONN_FIELDS.get(name, {}).get("schema", {})
+    return schema.get("minimum"), schema.get("maximum")
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -67,6 +86,16 @@ class _ConnectionReader:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.conn_id = conn.conn_id
+        raw = conn.extra
+        if isinstance(raw, str) and raw.strip():
+            # Airflow reads invalid JSON as no extra at all (it only logs): every extra would silently
+            # take its default, e.g. 25 calls per 5 s on a smaller plan. Its text is not shown: it may
+            # hold a deprecated Redis URI's password.
+            try:
+                json.loads(raw)
+            except json.JSONDecodeError as error:
+                where = f"{error.msg} at line {error.lineno} column {error.colno}"
+                raise self.error("extra", f"is not valid JSON ({where})") from None
         extras = conn.extra_dejson
         if not isinstance(extras, dict):
             raise self.error("extra", "must be a JSON object")
@@ -95,6 +124,23 @@ class _ConnectionReader:
             )
         return text
 
+    def storage(self) -> str | None:
+        """``rate_limit_storage``: a file path may hold spaces and any letter (``/mnt/Shared Drive/lsq``),
+        not a control character; ``memory`` in any case; a Redis URI is checked like a key."""
+        value = _extra(self.extras, "rate_limit_storage")
+        if isinstance(value, str) and is_redis_uri(value.strip()):
+            return self.text("rate_limit_storage", value, secret=True)  # it may hold a password
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self.error("rate_limit_storage", f"must be text, got {type(value).__name__}")
+        text = str(value).strip()
+        if not text:
+            return None
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            raise self.error("rate_limit_storage", f"holds a control character (got {text!r})")
+        return "memory" if text.lower() == "memory" else text
+
     def extra_text(self, name: str, *, secret: bool = False) -> str | None:
         return self.text(name, _extra(self.extras, name), secret=secret)
 
@@ -110,11 +156,25 @@ class _ConnectionReader:
             raise self.error(name, f"is not a host name or URL ({error})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise self.error(name, f"must be a host name or an http(s) URL, got {host!r}")
+        if "@" in parts.netloc:  # a user or password would be shown wherever the URL is (errors, logs)
+            raise self.error(name, "must not hold a user or password: the keys go in login and password")
+        if parts.query or parts.fragment or "?" in url or "#" in url:
+            raise self.error(
+                name, f"must not hold a query or fragment (every call's path is added to it), got {host!r}"
+            )
         return host
 
     def number(
-        self, name: str, kind: type[int] | type[float], default: Any, *, allow_zero: bool = False
+        self,
+        name: str,
+        kind: type[int] | type[float],
+        default: Any,
+        *,
+        allow_zero: bool = False,
+        bounded: bool = True,
     ) -> Any:
+        """The extra ``name`` as a number: finite, not negative, within :func:`number_bounds` if
+        ``bounded`` (the caller checks and explains the bounds itself otherwise)."""
         value = _extra(self.extras, name)
         if isinstance(value, str):
             value = value.strip() or None
@@ -136,6 +196,10 @@ class _ConnectionReader:
             raise self.error(name, f"must be a finite number, got {value!r}")
         if result < 0 or (result == 0 and not allow_zero):
             raise self.error(name, f"must be {'zero or more' if allow_zero else 'positive'}, got {value!r}")
+        low, high = number_bounds(name) if bounded else (None, None)
+        if (low is not None and result < low) or (high is not None and result > high):
+            bounds = f"from {low} to {high}" if low is not None else f"at most {high}"
+            raise self.error(name, f"must be {bounds}, got {value!r}")
         return result
 
 
@@ -196,7 +260,10 @@ class LeadSquaredConfig:
                 conn_id=conn.conn_id,
             )
         host = read.host("host", conn.host)
-        storage = read.extra_text("rate_limit_storage", secret=True)  # a deprecated Redis URI has one
+        port = conn.port
+        if port and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535):
+            raise read.error("port", f"must be a TCP port from 1 to 65535, got {port!r}")
+        storage = read.storage()
         redis_conn_id = read.extra_text("rate_limit_redis_conn_id")
         if storage and not is_redis_uri(storage) and _NOT_A_PATH.match(storage):
             raise read.error(
@@ -211,7 +278,7 @@ class LeadSquaredConfig:
                 "redis extra (pip install 'airflow-provider-leadsquared[redis]', which installs "
                 "apache-airflow-providers-redis)",
             )
-        reserve = read.number("rate_limit_reserve", float, 0.1, allow_zero=True)
+        reserve = read.number("rate_limit_reserve", float, 0.1, allow_zero=True, bounded=False)
         if reserve > MAX_RESERVE:
             raise read.error(
                 "rate_limit_reserve",
@@ -227,7 +294,7 @@ class LeadSquaredConfig:
                 "rate_limit_redis_conn_id",
             )
         return cls(
-            base_url=base_url(host, conn.port),
+            base_url=base_url(host, port),
             access_key=access_key,
             secret_key=secret_key,
             portal_id=read.extra_text("portal_id"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from airflow_provider_lsq.hooks.rate_limit import Lease
 
+T = TypeVar("T")
 PUBLIC_TOKEN_PATH = "/api/Access/PublicToken"
 REGISTER_TOKEN_PATH = "/api/Access/GetRegisterToken"
 REGISTER_PATH = "/api/Authentication/v2/Register"
@@ -58,6 +59,7 @@ _RETRYABLE = (LeadSquaredRateLimitError, LeadSquaredTransientError)
 # The Register call's answer to a portal id the account does not have: every row would meet it.
 INVALID_PORTAL_ERROR = "MXInvalidPortalException"
 TEST_TIMEOUT_SECONDS = 5.0  # test_connection's one attempt: the UI's Test button must answer quickly
+TEST_BUDGET_SECONDS = 3.0  # test_connection's read of the shared rate-limit budget
 # What requests and http.client raise for a request that cannot be built: it was never sent.
 _UNBUILDABLE = (
     requests.exceptions.InvalidHeader,
@@ -463,27 +465,106 @@ class LeadSquaredHook(BaseHook):
             config = self.config
             url = f"{config.base_url}{PUBLIC_TOKEN_PATH}"
             query = {"accessKey": config.access_key, "secretKey": config.secret_key}
-            response = self._send(
-                "GET",
-                url,
-                query,
-                None,
-                None,
-                self._secrets,
-                timeout=min(TEST_TIMEOUT_SECONDS, config.timeout_seconds),
+            timeout = min(TEST_TIMEOUT_SECONDS, config.timeout_seconds)
+            response = self._send_within(
+                timeout + 1.0,
+                lambda: self._send("GET", url, query, None, None, self._secrets, timeout=timeout),
             )
+            if response is None:
+                return False, (
+                    f"LeadSquared at {config.base_url} did not answer within {timeout + 1.0:g} s (it "
+                    "accepted the connection but its answer came too slowly). Check the host."
+                )
             body = parse_response(response, self._secrets)
             if not isinstance(body, dict) or not body.get("PublicAuthKey"):
                 raise LeadSquaredAPIError("LeadSquared's PublicToken answer held no PublicAuthKey.")
             self._add_secrets(body["PublicAuthKey"])
         except (LeadSquaredError, ValueError) as error:
             return False, self.redact(str(error))
+        except Exception as error:  # the Test button shows whatever it gets: never a key
+            return False, self.redact(f"{type(error).__name__}: {error}")
+        budget_problem = self._budget_problem(TEST_BUDGET_SECONDS)
+        if budget_problem is not None:
+            return (
+                False,
+                f"The keys were accepted, but the rate-limit budget cannot be used. {budget_problem}",
+            )
         if not config.portal_id:
             return False, (
                 "The keys were accepted, but the connection has no portal_id: registration needs it "
                 "(Workflow > Manage Portals in LeadSquared, in the page URL)."
             )
         return True, "Connection to LeadSquared works: the keys were accepted and a portal is set."
+
+    def _budget_problem(self, seconds: float) -> str | None:
+        """Why the shared rate-limit budget cannot be used (every call needs it), or None.
+
+        Opens the Redis budget the connection names and reads it once, within ``seconds``: a Redis
+        connection that is missing, down or refuses its database would otherwise fail every run while
+        the Test button said the connection works. A file budget is not checked: it belongs to each
+        worker's machine, and the Test button runs on the web server's.
+        """
+        config = self.config
+        if not (config.rate_limit_redis_conn_id or is_redis_uri(config.rate_limit_storage)):
+            return None
+        field = "rate_limit_redis_conn_id" if config.rate_limit_redis_conn_id else "rate_limit_storage"
+        where = (
+            f"Redis connection {config.rate_limit_redis_conn_id!r}"
+            if config.rate_limit_redis_conn_id
+            else "Redis"
+        )
+
+        def read() -> None:
+            nonlocal where
+            store = self.rate_limiter.store
+            where = getattr(store, "description", where)
+            store.snapshot()
+
+        try:
+            answered = self._run_within(seconds, read)
+        except LeadSquaredConfigError as error:
+            return self.redact(error.message)
+        except Exception as error:
+            return self.redact(
+                f"Connection {self.leadsquared_conn_id!r}: field {field!r}: the shared rate-limit budget "
+                f"({where}) could not be read ({type(error).__name__}: {error})."
+            )
+        if answered is None:
+            return (
+                f"Connection {self.leadsquared_conn_id!r}: field {field!r}: the shared rate-limit budget "
+                f"({where}) did not answer within {seconds:g} s."
+            )
+        return None
+
+    @classmethod
+    def _send_within(cls, seconds: float, send: Callable[[], requests.Response]) -> requests.Response | None:
+        """``send()``'s answer, or None when it takes longer than ``seconds`` in all.
+
+        requests' timeout bounds each wait for a byte, not the exchange: a server that sends its answer
+        a byte at a time never trips it. The exchange runs in a daemon thread, which the caller stops
+        waiting for (it ends with its connection's own timeout).
+        """
+        answer = cls._run_within(seconds, send)
+        return None if answer is None else answer[0]
+
+    @staticmethod
+    def _run_within(seconds: float, work: Callable[[], T]) -> tuple[T] | None:
+        """``(work(),)``, or None when it takes longer than ``seconds``; its error is raised."""
+        outcome: list[T] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=run, name="lsq-test-connection", daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if errors:
+            raise errors[0]
+        return (outcome[0],) if outcome else None
 
     # -- registration ----------------------------------------------------------------------------
 

@@ -40,9 +40,15 @@ def as_python(value: Any) -> Any:
     kind = type(value)
     if kind.__module__ != "numpy" or not hasattr(value, "item"):
         return value
+    if getattr(value, "shape", ()) != () or kind.__name__ in ("ndarray", "matrix"):
+        return value  # an array (a cell holding a list): not a scalar, refused like a list
     if kind.__name__ == "datetime64":
         value = value.astype("datetime64[us]")
-    elif kind.__name__ in ("float16", "float32"):
+        held = value.item()
+        # Beyond datetime's years 1 to 9999 ``item()`` gives a bare integer: keep the numpy value,
+        # which format_value refuses naming the field, rather than send that integer as the date.
+        return value if isinstance(held, int) else held
+    if kind.__name__ in ("float16", "float32"):
         return float(str(value))  # numpy's str is the shortest repr at the value's own precision
     return value.item()
 
@@ -72,8 +78,22 @@ def format_value(attribute: str, value: Any) -> str | None:
     lead. So are the "no value" markers of dataframes: ``float("nan")`` (what pandas gives for an empty
     cell in ``to_dict("records")``), ``pandas.NA`` and ``pandas.NaT``. Infinities are refused. Datetimes
     go as UTC ``YYYY-MM-DD HH:MM:SS`` (naive ones are taken as UTC). numpy scalars go as the Python
-    values they hold (:func:`as_python`).
+    values they hold (:func:`as_python`). A value whose reading raises anything else (a numpy or
+    pandas object, a broken ``tzinfo``) is refused naming the field, like any value that cannot be sent.
     """
+    try:
+        return _format_value(attribute, value)
+    except LeadSquaredValidationError:
+        raise
+    except Exception as error:  # its message could quote the value: name only its type
+        raise LeadSquaredValidationError(
+            f"field {attribute!r}: a value of type {type(value).__name__} could not be read "
+            f"({type(error).__name__})",
+            field=attribute,
+        ) from None
+
+
+def _format_value(attribute: str, value: Any) -> str | None:
     value = as_python(value)
     if is_missing(value):
         return None
@@ -83,6 +103,14 @@ def format_value(attribute: str, value: Any) -> str | None:
                 f"field {attribute!r}: the value holds control characters that cannot be sent",
                 field=attribute,
             )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: bytes decoded with ``surrogateescape``
+            raise LeadSquaredValidationError(
+                f"field {attribute!r}: the value holds bytes that are not text (read with the wrong "
+                "encoding?)",
+                field=attribute,
+            ) from None
         return value if value.strip() else None
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -104,6 +132,11 @@ def format_value(attribute: str, value: Any) -> str | None:
         return value.strftime("%Y-%m-%d 00:00:00")
     if isinstance(value, UUID):
         return str(value)
+    if type(value).__name__ == "datetime64":  # as_python kept it: outside datetime's range
+        raise LeadSquaredValidationError(
+            f"field {attribute!r}: {value} is outside the dates that can be sent (years 1 to 9999)",
+            field=attribute,
+        )
     raise LeadSquaredValidationError(
         f"field {attribute!r}: a value of type {type(value).__name__} cannot be sent "
         "(use text, numbers, booleans, dates or datetimes)",

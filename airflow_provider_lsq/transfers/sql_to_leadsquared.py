@@ -20,7 +20,7 @@ from airflow.providers.common.compat.sdk import AirflowFailException, BaseHook, 
 from airflow.providers.common.sql.hooks.sql import DbApiHook
 
 from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_counts
-from airflow_provider_lsq.exceptions import WarehouseReadError
+from airflow_provider_lsq.exceptions import LeadSquaredConfigError, WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, first_identifier, lead_fingerprint
 from airflow_provider_lsq.lineage import prepare_transfer_lineage, transfer_lineage
@@ -246,7 +246,10 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         sql_hook = get_db_hook(self.sql_conn_id, "sql_conn_id")
         ledger_hook = get_db_hook(self.ledger_conn_id or self.sql_conn_id, "ledger_conn_id")
         lsq_hook = LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id)
-        portal_id = lsq_hook.config.portal_id
+        try:
+            portal_id = lsq_hook.config.portal_id
+        except LeadSquaredConfigError as error:  # a connection value no retry can fix
+            raise AirflowFailException(error.message) from error
         if not portal_id:
             raise AirflowFailException(
                 f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: the ledger and "
