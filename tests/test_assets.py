@@ -336,8 +336,27 @@ def test_a_run_stopped_before_any_row_mails_that_no_row_failed_and_where_to_look
         assert "No row of this run is recorded as failed" in message, message
         assert "its log gives" in message
         assert "rows failed" not in message
-        assert "FROM lsq_portal_registrations" in message
+        assert "lists them" not in message and "FROM lsq_portal_registrations" not in message
         assert not [s for s in sandbox_secrets(example) if s in message]
+
+
+@pytest.mark.airflow_db
+def test_a_run_whose_ledger_cannot_be_read_mails_so_and_the_query_for_later(
+    airflow_db: Path, smtp: _SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warehouse that cannot be opened fails the task and the email's ledger count alike: the email
+    says the ledger could not be read and gives the query to run once it can."""
+    with _example(tmp_path, monkeypatch):
+        gone = {"conn_type": "sqlite", "host": str(tmp_path / "no-such-dir" / "warehouse.db")}
+        monkeypatch.setenv("AIRFLOW_CONN_LSQ_WAREHOUSE", json.dumps(gone))
+        dag_run = _run(_dagbag().dags[UPSTREAM], {"lookback_days": 7})
+        assert str(dag_run.state) == "failed"
+        assert len(smtp.messages) == 1, "one failure email"
+        message = _body(smtp.messages[0])
+        assert "The ledger could not be read" in message, message
+        assert "Once it can be read, this query lists" in message
+        assert "FROM lsq_portal_registrations" in message
+        assert "rows failed" not in message
 
 
 def _body(raw: str) -> str:

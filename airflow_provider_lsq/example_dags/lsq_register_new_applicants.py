@@ -141,6 +141,8 @@ FAILURE_EMAIL = SmtpNotifier(
 <p>{{ ti.task_id }} in {{ dag.dag_id }} (run {{ run_id }}) failed.</p>
 {% if counts is none -%}
 <p>The ledger could not be read: the task log says why the run stopped.</p>
+<p>Once it can be read, this query lists the run's failed rows, if any, in {{ params.warehouse_conn_id }}:</p>
+<pre>{{ failed_rows_sql(params.ledger_table, dag.dag_id, run_id, ti.task_id) }}</pre>
 {%- elif counts.get("failed", 0) + counts.get("invalid", 0) == 0 -%}
 <p>No row of this run is recorded as failed ({{ counts.get("registered", 0) }} registered in this run):
 the task stopped for another reason, which its log gives (a refused connection, the warehouse, a stop).</p>
@@ -148,10 +150,11 @@ the task stopped for another reason, which its log gives (a refused connection, 
 <p>{{ counts.get("failed", 0) + counts.get("invalid", 0) }} rows failed
 ({{ counts.get("failed", 0) }} failed, {{ counts.get("invalid", 0) }} invalid,
 {{ counts.get("registered", 0) }} registered in this run).</p>
-{%- endif %}
 <p>The ledger lists them, with the reason for each, in {{ params.warehouse_conn_id }}:</p>
 <pre>{{ failed_rows_sql(params.ledger_table, dag.dag_id, run_id, ti.task_id) }}</pre>
-<p>Fix the rows (or the connection) and clear the task: the ledger keeps everyone registered once.</p>
+{%- endif %}
+<p>Fix the cause (the rows or the connection) and clear the task: the ledger keeps everyone registered
+once.</p>
 """,
 )
 

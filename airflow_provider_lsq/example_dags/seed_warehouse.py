@@ -321,7 +321,10 @@ def seed(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m airflow_provider_lsq.example_dags.seed_warehouse",
+        description=__doc__.split("\n\n")[0],
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--sqlite", metavar="PATH", help="SQLite warehouse file (created if missing)")
     where.add_argument("--postgres", metavar="URI", help="postgresql://user@host:port/database")
