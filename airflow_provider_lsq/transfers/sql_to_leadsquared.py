@@ -242,6 +242,9 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         started = time.monotonic()
+        self.registration_counts = None  # a retry in the same process: no counts of an earlier try
+        # First: a task failing on its checks below still has its lineage (see lineage.py).
+        prepare_transfer_lineage(self)
         sql = self.sql.strip().rstrip(";").strip()
         sql_hook = get_db_hook(self.sql_conn_id, "sql_conn_id")
         ledger_hook = get_db_hook(self.ledger_conn_id or self.sql_conn_id, "ledger_conn_id")
@@ -255,7 +258,6 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: the ledger and "
                 "the registration need it (Workflow > Manage Portals in LeadSquared, in the page URL)."
             )
-        prepare_transfer_lineage(self, sql_hook, ledger_hook, lsq_hook)
         execution = self._execution(context)
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
