@@ -437,3 +437,31 @@ def test_test_connection_passes_with_a_working_redis_budget(
         True,
         "Connection to LeadSquared works: the keys were accepted and a portal is set.",
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # Airflow reads a URI's [::1] as the host '::1': it was refused as "not a host name or URL".
+        ({"uri": "leadsquared://ak:sk@[::1]:8765/?portal_id=p1"}, "https://[::1]:8765"),
+        ({"host": "[::1]", "port": 8765}, "https://[::1]:8765"),  # the port was dropped
+        ({"host": "http://[2001:db8::5]", "port": 8080}, "http://[2001:db8::5]:8080"),
+        ({"host": "http://[::1]:9000", "port": 8765}, "http://[::1]:9000"),  # the host's own port wins
+        (
+            {"host": "http://proxy.internal/lsq/", "port": 8080},
+            "http://proxy.internal:8080/lsq",
+        ),  # was .../lsq:8080
+        ({"host": "portalapi.leadsquared.com", "port": 443}, "https://portalapi.leadsquared.com:443"),
+    ],
+)
+def test_an_ipv6_host_or_a_host_with_a_path_keeps_the_connections_port(
+    fields: dict[str, Any], expected: str
+) -> None:
+    from airflow.models import Connection
+
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+
+    if "uri" not in fields:
+        fields = {"conn_type": "leadsquared", "login": "ak", "password": "sk", **fields}
+    conn = Connection(conn_id="lsq_ports", **fields)
+    assert LeadSquaredConfig.from_connection(conn).base_url == expected

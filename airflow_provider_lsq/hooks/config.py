@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_lsq.connection_form import CONN_FIELDS
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError
@@ -67,12 +67,25 @@ def is_redis_uri(storage: str | None) -> bool:
 
 
 def base_url(host: str | None, port: int | None = None) -> str:
-    """Empty -> the default portal host; a bare host -> https; a full URL is used as given."""
+    """Empty -> the default portal host; a bare host -> https; a full URL is used as given.
+
+    A bare IPv6 address (what Airflow reads from a URI's ``[::1]``) is bracketed; ``port`` is added
+    after the host (not after a path) unless the host names a port itself.
+    """
     host = (host or "").strip().rstrip("/") or DEFAULT_PORTAL_HOST
+    if "://" not in host and host.count(":") >= 2 and not host.startswith("["):
+        host = f"[{host}]"
     url = host if "://" in host else f"https://{host}"
-    if port and url.count(":") < 2:
-        url = f"{url}:{port}"
-    return url
+    if not port:
+        return url
+    parts = urlsplit(url)
+    try:
+        has_port = parts.port is not None
+    except ValueError:  # not a port: the connection reader refuses it, naming the field
+        return url
+    if has_port or not parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.netloc}:{port}"))
 
 
 class _ConnectionReader:
