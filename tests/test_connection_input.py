@@ -417,8 +417,10 @@ def test_test_connection_says_when_the_redis_budget_cannot_be_used(
 
 
 @pytest.mark.redis
+# Any letter Airflow allows in a connection id: it was refused as a value "no request can carry".
+@pytest.mark.parametrize("redis_conn_id", ["lsq_budget_redis_ok", "lsq_budget_rédis:prod#2"])
 def test_test_connection_passes_with_a_working_redis_budget(
-    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, redis_url: str
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_conn_id: str
 ) -> None:
     from urllib.parse import urlsplit
 
@@ -429,9 +431,9 @@ def test_test_connection_passes_with_a_working_redis_budget(
         "port": parts.port,
         "extra": {"db": int(parts.path[1:])},
     }
-    monkeypatch.setenv("AIRFLOW_CONN_LSQ_BUDGET_REDIS_OK", json.dumps(redis_conn))
+    monkeypatch.setenv(f"AIRFLOW_CONN_{redis_conn_id.upper()}", json.dumps(redis_conn))
     hook = LeadSquaredHook(
-        connect(monkeypatch, sandbox, "lsq_budget_ok", rate_limit_redis_conn_id="lsq_budget_redis_ok")
+        connect(monkeypatch, sandbox, "lsq_budget_ok", rate_limit_redis_conn_id=redis_conn_id)
     )
     assert hook.test_connection() == (
         True,
@@ -465,3 +467,16 @@ def test_an_ipv6_host_or_a_host_with_a_path_keeps_the_connections_port(
         fields = {"conn_type": "leadsquared", "login": "ak", "password": "sk", **fields}
     conn = Connection(conn_id="lsq_ports", **fields)
     assert LeadSquaredConfig.from_connection(conn).base_url == expected
+
+
+def test_a_redis_connection_id_with_a_space_is_refused_naming_the_field() -> None:
+    from airflow.models import Connection
+
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+
+    extra = json.dumps({"rate_limit_redis_conn_id": "redis default"})
+    conn = Connection(conn_id="lsq_space", conn_type="leadsquared", login="ak", password="sk", extra=extra)
+    with pytest.raises(
+        LeadSquaredConfigError, match="'lsq_space': field 'rate_limit_redis_conn_id' must be a connection id"
+    ):
+        LeadSquaredConfig.from_connection(conn)

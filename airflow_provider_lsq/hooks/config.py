@@ -154,6 +154,23 @@ class _ConnectionReader:
             raise self.error("rate_limit_storage", f"holds a control character (got {text!r})")
         return "memory" if text.lower() == "memory" else text
 
+    def other_conn_id(self, name: str) -> str | None:
+        """An Airflow connection id: it is looked up, never sent, so any letter Airflow allows in one
+        (``rédis_prod``) is fine; whitespace or a control character inside is refused."""
+        value = _extra(self.extras, name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self.error(name, f"must be text, got {type(value).__name__}")
+        text = str(value).strip()
+        if not text:
+            return None
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            raise self.error(
+                name, f"must be a connection id, without spaces or control characters (got {text!r})"
+            )
+        return text
+
     def extra_text(self, name: str, *, secret: bool = False) -> str | None:
         return self.text(name, _extra(self.extras, name), secret=secret)
 
@@ -277,7 +294,7 @@ class LeadSquaredConfig:
         if port and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535):
             raise read.error("port", f"must be a TCP port from 1 to 65535, got {port!r}")
         storage = read.storage()
-        redis_conn_id = read.extra_text("rate_limit_redis_conn_id")
+        redis_conn_id = read.other_conn_id("rate_limit_redis_conn_id")
         if storage and not is_redis_uri(storage) and _NOT_A_PATH.match(storage):
             raise read.error(
                 "rate_limit_storage",
