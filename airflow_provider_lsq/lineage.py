@@ -19,7 +19,9 @@ and :func:`prepare_portal_lineage`, called from ``execute()``, compute every par
 connection and keep it on the operator. On Airflow 3 the OpenLineage listener builds the COMPLETE and
 FAIL events in a forked process, where a connection lookup can hang (``airflow dags test`` with
 connections stored in the metadata database waited there until the listener's timeout, and the
-task's COMPLETE event was lost).
+task's COMPLETE event was lost). They are called first thing, before the operator's own checks, so
+a task failing those has its parts too; the warehouse's queries get at most the listener's
+``[openlineage] execution_timeout`` (see :func:`reading_timeout`).
 
 The portal's dataset has namespace ``leadsquared://<portal API host>`` and name ``portal/<portal_id>``
 (the same as its asset, :mod:`airflow_provider_lsq.assets`), the run's counts as the
