@@ -22,7 +22,12 @@ from airflow.providers.common.sql.hooks.sql import DbApiHook
 from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_counts
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError, WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, first_identifier, lead_fingerprint
+from airflow_provider_lsq.hooks.payload import (
+    UNIQUE_IDENTIFIERS,
+    first_identifier,
+    is_missing,
+    lead_fingerprint,
+)
 from airflow_provider_lsq.lineage import prepare_transfer_lineage, transfer_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import check_failure_ratio
@@ -968,7 +973,7 @@ class _Transfer:
 
     def _key(self, position: int, value: Any, seen: _SeenKeys) -> str | None:
         """The row's key, or None for a row not to send (NULL key, or a duplicate)."""
-        if value is None or not str(value).strip():
+        if is_missing(value) or not str(value).strip():  # NaN too: no value, not the key 'NaN'
             message = f"column {self.op.key_column!r}: the row key is NULL or empty"
             self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
             self.null_keys += 1
