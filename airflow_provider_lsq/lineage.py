@@ -75,14 +75,28 @@ def openlineage_enabled(operator: Any = None) -> bool:
             return False
         if operator is None:
             return True
+        return _emits_operator_lineage(operator)
+    except Exception:  # a configuration (or provider) it cannot read: it will say so itself
+        return True
+
+
+def _emits_operator_lineage(operator: Any) -> bool:
+    """Whether the listener will ask ``operator`` for its lineage: its emission policy (newer
+    providers, where ``disabled_for_operators`` and selective enable are translated into one), else
+    those two options themselves."""
+    try:
+        from airflow.providers.openlineage.utils.emission_policy import resolve_task_emission_policy
+    except ImportError:
         from airflow.providers.openlineage.utils.utils import (
             is_operator_disabled,
             is_selective_lineage_enabled,
         )
 
         return not is_operator_disabled(operator) and is_selective_lineage_enabled(operator)
-    except Exception:  # a configuration (or provider) it cannot read: it will say so itself
-        return True
+    controls = resolve_task_emission_policy(
+        operator=operator, dag_id=operator.dag_id, task_id=operator.task_id
+    )
+    return bool(controls.emit and getattr(controls, "extract_operator_metadata", True))
 
 
 def reading_timeout() -> float:
