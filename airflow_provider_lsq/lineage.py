@@ -19,7 +19,9 @@ and :func:`prepare_portal_lineage`, called from ``execute()``, compute every par
 connection and keep it on the operator. On Airflow 3 the OpenLineage listener builds the COMPLETE and
 FAIL events in a forked process, where a connection lookup can hang (``airflow dags test`` with
 connections stored in the metadata database waited there until the listener's timeout, and the
-task's COMPLETE event was lost).
+task's COMPLETE event was lost). They are called first thing, before the operator's own checks, so
+a task failing those has its parts too; the warehouse's queries get at most the listener's
+``[openlineage] execution_timeout`` (see :func:`reading_timeout`).
 
 The portal's dataset has namespace ``leadsquared://<portal API host>`` and name ``portal/<portal_id>``
 (the same as its asset, :mod:`airflow_provider_lsq.assets`), the run's counts as the
@@ -30,6 +32,7 @@ The portal's dataset has namespace ``leadsquared://<portal API host>`` and name 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -43,7 +46,6 @@ if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
 
     from airflow_provider_lsq.hooks.config import LeadSquaredConfig
-    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,9 +60,10 @@ def openlineage_installed() -> bool:
     return True
 
 
-def openlineage_enabled() -> bool:
-    """True when the OpenLineage provider is installed and not turned off (``[openlineage] disabled``
-    or no transport): only then is preparing the lineage worth its SQL parsing."""
+def openlineage_enabled(operator: Any = None) -> bool:
+    """True when the OpenLineage provider is installed, not turned off (``[openlineage] disabled`` or
+    no transport) and, for ``operator``, neither disabled for its class (``disabled_for_operators``)
+    nor left out by selective enable: only then is preparing the lineage worth its queries."""
     if not openlineage_installed():
         return False
     try:
@@ -68,9 +71,43 @@ def openlineage_enabled() -> bool:
     except ImportError:  # an older provider: let it decide later, as before
         return True
     try:
-        return not is_disabled()
-    except Exception:  # a configuration it cannot read: it will say so itself
+        if is_disabled():
+            return False
+        if operator is None:
+            return True
+        return _emits_operator_lineage(operator)
+    except Exception:  # a configuration (or provider) it cannot read: it will say so itself
         return True
+
+
+def _emits_operator_lineage(operator: Any) -> bool:
+    """Whether the listener will ask ``operator`` for its lineage: its emission policy (newer
+    providers, where ``disabled_for_operators`` and selective enable are translated into one), else
+    those two options themselves."""
+    try:
+        from airflow.providers.openlineage.utils.emission_policy import resolve_task_emission_policy
+    except ImportError:
+        from airflow.providers.openlineage.utils.utils import (
+            is_operator_disabled,
+            is_selective_lineage_enabled,
+        )
+
+        return not is_operator_disabled(operator) and is_selective_lineage_enabled(operator)
+    controls = resolve_task_emission_policy(
+        operator=operator, dag_id=operator.dag_id, task_id=operator.task_id
+    )
+    return bool(controls.emit and getattr(controls, "extract_operator_metadata", True))
+
+
+def reading_timeout() -> float:
+    """Seconds the lineage's reads may take: the OpenLineage provider's ``[openlineage]
+    execution_timeout`` (default 10), the time its listener gives a whole event."""
+    try:
+        from airflow.providers.openlineage.conf import execution_timeout
+
+        return max(float(execution_timeout()), 0.1)
+    except Exception:
+        return 10.0
 
 
 @dataclass(frozen=True)
@@ -86,29 +123,30 @@ class PreparedLineage:
     portal: tuple[str, str] | None = None
 
 
-def prepare_transfer_lineage(
-    operator: Any, sql_hook: DbApiHook, ledger_hook: DbApiHook, lsq_hook: LeadSquaredHook
-) -> None:
-    """Compute the transfer's lineage parts from its hooks and keep them on ``operator`` (as
-    ``prepared_lineage``), for the events built after ``execute()``. Does nothing when OpenLineage is
-    not installed or turned off; never raises (what cannot be read is left out with a warning)."""
-    if not openlineage_enabled():
+def prepare_transfer_lineage(operator: Any) -> None:
+    """Read the transfer's lineage parts from its connections and keep them on ``operator`` (as
+    ``prepared_lineage``), for the events built after ``execute()`` started.
+
+    Called first thing in ``execute()``, so a task failing on its own checks (a connection value
+    refused, no portal_id) has its parts too: the FAIL event then needs no connection lookup, which
+    on Airflow 3 happens in a forked process where it can hang. The warehouse queries (its current
+    schema, ``information_schema``) take at most :func:`reading_timeout` seconds: a busy or hung
+    warehouse costs the query's and the ledger's datasets, never the run's time. Does nothing when
+    OpenLineage is not installed or turned off; never raises (what cannot be read is left out with a
+    warning).
+    """
+    operator.prepared_lineage = None
+    if not openlineage_enabled(operator):
         return
-    sql = operator.sql.strip().rstrip(";").strip()
-    operator.prepared_lineage = PreparedLineage(
-        query=_guarded("the query's tables", lambda: _sql_lineage(sql_hook, sql, use_connection=None)),
-        ledger=_guarded("the ledger table", lambda: _ledger_lineage(ledger_hook, operator.ledger_table)),
-        portal=_guarded("the portal", lambda: _portal_name(lsq_hook.config)),
-    )
+    operator.prepared_lineage = _read_transfer(operator, reading_timeout(), look_up_now=True)
 
 
-def prepare_portal_lineage(operator: Any, lsq_hook: LeadSquaredHook) -> None:
+def prepare_portal_lineage(operator: Any) -> None:
     """``RegisterPortalUserOperator``'s part of :func:`prepare_transfer_lineage`: the portal's name."""
-    if not openlineage_enabled():
+    operator.prepared_lineage = None
+    if not openlineage_enabled(operator):
         return
-    operator.prepared_lineage = PreparedLineage(
-        portal=_guarded("the portal", lambda: _portal_name(lsq_hook.config))
-    )
+    operator.prepared_lineage = _read_portal(operator, reading_timeout(), look_up_now=True)
 
 
 def _portal_name(config: LeadSquaredConfig) -> tuple[str, str] | None:
@@ -165,35 +203,111 @@ def portal_lineage(operator: Any) -> OperatorLineage | None:
 
 
 def _prepared(operator: Any) -> PreparedLineage:
-    """The parts ``execute()`` prepared, or, for an event built before it did (START, or a task that
-    failed before reading its connections), the same parts read now."""
+    """The parts ``execute()`` prepared, or, for an event built before it did (a task that failed
+    before ``execute()``), the same parts read now. On Airflow 3 that is in the listener's forked
+    process, where a connection lookup can hang: the reading gets half of the listener's time, so
+    the event is still sent, without what could not be read in time."""
     prepared = getattr(operator, "prepared_lineage", None)
     if isinstance(prepared, PreparedLineage):
         return prepared
-    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-
-    portal = _guarded(
-        "the portal", lambda: _portal_name(LeadSquaredHook(operator.leadsquared_conn_id).config)
-    )
+    seconds = reading_timeout() / 2
     if not hasattr(operator, "sql"):
-        return PreparedLineage(portal=portal)
+        return _read_portal(operator, seconds, look_up_now=False)
+    return _read_transfer(operator, seconds, look_up_now=False)
+
+
+def _read_portal(operator: Any, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+    parts = {"the portal": _part(look_up_now, lambda: _lsq_config(operator), _portal_name)}
+    return PreparedLineage(portal=_within(seconds, parts).get("the portal"))
+
+
+def _read_transfer(operator: Any, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+    """The transfer's parts, read within ``seconds``; with ``look_up_now`` its connections are looked
+    up in the calling thread (a task's, where Airflow 3's lookups are made) and only the warehouse's
+    queries run in the reading thread."""
     from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
 
     sql = operator.sql.strip().rstrip(";").strip()
+    ledger_conn_id = operator.ledger_conn_id or operator.sql_conn_id
+    parts = {
+        "the portal": _part(look_up_now, lambda: _lsq_config(operator), _portal_name),
+        "the query's tables": _part(
+            look_up_now,
+            lambda: _with_connection(get_db_hook(operator.sql_conn_id, "sql_conn_id")),
+            lambda hook: _sql_lineage(hook, sql, use_connection=None),
+        ),
+        "the ledger table": _part(
+            look_up_now,
+            lambda: _with_connection(get_db_hook(ledger_conn_id, "ledger_conn_id")),
+            lambda hook: _ledger_lineage(hook, operator.ledger_table),
+        ),
+    }
+    read = _within(seconds, parts)
     return PreparedLineage(
-        query=_guarded(
-            "the query's tables",
-            lambda: _sql_lineage(get_db_hook(operator.sql_conn_id, "sql_conn_id"), sql, use_connection=None),
-        ),
-        ledger=_guarded(
-            "the ledger table",
-            lambda: _ledger_lineage(
-                get_db_hook(operator.ledger_conn_id or operator.sql_conn_id, "ledger_conn_id"),
-                operator.ledger_table,
-            ),
-        ),
-        portal=portal,
+        query=read.get("the query's tables"),
+        ledger=read.get("the ledger table"),
+        portal=read.get("the portal"),
     )
+
+
+def _lsq_config(operator: Any) -> LeadSquaredConfig:
+    from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+
+    return LeadSquaredHook(operator.leadsquared_conn_id).config
+
+
+def _with_connection(hook: DbApiHook) -> DbApiHook:
+    """``hook`` with its connection looked up (common-sql's hooks keep it, so their queries look up
+    nothing more)."""
+    _connection(hook)
+    return hook
+
+
+def _connection(hook: DbApiHook) -> Any:
+    try:
+        return hook.connection
+    except AttributeError:  # a hook without common-sql's cached ``connection``
+        return hook.get_connection(hook.get_conn_id())
+
+
+def _part(
+    look_up_now: bool, look_up: Callable[[], Any], use: Callable[[Any], T | None]
+) -> Callable[[], T | None]:
+    """``use(look_up())`` as one part to read; with ``look_up_now`` the lookup is done here and now
+    (an error it raises is raised again when the part is read, and reported there)."""
+    if not look_up_now:
+        return lambda: use(look_up())
+    try:
+        found = look_up()
+    except Exception as error:
+        failure = error
+
+        def fail() -> T | None:
+            raise failure
+
+        return fail
+    return lambda: use(found)
+
+
+def _within(seconds: float, parts: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Each part read in turn (guarded) in a daemon thread; what was read within ``seconds``. A part
+    still being read then is left out with a warning, its thread abandoned (a database call has no
+    bound of its own: a hung warehouse would hold the task, or the listener, with it)."""
+    read: dict[str, Any] = {}
+
+    def work() -> None:
+        for what, compute in parts.items():
+            value = _guarded(what, compute)
+            read[what] = value
+
+    thread = threading.Thread(target=work, name="lsq-openlineage", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    done = dict(read)
+    if thread.is_alive():
+        late = [what for what in parts if what not in done]
+        log.warning("OpenLineage: %s could not be read within %g s: left out.", ", ".join(late), seconds)
+    return done
 
 
 def _ledger_lineage(hook: DbApiHook, table: str) -> OperatorLineage | None:
@@ -244,7 +358,7 @@ def _sql_lineage(hook: DbApiHook, sql: str, use_connection: bool | None) -> Oper
     from airflow.providers.openlineage.sqlparser import SQLParser
     from airflow.providers.openlineage.utils.utils import should_use_external_connection
 
-    connection = hook.get_connection(getattr(hook, hook.conn_name_attr))
+    connection = _connection(hook)
     try:
         database_info = hook.get_openlineage_database_info(connection)
     except AttributeError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -414,11 +415,15 @@ def test_test_connection_says_when_the_redis_budget_cannot_be_used(
     ok, message = hook.test_connection()
     assert not ok and "keys were accepted" in message
     assert "'lsq_budget': field 'rate_limit_redis_conn_id'" in message and "lsq_budget_redis" in message
+    if redis_conn is not None:  # the web server may be the one machine a firewall keeps from Redis
+        assert f"from {socket.gethostname()!r}, where the test ran" in message
 
 
 @pytest.mark.redis
+# Any letter Airflow allows in a connection id: it was refused as a value "no request can carry".
+@pytest.mark.parametrize("redis_conn_id", ["lsq_budget_redis_ok", "lsq_budget_rédis:prod#2"])
 def test_test_connection_passes_with_a_working_redis_budget(
-    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, redis_url: str
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_conn_id: str
 ) -> None:
     from urllib.parse import urlsplit
 
@@ -429,11 +434,52 @@ def test_test_connection_passes_with_a_working_redis_budget(
         "port": parts.port,
         "extra": {"db": int(parts.path[1:])},
     }
-    monkeypatch.setenv("AIRFLOW_CONN_LSQ_BUDGET_REDIS_OK", json.dumps(redis_conn))
+    monkeypatch.setenv(f"AIRFLOW_CONN_{redis_conn_id.upper()}", json.dumps(redis_conn))
     hook = LeadSquaredHook(
-        connect(monkeypatch, sandbox, "lsq_budget_ok", rate_limit_redis_conn_id="lsq_budget_redis_ok")
+        connect(monkeypatch, sandbox, "lsq_budget_ok", rate_limit_redis_conn_id=redis_conn_id)
     )
     assert hook.test_connection() == (
         True,
         "Connection to LeadSquared works: the keys were accepted and a portal is set.",
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # Airflow reads a URI's [::1] as the host '::1': it was refused as "not a host name or URL".
+        ({"uri": "leadsquared://ak:sk@[::1]:8765/?portal_id=p1"}, "https://[::1]:8765"),
+        ({"host": "[::1]", "port": 8765}, "https://[::1]:8765"),  # the port was dropped
+        ({"host": "http://[2001:db8::5]", "port": 8080}, "http://[2001:db8::5]:8080"),
+        ({"host": "http://[::1]:9000", "port": 8765}, "http://[::1]:9000"),  # the host's own port wins
+        (
+            {"host": "http://proxy.internal/lsq/", "port": 8080},
+            "http://proxy.internal:8080/lsq",
+        ),  # was .../lsq:8080
+        ({"host": "portalapi.leadsquared.com", "port": 443}, "https://portalapi.leadsquared.com:443"),
+    ],
+)
+def test_an_ipv6_host_or_a_host_with_a_path_keeps_the_connections_port(
+    fields: dict[str, Any], expected: str
+) -> None:
+    from airflow.models import Connection
+
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+
+    if "uri" not in fields:
+        fields = {"conn_type": "leadsquared", "login": "ak", "password": "sk", **fields}
+    conn = Connection(conn_id="lsq_ports", **fields)
+    assert LeadSquaredConfig.from_connection(conn).base_url == expected
+
+
+def test_a_redis_connection_id_with_a_space_is_refused_naming_the_field() -> None:
+    from airflow.models import Connection
+
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+
+    extra = json.dumps({"rate_limit_redis_conn_id": "redis default"})
+    conn = Connection(conn_id="lsq_space", conn_type="leadsquared", login="ak", password="sk", extra=extra)
+    with pytest.raises(
+        LeadSquaredConfigError, match="'lsq_space': field 'rate_limit_redis_conn_id' must be a connection id"
+    ):
+        LeadSquaredConfig.from_connection(conn)

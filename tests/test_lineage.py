@@ -483,3 +483,220 @@ def test_a_broken_leadsquared_connection_costs_the_portal_not_the_query_and_ledg
     assert [d.name.rsplit(".", 2)[1:] for d in lineage.outputs] == [[warehouse.schema, "lsq_ledger"]]
     portal = RegisterPortalUserOperator(task_id="r", leads=[], leadsquared_conn_id="lsq_ol_broken")
     assert portal.get_openlineage_facets_on_complete(None).outputs == []
+
+
+@pytest.mark.postgres
+@pytest.mark.airflow_db
+def test_a_transfer_failing_its_own_checks_still_reports_its_datasets_with_stored_connections(
+    airflow_db: Path,
+    postgres_server: str,
+    leadsquared_sandbox_factory: Callable[..., Sandbox],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A LeadSquared connection without portal_id fails the task before any row: its lineage was read
+    only after that check, so on Airflow 3 the FAIL event looked the connections up in the listener's
+    forked process, which hung there with connections in the metadata database: the event was lost."""
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    schema = _applicants_schema(postgres_server, "olc", [(1, "olcheck1@example.edu", "Olcheckname")])
+    dag_id = f"lsq_lineage_check_{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    sql = (
+        f'SELECT CAST(applicant_id AS TEXT) AS applicant_id, email AS "EmailAddress" FROM {schema}.applicants'
+    )
+    (folder / f"{dag_id}.py").write_text(
+        DAG_FILE.format(
+            dag_id=dag_id,
+            sql=sql,
+            ledger=f"{schema}.lsq_ledger",
+            host=sb.url,
+            portal_id=sb.portal_id,
+            batch_size=500,
+        )
+    )
+    with_portal = sb.connection_json()
+
+    def without_portal_id() -> str:
+        conn = json.loads(with_portal)
+        del conn["extra"]["portal_id"]
+        return json.dumps(conn)
+
+    monkeypatch.setattr(sb, "connection_json", without_portal_id)
+    events = _run_with_lineage(
+        tmp_path, folder, dag_id, sb, postgres_server, "failed", stored_connections=True
+    )
+    fail = next(e for e in events if e["eventType"] == "FAIL" and _is_task(e))
+    database = postgres_server.rsplit("/", 1)[1]
+    assert {(d["namespace"], d["name"]) for d in fail["inputs"]} == {
+        ("postgres://127.0.0.1:5432", f"{database}.{schema}.applicants")
+    }
+    assert ("postgres://127.0.0.1:5432", f"{database}.{schema}.lsq_ledger") in {
+        (d["namespace"], d["name"]) for d in fail["outputs"]
+    }
+    assert "portal_id" in fail["run"]["facets"]["errorMessage"]["message"]
+    text = json.dumps(events)
+    assert "olcheck1@example.edu" not in text and not [s for s in sandbox_secrets(sb) if s in text]
+
+
+@pytest.fixture
+def openlineage_on(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Turn the OpenLineage provider on in this process (console transport), with ``settings`` as
+    further ``[openlineage]`` options; its cached configuration is read afresh."""
+    from airflow.providers.openlineage import conf
+
+    def clear() -> None:
+        for value in vars(conf).values():
+            if callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
+
+    def turn_on(**settings: str) -> None:
+        monkeypatch.setenv("AIRFLOW__OPENLINEAGE__TRANSPORT", json.dumps({"type": "console"}))
+        for name, value in settings.items():
+            monkeypatch.setenv(f"AIRFLOW__OPENLINEAGE__{name.upper()}", value)
+        clear()
+
+    yield turn_on
+    monkeypatch.undo()
+    clear()
+
+
+@pytest.fixture
+def hung_warehouse(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A PostgreSQL connection ``lsq_ol_hung`` to a server that accepts and never answers."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_HUNG", f"postgres://postgres@127.0.0.1:{port}/warehouse")
+    lsq = {"conn_type": "leadsquared", "login": "u$HungKey1", "password": "HungSecret+/="}
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_HUNG_PORTAL", json.dumps({**lsq, "extra": {"portal_id": "p1"}}))
+    yield
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def _hung_transfer() -> Any:
+    from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+
+    return SqlToLeadSquaredPortalOperator(
+        task_id="register",
+        sql="SELECT applicant_id FROM crm.applicants",
+        sql_conn_id="lsq_ol_hung",
+        key_column="applicant_id",
+        leadsquared_conn_id="lsq_ol_hung_portal",
+    )
+
+
+def test_a_hung_warehouse_holds_the_lineage_reading_no_longer_than_the_listeners_timeout(
+    openlineage_on: Callable[..., None], hung_warehouse: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The transfer reads its lineage in execute(): the warehouse's current schema and its
+    information_schema, which have no timeout of their own. A warehouse that accepts and never answers
+    (or a catalog query slow on a busy one) held the task there; now at most ``[openlineage]
+    execution_timeout``, as the listener bounds the same reading, and the portal is still reported.
+    Before execute() (the FAIL event of a task that never ran it) the reading gets half of that."""
+    from airflow_provider_lsq.lineage import prepare_transfer_lineage
+
+    openlineage_on(execution_timeout="2")
+    op = _hung_transfer()
+    started = time.monotonic()
+    prepare_transfer_lineage(op)
+    assert time.monotonic() - started < 4
+    assert (op.prepared_lineage.query, op.prepared_lineage.ledger) == (None, None)
+    assert op.prepared_lineage.portal == ("leadsquared://portalapi.leadsquared.com", "portal/p1")
+    assert "could not be read within 2 s" in caplog.text
+
+    never_ran = _hung_transfer()
+    started = time.monotonic()
+    lineage = never_ran.get_openlineage_facets_on_complete(None)
+    assert time.monotonic() - started < 2.5
+    assert [(d.namespace, d.name) for d in lineage.outputs] == [
+        ("leadsquared://portalapi.leadsquared.com", "portal/p1")
+    ]
+
+
+TRANSFER_CLASS = "airflow_provider_lsq.transfers.sql_to_leadsquared.SqlToLeadSquaredPortalOperator"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"disabled_for_operators": TRANSFER_CLASS},
+        {  # the newer providers' form (what the one above is translated into)
+            "emission_policy": json.dumps(
+                [{"scope": {"operator": TRANSFER_CLASS}, "controls": {"extract_operator_metadata": False}}]
+            )
+        },
+    ],
+    ids=["disabled_for_operators", "emission_policy"],
+)
+def test_a_transfer_whose_class_openlineage_disables_reads_nothing_for_lineage(
+    openlineage_on: Callable[..., None], hung_warehouse: Any, setting: dict[str, str]
+) -> None:
+    """OpenLineage set to ask the transfer for no lineage: execute() reads nothing (no query on the
+    warehouse)."""
+    from importlib.util import find_spec
+
+    from airflow_provider_lsq.lineage import prepare_transfer_lineage
+
+    if (
+        "emission_policy" in setting
+        and find_spec("airflow.providers.openlineage.utils.emission_policy") is None
+    ):
+        pytest.skip("this OpenLineage provider has no emission_policy")
+    openlineage_on(execution_timeout="30", **setting)
+    op = _hung_transfer()
+    started = time.monotonic()
+    prepare_transfer_lineage(op)
+    assert time.monotonic() - started < 1 and op.prepared_lineage is None
+
+
+def test_a_second_try_in_the_same_process_reports_none_of_the_first_tries_counts(
+    leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same operator object run again (a retry inline, as ``dag.test`` may) that fails before its
+    run: its FAIL event reported the first try's counts as its own."""
+    from airflow.providers.common.compat.sdk import AirflowException
+
+    from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+
+    sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
+    conn = json.loads(sb.connection_json())
+    conn["extra"]["retry_wait_seconds"] = 0.01
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_AGAIN", json.dumps(conn))
+    op = RegisterPortalUserOperator(
+        task_id="register",
+        leads=[{"EmailAddress": "olagain@example.edu"}],
+        leadsquared_conn_id="lsq_ol_again",
+    )
+
+    class TI:
+        def xcom_push(self, key: str, value: Any) -> None:
+            pass
+
+    op.execute({"ti": TI(), "run_id": "manual__1"})  # type: ignore[arg-type]
+    assert _portal_counts(op)[0].registered == 1
+    op.leads = "not JSON"
+    with pytest.raises(AirflowException, match="not JSON"):
+        op.execute({"ti": TI(), "run_id": "manual__1"})  # type: ignore[arg-type]
+    (portal,) = op.get_openlineage_facets_on_complete(None).outputs
+    assert portal.outputFacets == {}

@@ -27,6 +27,11 @@ from airflow_provider_lsq.passwords import generate_password
         (3.0, "3"),
         (2.5, "2.5"),
         (Decimal("1E+2"), "100"),
+        # Written out, as a number field reads it: repr() gave 1e-05 and -2.5e-07.
+        (0.00001, "0.00001"),
+        (-2.5e-7, "-0.00000025"),
+        (Decimal("1E-7"), "0.0000001"),
+        (1.5e16, "15000000000000000"),
         (dt.date(2026, 1, 2), "2026-01-02 00:00:00"),
         (dt.datetime(2026, 1, 2, 3, 4, 5), "2026-01-02 03:04:05"),
         (pendulum.datetime(2026, 1, 2, 8, 34, 5, tz="Asia/Kolkata"), "2026-01-02 03:04:05"),

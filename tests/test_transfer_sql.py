@@ -713,3 +713,25 @@ def test_postgres_values_that_cannot_be_sent_are_invalid_rows_naming_the_field(
         assert not ledger[str(i)]["retryable"]
     assert summary["registered"] == 2 and summary["invalid"] == 5
     assert sb.register_calls == 2
+
+
+@pytest.mark.postgres
+def test_a_nan_key_is_no_key_not_one_shared_key_that_makes_later_rows_duplicates(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lsq: Callable[..., Sandbox],
+) -> None:
+    """A float key column holding NaN (PostgreSQL's 'NaN'::float8): its rows were all keyed 'NaN', the
+    first sent and recorded under that key, every later one dropped as its duplicate. NaN is no value,
+    as RegisterPortalUserOperator already reads it: each such row is invalid, named by position."""
+    wh = make_warehouse("postgres", request, tmp_path, monkeypatch)
+    sb = lsq()
+    wh.seed(applicants(4))
+    sql = (
+        "SELECT CASE WHEN applicant_id <= 2 THEN 'NaN'::float8 ELSE applicant_id END AS applicant_id, "
+        f'email AS "EmailAddress" FROM {wh.table("applicants")} ORDER BY email'
+    )
+    summary = transfer(wh, sql=sql, max_failure_ratio=0.9).execute(context())
+    assert (summary["invalid"], summary["duplicates"], summary["registered"]) == (2, 0, 2)
+    assert sb.register_calls == 2 and set(wh.ledger()) == {"3.0", "4.0"}  # a float column's text

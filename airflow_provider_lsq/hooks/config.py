@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_lsq.connection_form import CONN_FIELDS
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError
@@ -67,12 +67,25 @@ def is_redis_uri(storage: str | None) -> bool:
 
 
 def base_url(host: str | None, port: int | None = None) -> str:
-    """Empty -> the default portal host; a bare host -> https; a full URL is used as given."""
+    """Empty -> the default portal host; a bare host -> https; a full URL is used as given.
+
+    A bare IPv6 address (what Airflow reads from a URI's ``[::1]``) is bracketed; ``port`` is added
+    after the host (not after a path) unless the host names a port itself.
+    """
     host = (host or "").strip().rstrip("/") or DEFAULT_PORTAL_HOST
+    if "://" not in host and host.count(":") >= 2 and not host.startswith("["):
+        host = f"[{host}]"
     url = host if "://" in host else f"https://{host}"
-    if port and url.count(":") < 2:
-        url = f"{url}:{port}"
-    return url
+    if not port:
+        return url
+    parts = urlsplit(url)
+    try:
+        has_port = parts.port is not None
+    except ValueError:  # not a port: the connection reader refuses it, naming the field
+        return url
+    if has_port or not parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.netloc}:{port}"))
 
 
 class _ConnectionReader:
@@ -140,6 +153,23 @@ class _ConnectionReader:
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
             raise self.error("rate_limit_storage", f"holds a control character (got {text!r})")
         return "memory" if text.lower() == "memory" else text
+
+    def other_conn_id(self, name: str) -> str | None:
+        """An Airflow connection id: it is looked up, never sent, so any letter Airflow allows in one
+        (``rédis_prod``) is fine; whitespace or a control character inside is refused."""
+        value = _extra(self.extras, name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self.error(name, f"must be text, got {type(value).__name__}")
+        text = str(value).strip()
+        if not text:
+            return None
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            raise self.error(
+                name, f"must be a connection id, without spaces or control characters (got {text!r})"
+            )
+        return text
 
     def extra_text(self, name: str, *, secret: bool = False) -> str | None:
         return self.text(name, _extra(self.extras, name), secret=secret)
@@ -264,7 +294,7 @@ class LeadSquaredConfig:
         if port and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535):
             raise read.error("port", f"must be a TCP port from 1 to 65535, got {port!r}")
         storage = read.storage()
-        redis_conn_id = read.extra_text("rate_limit_redis_conn_id")
+        redis_conn_id = read.other_conn_id("rate_limit_redis_conn_id")
         if storage and not is_redis_uri(storage) and _NOT_A_PATH.match(storage):
             raise read.error(
                 "rate_limit_storage",

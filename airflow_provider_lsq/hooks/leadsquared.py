@@ -6,6 +6,7 @@ the account's rate limit, retries and the mapping of answers to errors a person 
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from functools import cached_property
@@ -133,6 +134,14 @@ def duplicate_is_first_identifier(
     return "user already exists" in text or (
         first is not None and any(word in text for word in _field_words(first))
     )
+
+
+# The Test button runs where the UI (or CLI) does, not on the workers: a firewall may let only the latter
+# reach Redis. The check still fails (as official providers' tests of a database do), saying where it ran.
+_FROM_HERE = (
+    f"from {socket.gethostname()!r}, where the test ran (tasks read it from their workers, which may "
+    "reach it when this machine cannot)"
+)
 
 
 class LeadSquaredHook(BaseHook):
@@ -527,12 +536,12 @@ class LeadSquaredHook(BaseHook):
         except Exception as error:
             return self.redact(
                 f"Connection {self.leadsquared_conn_id!r}: field {field!r}: the shared rate-limit budget "
-                f"({where}) could not be read ({type(error).__name__}: {error})."
+                f"({where}) could not be read {_FROM_HERE} ({type(error).__name__}: {error})."
             )
         if answered is None:
             return (
                 f"Connection {self.leadsquared_conn_id!r}: field {field!r}: the shared rate-limit budget "
-                f"({where}) did not answer within {seconds:g} s."
+                f"({where}) did not answer {_FROM_HERE} within {seconds:g} s."
             )
         return None
 

@@ -122,7 +122,9 @@ def _format_value(attribute: str, value: Any) -> str | None:
                 f"field {attribute!r}: {value} is not a number LeadSquared can store", field=attribute
             )
         if isinstance(value, float):
-            return str(int(value)) if value.is_integer() else repr(value)
+            if value.is_integer():
+                return str(int(value))
+            value = Decimal(repr(value))  # its shortest digits, written out: 1e-05 is 0.00001
         return format(value, "f")
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:

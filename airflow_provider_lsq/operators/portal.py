@@ -114,6 +114,8 @@ class RegisterPortalUserOperator(BaseOperator):
         return leads
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self.registration_counts = None  # a retry in the same process: no counts of an earlier try
+        prepare_portal_lineage(self)  # first: a task failing below still has its lineage
         leads = self._rendered_leads()
         started = time.monotonic()
         sink = MemorySink()
@@ -123,7 +125,6 @@ class RegisterPortalUserOperator(BaseOperator):
             sink=sink,
             total=len(leads),
         )
-        prepare_portal_lineage(self, run.hook)
         progress = run.progress
         self.log.info(
             "%s %d leads as portal users (connection %r).",

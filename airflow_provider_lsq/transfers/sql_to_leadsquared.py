@@ -22,7 +22,12 @@ from airflow.providers.common.sql.hooks.sql import DbApiHook
 from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_counts
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError, WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, first_identifier, lead_fingerprint
+from airflow_provider_lsq.hooks.payload import (
+    UNIQUE_IDENTIFIERS,
+    first_identifier,
+    is_missing,
+    lead_fingerprint,
+)
 from airflow_provider_lsq.lineage import prepare_transfer_lineage, transfer_lineage
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.progress import check_failure_ratio
@@ -242,6 +247,9 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         started = time.monotonic()
+        self.registration_counts = None  # a retry in the same process: no counts of an earlier try
+        # First: a task failing on its checks below still has its lineage (see lineage.py).
+        prepare_transfer_lineage(self)
         sql = self.sql.strip().rstrip(";").strip()
         sql_hook = get_db_hook(self.sql_conn_id, "sql_conn_id")
         ledger_hook = get_db_hook(self.ledger_conn_id or self.sql_conn_id, "ledger_conn_id")
@@ -255,7 +263,6 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
                 f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: the ledger and "
                 "the registration need it (Workflow > Manage Portals in LeadSquared, in the page URL)."
             )
-        prepare_transfer_lineage(self, sql_hook, ledger_hook, lsq_hook)
         execution = self._execution(context)
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
@@ -966,7 +973,7 @@ class _Transfer:
 
     def _key(self, position: int, value: Any, seen: _SeenKeys) -> str | None:
         """The row's key, or None for a row not to send (NULL key, or a duplicate)."""
-        if value is None or not str(value).strip():
+        if is_missing(value) or not str(value).strip():  # NaN too: no value, not the key 'NaN'
             message = f"column {self.op.key_column!r}: the row key is NULL or empty"
             self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
             self.null_keys += 1
