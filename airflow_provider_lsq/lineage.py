@@ -294,15 +294,19 @@ def _within(seconds: float, parts: Mapping[str, Callable[[], Any]]) -> dict[str,
     still being read then is left out with a warning, its thread abandoned (a database call has no
     bound of its own: a hung warehouse would hold the task, or the listener, with it)."""
     read: dict[str, Any] = {}
+    over = threading.Event()  # past ``seconds``: the parts not begun yet are not begun at all
 
     def work() -> None:
         for what, compute in parts.items():
-            value = _guarded(what, compute)
+            if over.is_set():
+                return
+            value = _guarded(what, compute, quiet=over)
             read[what] = value
 
     thread = threading.Thread(target=work, name="lsq-openlineage", daemon=True)
     thread.start()
     thread.join(seconds)
+    over.set()
     done = dict(read)
     if thread.is_alive():
         late = [what for what in parts if what not in done]
@@ -340,12 +344,14 @@ def transfer_lineage(operator: Any) -> OperatorLineage | None:
     )
 
 
-def _guarded(what: str, compute: Callable[[], T | None]) -> T | None:
-    """``compute()``, or None (logged by error type only: a database's message may quote data)."""
+def _guarded(what: str, compute: Callable[[], T | None], quiet: threading.Event | None = None) -> T | None:
+    """``compute()``, or None (logged by error type only: a database's message may quote data; not
+    logged once ``quiet`` is set: the part was already reported as left out when its time ran out)."""
     try:
         return compute()
     except Exception as error:
-        log.warning("OpenLineage: %s could not be read (%s): left out.", what, type(error).__name__)
+        if quiet is None or not quiet.is_set():
+            log.warning("OpenLineage: %s could not be read (%s): left out.", what, type(error).__name__)
         return None
 
 

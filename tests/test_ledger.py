@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sqlite3
 import uuid
 from dataclasses import replace
@@ -288,3 +289,48 @@ def test_a_key_is_claimed_by_one_run_only_and_released_back(db: Db, generic_sql:
     assert (after["old"].status, after["old"].run_id, after["old"].retryable) == ("failed", "before", True)
     first.close()
     second.close()
+
+
+def test_a_warehouse_that_accepts_and_never_answers_is_named_with_the_time_really_waited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each attempt waits on the driver (here until the server drops the connection, 2 s in), which can
+    outlast ``write_timeout``: the error names the connection, says how long it really waited and how
+    to bound an attempt (the driver's connect timeout)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn = server.accept()[0]
+            except OSError:
+                continue
+            threading.Timer(2.0, conn.close).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_SILENT_WH", f"postgres://postgres@127.0.0.1:{port}/warehouse")
+    try:
+        hook = BaseHook.get_connection("lsq_silent_wh").get_hook()
+        ledger = RegistrationLedger(hook, "lsq_ledger", PORTAL, write_timeout=0.5)
+        with pytest.raises(LedgerUnavailableError) as caught:
+            ledger.ensure_table()
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    message = str(caught.value)
+    waited = re.search(
+        r"^The ledger lsq_ledger \(connection 'lsq_silent_wh'\) could not be written for (\d+) s", message
+    )
+    assert waited is not None, message
+    assert int(waited.group(1)) >= 2  # the time really waited, not write_timeout's 0.5 s
+    assert "connect_timeout" in message

@@ -33,6 +33,7 @@ import hashlib
 import logging
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -234,13 +235,19 @@ class RegistrationLedger:
             before_sleep=reset,
             reraise=True,
         )
+        started = time.monotonic()
         try:
             return retrying(write)
         except Exception as error:
             self.close_quietly()
+            waited = max(time.monotonic() - started, self.write_timeout)
+            conn_id = getattr(self.db_hook, getattr(self.db_hook, "conn_name_attr", ""), None)
+            where = f" (connection {conn_id!r})" if isinstance(conn_id, str) else ""
             raise LedgerUnavailableError(
-                f"The ledger {self.table} could not be written for {self.write_timeout:g} s "
-                f"({what}; last error {type(error).__name__})."
+                f"The ledger {self.table}{where} could not be written for {waited:.0f} s "
+                f"({what}; last error {type(error).__name__}). A database that accepts connections "
+                "and never answers holds each attempt until its driver's connect timeout: set one in "
+                "the connection's extra (PostgreSQL: connect_timeout, in seconds)."
             ) from error
 
     def close_quietly(self) -> None:
