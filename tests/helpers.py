@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import pytest
 
     from airflow_provider_lsq.sandbox import Sandbox
@@ -101,3 +106,39 @@ def call_execute(op: Any, context: Any) -> Any:
         return execute(op, context)
     except BaseException as error:
         return error
+
+
+@contextlib.contextmanager
+def silent_server(drop_after: float | None = None) -> Iterator[tuple[int, list[float]]]:
+    """A TCP server on loopback that accepts every connection and never answers (a hung database or
+    host); with ``drop_after``, it closes each connection that many seconds after accepting it.
+    Yields its port and the monotonic times it accepted connections at."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    accepted: list[float] = []
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn = server.accept()[0]
+            except OSError:
+                continue
+            accepted.append(time.monotonic())
+            held.append(conn)
+            if drop_after is not None:
+                threading.Timer(drop_after, conn.close).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], accepted
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()

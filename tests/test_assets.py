@@ -329,10 +329,7 @@ def test_a_run_stopped_before_any_row_mails_that_no_row_failed_and_where_to_look
     failed" as if that were the cause, but say no row failed and send the reader to the task log."""
     with _example(tmp_path, monkeypatch) as example:
         example.set_wrong_region("portalapi-us11.leadsquared.com")  # every call answers 401
-        dag_run = _run(_dagbag().dags[UPSTREAM], {"lookback_days": 7})
-        assert str(dag_run.state) == "failed"
-        assert len(smtp.messages) == 1, "one failure email"
-        message = _body(smtp.messages[0])
+        message = _failed_run_email(smtp)
         assert "No row of this run is recorded as failed" in message, message
         assert "its log gives" in message
         assert "rows failed" not in message
@@ -349,14 +346,19 @@ def test_a_run_whose_ledger_cannot_be_read_mails_so_and_the_query_for_later(
     with _example(tmp_path, monkeypatch):
         gone = {"conn_type": "sqlite", "host": str(tmp_path / "no-such-dir" / "warehouse.db")}
         monkeypatch.setenv("AIRFLOW_CONN_LSQ_WAREHOUSE", json.dumps(gone))
-        dag_run = _run(_dagbag().dags[UPSTREAM], {"lookback_days": 7})
-        assert str(dag_run.state) == "failed"
-        assert len(smtp.messages) == 1, "one failure email"
-        message = _body(smtp.messages[0])
+        message = _failed_run_email(smtp)
         assert "The ledger could not be read" in message, message
         assert "Once it can be read, this query lists" in message
         assert "FROM lsq_portal_registrations" in message
         assert "rows failed" not in message
+
+
+def _failed_run_email(smtp: _SmtpServer) -> str:
+    """Run the main example DAG, which must fail, and return the text of its one failure email."""
+    dag_run = _run(_dagbag().dags[UPSTREAM], {"lookback_days": 7})
+    assert str(dag_run.state) == "failed"
+    assert len(smtp.messages) == 1, "one failure email"
+    return _body(smtp.messages[0])
 
 
 def _body(raw: str) -> str:

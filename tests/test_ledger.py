@@ -21,7 +21,7 @@ from airflow_provider_lsq.transfers.ledger import (
     RegistrationLedger,
     validate_table_name,
 )
-from tests.helpers import fetch_all
+from tests.helpers import fetch_all, silent_server
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -297,36 +297,12 @@ def test_a_warehouse_that_accepts_and_never_answers_is_named_with_the_time_reall
     """Each attempt waits on the driver (here until the server drops the connection, 2 s in), which can
     outlast ``write_timeout``: the error names the connection, says how long it really waited and how
     to bound an attempt (the driver's connect timeout)."""
-    import socket
-    import threading
-
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    stop = threading.Event()
-
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn = server.accept()[0]
-            except OSError:
-                continue
-            threading.Timer(2.0, conn.close).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    port = server.getsockname()[1]
-    monkeypatch.setenv("AIRFLOW_CONN_LSQ_SILENT_WH", f"postgres://postgres@127.0.0.1:{port}/warehouse")
-    try:
+    with silent_server(drop_after=2.0) as (port, _):
+        monkeypatch.setenv("AIRFLOW_CONN_LSQ_SILENT_WH", f"postgres://postgres@127.0.0.1:{port}/warehouse")
         hook = BaseHook.get_connection("lsq_silent_wh").get_hook()
         ledger = RegistrationLedger(hook, "lsq_ledger", PORTAL, write_timeout=0.5)
         with pytest.raises(LedgerUnavailableError) as caught:
             ledger.ensure_table()
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
     message = str(caught.value)
     waited = re.search(
         r"^The ledger lsq_ledger \(connection 'lsq_silent_wh'\) could not be written for (\d+) s", message

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.helpers import sandbox_secrets
+from tests.helpers import sandbox_secrets, silent_server
 from tests.test_transfer_sql import BOMB, applicants, context, make_warehouse, transfer
 
 if TYPE_CHECKING:
@@ -148,6 +148,27 @@ def _run_with_lineage(
     return _events(events_file)
 
 
+def _dag_folder(
+    tmp_path: Path, prefix: str, sql: str, schema: str, sb: Sandbox, batch_size: int
+) -> tuple[Path, str]:
+    """A DAG folder holding one transfer DAG (``DAG_FILE``) reading ``sql`` into ``<schema>.lsq_ledger``;
+    returns the folder and the DAG's id."""
+    dag_id = f"{prefix}_{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    (folder / f"{dag_id}.py").write_text(
+        DAG_FILE.format(
+            dag_id=dag_id,
+            sql=sql,
+            ledger=f"{schema}.lsq_ledger",
+            host=sb.url,
+            portal_id=sb.portal_id,
+            batch_size=batch_size,
+        )
+    )
+    return folder, dag_id
+
+
 def _applicants_schema(postgres_server: str, prefix: str, rows: list[tuple[Any, ...]]) -> str:
     """A new schema holding ``applicants (applicant_id, email, first_name)`` with ``rows``; its name."""
     import psycopg2
@@ -181,19 +202,11 @@ def test_the_transfer_reports_query_inputs_ledger_and_portal_outputs_and_counts_
     rows.append((6, None, "Lineagenoemail"))  # invalid: no identifier
     schema = _applicants_schema(postgres_server, "ol", rows)
 
-    dag_id = f"lsq_lineage_{uuid.uuid4().hex[:6]}"
-    folder = tmp_path / "dags"
-    folder.mkdir()
     sql = (
         f'SELECT CAST(applicant_id AS TEXT) AS applicant_id, email AS "EmailAddress", '
         f'first_name AS "FirstName" FROM {schema}.applicants'
     )
-    ledger = f"{schema}.lsq_ledger"
-    (folder / f"{dag_id}.py").write_text(
-        DAG_FILE.format(
-            dag_id=dag_id, sql=sql, ledger=ledger, host=sb.url, portal_id=sb.portal_id, batch_size=500
-        )
-    )
+    folder, dag_id = _dag_folder(tmp_path, "lsq_lineage", sql, schema, sb, batch_size=500)
     events = _run_with_lineage(
         tmp_path, folder, dag_id, sb, postgres_server, "success", stored_connections=stored_connections
     )
@@ -238,9 +251,6 @@ def test_a_failed_transfer_reports_its_counts_and_no_row_value_from_the_database
     rows = [(i, f"olbroken{i}@example.edu", f"Olbrokenname{i}") for i in range(1, 6)]
     schema = _applicants_schema(postgres_server, "olf", rows)
 
-    dag_id = f"lsq_lineage_fail_{uuid.uuid4().hex[:6]}"
-    folder = tmp_path / "dags"
-    folder.mkdir()
     # Row 4's cast fails, quoting its email: "invalid input syntax for type integer: ...". No ORDER BY:
     # PostgreSQL would compute every row (and fail) before the first fetch.
     sql = (
@@ -248,16 +258,7 @@ def test_a_failed_transfer_reports_its_counts_and_no_row_value_from_the_database
         f"first_name AS \"FirstName\", CAST(CASE WHEN applicant_id = 4 THEN email ELSE '1' END "
         f'AS INTEGER) AS "mx_Intake" FROM {schema}.applicants'
     )
-    (folder / f"{dag_id}.py").write_text(
-        DAG_FILE.format(
-            dag_id=dag_id,
-            sql=sql,
-            ledger=f"{schema}.lsq_ledger",
-            host=sb.url,
-            portal_id=sb.portal_id,
-            batch_size=1,
-        )
-    )
+    folder, dag_id = _dag_folder(tmp_path, "lsq_lineage_fail", sql, schema, sb, batch_size=1)
     events = _run_with_lineage(tmp_path, folder, dag_id, sb, postgres_server, "failed")
 
     fail = next(e for e in events if e["eventType"] == "FAIL" and _is_task(e))
@@ -499,22 +500,10 @@ def test_a_transfer_failing_its_own_checks_still_reports_its_datasets_with_store
     forked process, which hung there with connections in the metadata database: the event was lost."""
     sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
     schema = _applicants_schema(postgres_server, "olc", [(1, "olcheck1@example.edu", "Olcheckname")])
-    dag_id = f"lsq_lineage_check_{uuid.uuid4().hex[:6]}"
-    folder = tmp_path / "dags"
-    folder.mkdir()
     sql = (
         f'SELECT CAST(applicant_id AS TEXT) AS applicant_id, email AS "EmailAddress" FROM {schema}.applicants'
     )
-    (folder / f"{dag_id}.py").write_text(
-        DAG_FILE.format(
-            dag_id=dag_id,
-            sql=sql,
-            ledger=f"{schema}.lsq_ledger",
-            host=sb.url,
-            portal_id=sb.portal_id,
-            batch_size=500,
-        )
-    )
+    folder, dag_id = _dag_folder(tmp_path, "lsq_lineage_check", sql, schema, sb, batch_size=500)
     with_portal = sb.connection_json()
 
     def without_portal_id() -> str:
@@ -564,34 +553,16 @@ def openlineage_on(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 @pytest.fixture
 def hung_warehouse(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A PostgreSQL connection ``lsq_ol_hung`` to a server that accepts and never answers."""
-    import threading
+    with silent_server() as (port, _):
+        _hung_connections(monkeypatch, port)
+        yield
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
 
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    port = server.getsockname()[1]
+def _hung_connections(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+    """``lsq_ol_hung``: PostgreSQL at ``port``; ``lsq_ol_hung_portal``: a LeadSquared connection."""
     monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_HUNG", f"postgres://postgres@127.0.0.1:{port}/warehouse")
     lsq = {"conn_type": "leadsquared", "login": "u$HungKey1", "password": "HungSecret+/="}
     monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_HUNG_PORTAL", json.dumps({**lsq, "extra": {"portal_id": "p1"}}))
-    yield
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
 
 
 def _hung_transfer() -> Any:
@@ -649,33 +620,10 @@ def test_a_lineage_reading_past_its_time_begins_no_further_part_and_reports_once
     """A warehouse that answers nothing for 3 s and then drops the connection: the reading gives up at
     its 2 s limit; the abandoned part then fails, and the parts after it (the ledger, on another
     connection to the same busy warehouse) are never begun, nor is a second warning logged."""
-    import threading
-
     from airflow_provider_lsq.lineage import prepare_transfer_lineage
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted: list[float] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn = server.accept()[0]
-            except OSError:
-                continue
-            accepted.append(time.monotonic())
-            threading.Timer(3.0, conn.close).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    port = server.getsockname()[1]
-    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_HUNG", f"postgres://postgres@127.0.0.1:{port}/warehouse")
-    lsq = {"conn_type": "leadsquared", "login": "u$HungKey1", "password": "HungSecret+/="}
-    monkeypatch.setenv("AIRFLOW_CONN_LSQ_OL_HUNG_PORTAL", json.dumps({**lsq, "extra": {"portal_id": "p1"}}))
-    try:
+    with silent_server(drop_after=3.0) as (port, accepted):
+        _hung_connections(monkeypatch, port)
         openlineage_on(execution_timeout="2")
         op = _hung_transfer()
         prepare_transfer_lineage(op)
@@ -687,10 +635,6 @@ def test_a_lineage_reading_past_its_time_begins_no_further_part_and_reports_once
             time.sleep(0.2)
         assert len(accepted) == 1, "a part was begun after the reading's time ran out"
         assert "could not be read (" not in caplog.text, "a part left out was reported twice"
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
 
 
 TRANSFER_CLASS = "airflow_provider_lsq.transfers.sql_to_leadsquared.SqlToLeadSquaredPortalOperator"

@@ -119,14 +119,18 @@ class _ConnectionReader:
             f"Connection {self.conn_id!r}: field {name!r} {problem}.", field=name, conn_id=self.conn_id
         )
 
-    def text(self, name: str, value: Any, *, secret: bool = False) -> str | None:
-        """``value`` stripped; None when empty. ``secret`` values never appear in the message."""
+    def _stripped(self, name: str, value: Any) -> str | None:
+        """``value`` (text, or an integer written as text) stripped; None when missing or empty."""
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise self.error(name, f"must be text, got {type(value).__name__}")
-        text = str(value).strip()
-        if not text:
+        return str(value).strip() or None
+
+    def text(self, name: str, value: Any, *, secret: bool = False) -> str | None:
+        """``value`` stripped; None when empty. ``secret`` values never appear in the message."""
+        text = self._stripped(name, value)
+        if text is None:
             return None
         if not _TOKEN.fullmatch(text):
             shown = "" if secret else f" (got {text!r})"
@@ -143,12 +147,8 @@ class _ConnectionReader:
         value = _extra(self.extras, "rate_limit_storage")
         if isinstance(value, str) and is_redis_uri(value.strip()):
             return self.text("rate_limit_storage", value, secret=True)  # it may hold a password
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise self.error("rate_limit_storage", f"must be text, got {type(value).__name__}")
-        text = str(value).strip()
-        if not text:
+        text = self._stripped("rate_limit_storage", value)
+        if text is None:
             return None
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
             raise self.error("rate_limit_storage", f"holds a control character (got {text!r})")
@@ -157,13 +157,8 @@ class _ConnectionReader:
     def other_conn_id(self, name: str) -> str | None:
         """An Airflow connection id: it is looked up, never sent, so any letter Airflow allows in one
         (``rédis_prod``) is fine; whitespace or a control character inside is refused."""
-        value = _extra(self.extras, name)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise self.error(name, f"must be text, got {type(value).__name__}")
-        text = str(value).strip()
-        if not text:
+        text = self._stripped(name, _extra(self.extras, name))
+        if text is None:
             return None
         if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
             raise self.error(
