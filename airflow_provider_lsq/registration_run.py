@@ -173,6 +173,7 @@ class RegistrationRun:
         flush_interval: float = 2.0,
         kill_wait: float = 3.5,
         drain_timeout: float = 30.0,
+        on_stopped: Callable[[], None] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -200,6 +201,7 @@ class RegistrationRun:
         self._source_error: BaseException | None = None
         self._sink_failed = False  # a write gave up: hold further writes until the final one
         self._finished = False  # a plain flag: on_kill (a signal handler) must take no lock
+        self._on_stopped = on_stopped  # execute() ended by an error or a kill: before it is raised
 
     @classmethod
     def for_operator(
@@ -217,8 +219,11 @@ class RegistrationRun:
         Reads the operator's ``log``, ``progress_interval``, ``is_dry_run``, ``leadsquared_conn_id``
         (metrics are tagged by it, dry runs send none), ``identifier_attribute``, ``only_new_leads``,
         ``password_callable``, ``max_workers`` and ``flush_interval_seconds``; ``options`` go to the
-        constructor (e.g. ``batch_size``).
+        constructor (e.g. ``batch_size``). A run that :meth:`execute` ends with an error or a kill keeps
+        the counts it finished on the operator, for the FAIL event's lineage.
         """
+        from airflow_provider_lsq.assets import keep_counts_of_stopped_run
+
         progress = RegistrationProgress(
             total,
             interval=operator.progress_interval,
@@ -236,6 +241,7 @@ class RegistrationRun:
             password_callable=operator.password_callable,
             max_workers=operator.max_workers,
             flush_interval=operator.flush_interval_seconds,
+            on_stopped=lambda: keep_counts_of_stopped_run(operator, progress.summary(operator.is_dry_run)),
             **options,
         )
 
@@ -274,8 +280,10 @@ class RegistrationRun:
             self._wait_finished(self.drain_timeout)
             if not self._finished:
                 self._log_unrecorded("the task was interrupted before they were written")
+            self._stopped()
             raise
         if errors:
+            self._stopped()
             error = errors[0]
             if isinstance(error, LeadSquaredAuthenticationError | LeadSquaredConfigError):
                 # Met before any row (the connection read for the worker count, a login): no retry fixes it.
@@ -283,6 +291,10 @@ class RegistrationRun:
                 raise failure from error
             raise error
         return result[0]
+
+    def _stopped(self) -> None:
+        if self._on_stopped is not None:
+            self._on_stopped()
 
     def stop(self) -> None:
         """Take no further row and start no retry; calls in flight finish and are recorded."""

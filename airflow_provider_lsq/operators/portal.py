@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
 
-from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_counts
+from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
 from airflow_provider_lsq.lineage import portal_lineage, prepare_portal_lineage
@@ -136,9 +136,6 @@ class RegisterPortalUserOperator(BaseOperator):
         try:
             with progress:
                 run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.register(rows))
-        except BaseException:  # a kill too: the FAIL event's lineage says what the run finished
-            keep_counts_of_stopped_run(self, progress.summary(self.is_dry_run))
-            raise
         finally:  # a run stopped by a bad login or a kill still shows what it finished
             context["ti"].xcom_push(key="outcomes", value=sink.outcomes)
         return run.finish(

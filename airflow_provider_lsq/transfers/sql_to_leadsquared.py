@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from airflow.providers.common.compat.sdk import AirflowFailException, BaseHook, BaseOperator
 from airflow.providers.common.sql.hooks.sql import DbApiHook
 
-from airflow_provider_lsq.assets import keep_counts_of_stopped_run, publish_counts
+from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError, WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import (
@@ -280,11 +280,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         progress = run.progress
         transfer = _Transfer(self, ledger, sink, run, execution)
         with progress:
-            try:
-                run.execute(lambda: transfer.run(sql_hook, sql, portal_id))
-            except BaseException:  # a kill too: the FAIL event's lineage says what the run finished
-                keep_counts_of_stopped_run(self, progress.summary(self.is_dry_run))
-                raise
+            run.execute(lambda: transfer.run(sql_hook, sql, portal_id))
         return run.finish(
             self.is_dry_run,
             time.monotonic() - started,
