@@ -92,7 +92,7 @@ def portal_asset(host: str, portal_id: str, *, name: str | None = None, **kwargs
 
 
 def _asset_has_names() -> bool:
-    from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
+    from airflow_provider_lsq.version_compat import AIRFLOW_V_3_0_PLUS
 
     return bool(AIRFLOW_V_3_0_PLUS)
 

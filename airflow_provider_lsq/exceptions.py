@@ -7,7 +7,7 @@ reaches one.
 
 from __future__ import annotations
 
-from airflow.providers.common.compat.sdk import AirflowException
+from airflow_provider_lsq.version_compat import AirflowException
 
 
 class LeadSquaredError(AirflowException):

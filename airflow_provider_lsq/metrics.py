@@ -33,9 +33,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from airflow.providers.common.compat.sdk import Stats
-
 from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError, LeadSquaredRateLimitError
+from airflow_provider_lsq.version_compat import Stats
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -11,10 +11,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowException
-
 from airflow_provider_lsq import metrics
 from airflow_provider_lsq.outcomes import RegistrationStatus
+from airflow_provider_lsq.version_compat import AirflowException
 
 if TYPE_CHECKING:
     from collections.abc import Callable

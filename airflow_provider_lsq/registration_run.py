@@ -28,8 +28,6 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
-
 from airflow_provider_lsq.exceptions import (
     LeadSquaredAuthenticationError,
     LeadSquaredConfigError,
@@ -38,6 +36,7 @@ from airflow_provider_lsq.exceptions import (
 from airflow_provider_lsq.hooks.payload import build_lead_fields, format_value
 from airflow_provider_lsq.outcomes import NOT_SENT, RegistrationOutcome
 from airflow_provider_lsq.progress import RegistrationProgress
+from airflow_provider_lsq.version_compat import AirflowException, AirflowFailException
 
 if TYPE_CHECKING:
     import threading

@@ -387,9 +387,8 @@ def test_test_connection_answers_in_time_when_the_server_trickles_its_answer(
 def test_an_extra_that_is_not_json_is_refused_naming_the_field_and_connection(extra: str) -> None:
     """Airflow reads invalid JSON as no extra at all (it only logs): every extra silently took its
     default, e.g. 25 calls per 5 s on a plan of 10, and the portal id went missing."""
-    from airflow.providers.common.compat.sdk import Connection
-
     from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+    from airflow_provider_lsq.version_compat import Connection
 
     conn = Connection(
         conn_id="lsq_bad_json", conn_type="leadsquared", login="ak-1", password="sk-1", extra=extra

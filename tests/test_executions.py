@@ -23,7 +23,6 @@ import types
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.passwords import generate_password
@@ -31,6 +30,7 @@ from airflow_provider_lsq.transfers import ledger as ledger_module
 from airflow_provider_lsq.transfers.executions import Execution, _this_process_space, holder_is_gone
 from airflow_provider_lsq.transfers.ledger import LedgerUnavailableError, RegistrationLedger
 from airflow_provider_lsq.transfers.sql_to_leadsquared import LedgerSink, get_db_hook
+from airflow_provider_lsq.version_compat import AirflowException
 from tests import test_transfer_sql as base
 from tests.helpers import call_execute
 from tests.test_transfer_sql import Warehouse, applicants, context, email, transfer

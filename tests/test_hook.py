@@ -248,7 +248,7 @@ def test_no_secret_reaches_logs_or_errors(
     """Everything the hook logs, and urllib3's DEBUG lines (which carry the URL), hold no key, token or
     password: raw, and after Airflow's masker. The masker cannot be relied on for urllib3's lines (a
     DEBUG ``airflow dags test`` printed them with the keys), so the hook redacts them itself."""
-    from airflow.providers.common.compat.sdk import redact
+    from airflow_provider_lsq.version_compat import redact
 
     caplog.set_level(logging.DEBUG)
     hook.register_portal_user({"EmailAddress": "quiet@example.com"}, PASSWORD)

@@ -11,7 +11,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from airflow.providers.common.compat.sdk import BaseHook
 
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.transfers.executions import Execution
@@ -21,6 +20,7 @@ from airflow_provider_lsq.transfers.ledger import (
     RegistrationLedger,
     validate_table_name,
 )
+from airflow_provider_lsq.version_compat import BaseHook
 from tests.helpers import fetch_all, silent_server
 
 if TYPE_CHECKING:

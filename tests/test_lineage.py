@@ -34,7 +34,7 @@ LOGICAL_DATE = "2026-03-01T00:00:00+00:00"
 
 DAG_FILE = """
 import pendulum
-from airflow.providers.common.compat.sdk import DAG
+from airflow_provider_lsq.version_compat import DAG
 from airflow_provider_lsq.assets import portal_asset
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
 
@@ -376,9 +376,8 @@ def test_a_killed_registration_still_reports_the_counts_it_finished(
 ) -> None:
     import threading
 
-    from airflow.providers.common.compat.sdk import AirflowException
-
     from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+    from airflow_provider_lsq.version_compat import AirflowException
 
     sb = leadsquared_sandbox_factory(rate_limit_calls=1000, rate_limit_period=1.0, latency=0.05)
     conn = json.loads(sb.connection_json())
@@ -415,9 +414,8 @@ def test_a_portal_registration_failing_its_ratio_names_no_lead_in_its_error_and_
 ) -> None:
     """Its rows are keyed by their email (the default): the exception, which Airflow's OpenLineage
     provider puts in the FAIL event's errorMessage facet, names none of them."""
-    from airflow.providers.common.compat.sdk import AirflowException
-
     from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+    from airflow_provider_lsq.version_compat import AirflowException
 
     sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
     conn = json.loads(sb.connection_json())
@@ -678,9 +676,8 @@ def test_a_second_try_in_the_same_process_reports_none_of_the_first_tries_counts
 ) -> None:
     """The same operator object run again (a retry inline, as ``dag.test`` may) that fails before its
     run: its FAIL event reported the first try's counts as its own."""
-    from airflow.providers.common.compat.sdk import AirflowException
-
     from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+    from airflow_provider_lsq.version_compat import AirflowException
 
     sb = leadsquared_sandbox_factory(rate_limit_calls=100, rate_limit_period=1.0)
     conn = json.loads(sb.connection_json())

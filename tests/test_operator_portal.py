@@ -10,9 +10,9 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+from airflow_provider_lsq.version_compat import AirflowException
 from tests.helpers import RecordingPasswords, sandbox_secrets, secret_forms
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ def test_no_secret_in_logs_xcom_or_template_fields_and_progress_is_logged(
 
 DAG_FILE = """
 import pendulum
-from airflow.providers.common.compat.sdk import DAG, task
+from airflow_provider_lsq.version_compat import DAG, task
 from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
 
 with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
@@ -277,7 +277,7 @@ def test_a_connection_without_portal_id_fails_the_task_for_good_before_any_call(
     leadsquared_sandbox_factory: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No row can be registered without a portal: the task fails without Airflow's retries."""
-    from airflow.providers.common.compat.sdk import AirflowFailException
+    from airflow_provider_lsq.version_compat import AirflowFailException
 
     sandbox = leadsquared_sandbox_factory(**FAST)
     conn = json.loads(sandbox.connection_json())
@@ -293,7 +293,7 @@ def test_a_connection_value_refused_when_read_fails_the_task_for_good(
 ) -> None:
     """A value no retry can fix (a reserve above 0.9), met when the run sizes its workers from the
     connection: AirflowFailException, naming the field, before any call."""
-    from airflow.providers.common.compat.sdk import AirflowFailException
+    from airflow_provider_lsq.version_compat import AirflowFailException
 
     sandbox = leadsquared_sandbox_factory(**FAST)
     conn = json.loads(sandbox.connection_json())
@@ -309,7 +309,7 @@ def test_a_portal_id_lsq_does_not_know_stops_the_run_for_good_after_the_calls_in
 ) -> None:
     """Every row would be refused the same way: the run stops at the first answer (naming the field
     and the connection) instead of spending the account's budget on every row."""
-    from airflow.providers.common.compat.sdk import AirflowFailException
+    from airflow_provider_lsq.version_compat import AirflowFailException
 
     sandbox = leadsquared_sandbox_factory(**FAST)
     conn = json.loads(sandbox.connection_json())

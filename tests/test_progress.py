@@ -6,10 +6,10 @@ import logging
 import threading
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.progress import MAX_FAILURES_KEPT, RegistrationProgress
+from airflow_provider_lsq.version_compat import AirflowException
 
 LOGGER = "test.lsq.progress"
 

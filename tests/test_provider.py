@@ -115,7 +115,7 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
         stored = json.loads(shown.stdout)[0]
         assert stored["conn_type"] == "leadsquared"
         # The connection as the metadata DB holds it, read back by Airflow's own CLI.
-        from airflow.providers.common.compat.sdk import Connection
+        from airflow_provider_lsq.version_compat import Connection
 
         conn = Connection(
             conn_id="lsq_cli",

@@ -15,7 +15,6 @@ import time
 from typing import IO, TYPE_CHECKING, Any
 
 import pytest
-from airflow.providers.common.compat.sdk import Connection
 
 from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError, LeadSquaredRateLimitError
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig
@@ -26,6 +25,7 @@ from airflow_provider_lsq.hooks.rate_limit.stores import SqliteLeaseStore
 from airflow_provider_lsq.hooks.rate_limit.window import Policy, WindowState
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.sandbox import Sandbox
+from airflow_provider_lsq.version_compat import Connection
 from tests.helpers import connect
 
 if TYPE_CHECKING:
@@ -407,7 +407,7 @@ def test_redis_password_is_masked_and_never_in_an_error(
     """A Redis connection's password is registered with Airflow's masker, and neither a working call's
     logs nor an unreachable server's error show it."""
     pytest.importorskip("airflow.providers.redis", reason="needs apache-airflow-providers-redis")
-    from airflow.providers.common.compat.sdk import redact
+    from airflow_provider_lsq.version_compat import redact
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("AIRFLOW_CONN_LSQ_REDIS_PW", _redis_conn(redis_url, REDIS_PASSWORD))

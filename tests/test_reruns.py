@@ -11,10 +11,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
 from airflow_provider_lsq.exceptions import LeadSquaredLeadExistsError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+from airflow_provider_lsq.version_compat import AirflowException, AirflowFailException
 from tests import test_transfer_sql as base
 from tests.helpers import call_execute
 from tests.test_transfer_sql import Warehouse, applicants, context, email, first_name, transfer

@@ -49,7 +49,7 @@ DAG_FILE = """
 import datetime as dt
 
 import pendulum
-from airflow.providers.common.compat.sdk import DAG
+from airflow_provider_lsq.version_compat import DAG
 
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
 

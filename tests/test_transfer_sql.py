@@ -16,11 +16,11 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
 from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError
 from airflow_provider_lsq.passwords import generate_password
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+from airflow_provider_lsq.version_compat import AirflowException, AirflowFailException
 from tests.helpers import RecordingPasswords, fetch_all, sandbox_secrets, secret_forms
 
 if TYPE_CHECKING:
@@ -598,7 +598,7 @@ def stored_run_data(dag_run: Any, task_id: str) -> tuple[Any, Any]:
 
 DAG_FILE = """
 import pendulum
-from airflow.providers.common.compat.sdk import DAG
+from airflow_provider_lsq.version_compat import DAG
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
 
 with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:

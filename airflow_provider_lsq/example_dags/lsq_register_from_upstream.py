@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.providers.common.compat.sdk import DAG, Param, task
 
 from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
+from airflow_provider_lsq.version_compat import DAG, Param, task
 
 DEFAULT_SIGNUPS = [
     {"email": " Zoe.Fairweather@Example.edu ", "name": "Zoë Fairweather", "city": "Zürich", "consent": True},

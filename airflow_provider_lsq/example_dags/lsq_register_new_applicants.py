@@ -38,11 +38,11 @@ from __future__ import annotations
 import os
 
 import pendulum
-from airflow.providers.common.compat.sdk import DAG, BaseHook, Param
 from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
 from airflow_provider_lsq.assets import portal_asset
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
+from airflow_provider_lsq.version_compat import DAG, BaseHook, Param
 
 # Table names and connection ids go into SQL and templates: accept plain identifiers only.
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$"

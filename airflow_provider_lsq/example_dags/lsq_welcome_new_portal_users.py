@@ -13,9 +13,9 @@ import os
 from typing import Any
 
 import pendulum
-from airflow.providers.common.compat.sdk import DAG, task
 
 from airflow_provider_lsq.assets import portal_asset
+from airflow_provider_lsq.version_compat import DAG, task
 
 NEW_PORTAL_USERS = portal_asset(
     os.environ.get("LSQ_PORTAL_HOST", "portalapi.leadsquared.com"),

@@ -19,7 +19,7 @@ from airflow_provider_lsq.connection_form import CONN_FIELDS
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError
 
 if TYPE_CHECKING:
-    from airflow.providers.common.compat.sdk import Connection
+    from airflow_provider_lsq.version_compat import Connection
 
 DEFAULT_PORTAL_HOST = "portalapi.leadsquared.com"
 CONN_TYPE = "leadsquared"

@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 import requests
 import tenacity
-from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from requests.adapters import HTTPAdapter
 
 from airflow_provider_lsq import __version__, metrics
@@ -46,6 +45,7 @@ from airflow_provider_lsq.hooks.responses import (
 )
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationResult
 from airflow_provider_lsq.passwords import generate_password
+from airflow_provider_lsq.version_compat import BaseHook, mask_secret
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping

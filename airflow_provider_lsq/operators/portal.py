@@ -12,22 +12,20 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowException, BaseOperator
-
 from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
 from airflow_provider_lsq.lineage import portal_lineage, prepare_portal_lineage
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
+from airflow_provider_lsq.version_compat import AirflowException, BaseOperator
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
-    from airflow.providers.common.compat.sdk import Context
-
     from airflow_provider_lsq.progress import RegistrationProgress
     from airflow_provider_lsq.registration_run import Row
+    from airflow_provider_lsq.version_compat import Context
 
 MAX_LOGGED_DUPLICATES = 50  # duplicate rows logged one by one, then only counted
 

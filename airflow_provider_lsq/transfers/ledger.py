@@ -38,10 +38,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
-from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.transfers.executions import holder_is_gone
+from airflow_provider_lsq.version_compat import AirflowException
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence

@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from airflow.providers.common.compat.sdk import AirflowFailException, BaseHook, BaseOperator
 from airflow.providers.common.sql.hooks.sql import DbApiHook
 
 from airflow_provider_lsq.assets import publish_counts
@@ -34,13 +33,13 @@ from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import DEFAULT_PENDING_TIMEOUT, LedgerRow, RegistrationLedger
+from airflow_provider_lsq.version_compat import AirflowFailException, BaseHook, BaseOperator
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    from airflow.providers.common.compat.sdk import Context
-
     from airflow_provider_lsq.registration_run import Row
+    from airflow_provider_lsq.version_compat import Context
 
 MAX_LOGGED_KEYS = 50  # duplicate keys and leads, NULL-key positions: logged one by one, then counted
 MAX_LOGGED_PENDING = 1000  # pending rows the query no longer returns: logged one by one, then counted

@@ -51,7 +51,7 @@ def _redis_from_connection(conn_id: str) -> tuple[Any, str]:
             "provider's redis extra (pip install 'airflow-provider-leadsquared[redis]', which installs "
             "apache-airflow-providers-redis)."
         ) from error
-    from airflow.providers.common.compat.sdk import mask_secret
+    from airflow_provider_lsq.version_compat import mask_secret
 
     hook = RedisHook(redis_conn_id=conn_id)
     conn = hook.get_connection(conn_id)
