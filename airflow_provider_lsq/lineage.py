@@ -225,7 +225,7 @@ def _read_transfer(operator: Any, seconds: float, *, look_up_now: bool) -> Prepa
     """The transfer's parts, read within ``seconds``; with ``look_up_now`` its connections are looked
     up in the calling thread (a task's, where Airflow 3's lookups are made) and only the warehouse's
     queries run in the reading thread."""
-    from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
+    from airflow_provider_lsq.warehouse import get_db_hook  # common-sql: only when there is a query
 
     sql = operator.sql.strip().rstrip(";").strip()
     ledger_conn_id = operator.ledger_conn_id or operator.sql_conn_id

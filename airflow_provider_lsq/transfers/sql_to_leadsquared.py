@@ -16,8 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from airflow.providers.common.sql.hooks.sql import DbApiHook
-
 from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError, WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
@@ -33,10 +31,13 @@ from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import DEFAULT_PENDING_TIMEOUT, LedgerRow, RegistrationLedger
-from airflow_provider_lsq.version_compat import AirflowFailException, BaseHook, BaseOperator
+from airflow_provider_lsq.version_compat import AirflowFailException, BaseOperator
+from airflow_provider_lsq.warehouse import get_db_hook
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
+
+    from airflow.providers.common.sql.hooks.sql import DbApiHook
 
     from airflow_provider_lsq.registration_run import Row
     from airflow_provider_lsq.version_compat import Context
@@ -56,17 +57,6 @@ STANDARD_ATTRIBUTES = (
     "OwnerId",
     "ProspectStage",
 )
-
-
-def get_db_hook(conn_id: str, parameter: str) -> DbApiHook:
-    """The common-sql hook of connection ``conn_id``, or a clear error naming ``parameter``."""
-    hook = BaseHook.get_connection(conn_id).get_hook()
-    if not isinstance(hook, DbApiHook):
-        raise AirflowFailException(
-            f"{parameter}={conn_id!r}: its hook, {type(hook).__name__}, is not a common-sql DbApiHook "
-            "(use a database connection such as postgres or sqlite)."
-        )
-    return hook
 
 
 class _SeenKeys:
