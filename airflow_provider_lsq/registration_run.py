@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Iterable, Iterator
 
     from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
+    from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
 
 T = TypeVar("T")
 # Stands in for the password in dry runs and pre-checks, so they validate exactly like real runs. Never sent.
@@ -205,7 +206,7 @@ class RegistrationRun:
     @classmethod
     def for_operator(
         cls,
-        operator: Any,
+        operator: PortalRegistrationBaseOperator,
         *,
         hook: LeadSquaredHook,
         sink: OutcomeSink,
@@ -213,13 +214,12 @@ class RegistrationRun:
         track_skips: bool = False,
         **options: Any,
     ) -> RegistrationRun:
-        """The run of one of this provider's operators, set up from the options they share.
+        """The run of one of this provider's operators, set up from the parameters their base class
+        (:class:`~airflow_provider_lsq.operators.base.PortalRegistrationBaseOperator`) holds.
 
-        Reads the operator's ``log``, ``progress_interval``, ``is_dry_run``, ``leadsquared_conn_id``
-        (metrics are tagged by it, dry runs send none), ``identifier_attribute``, ``only_new_leads``,
-        ``password_callable``, ``max_workers`` and ``flush_interval_seconds``; ``options`` go to the
-        constructor (e.g. ``batch_size``). A run that :meth:`execute` ends with an error or a kill keeps
-        the counts it finished on the operator, for the FAIL event's lineage.
+        Metrics are tagged by the operator's ``leadsquared_conn_id`` (dry runs send none); ``options``
+        go to the constructor (e.g. ``batch_size``). A run that :meth:`execute` ends with an error or
+        a kill keeps the counts it finished on the operator, for the FAIL event's lineage.
         """
         from airflow_provider_lsq.assets import keep_counts_of_stopped_run
 

@@ -602,16 +602,17 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
             mask_secret(password)  # only the masker: this call's own errors redact it (``_register``)
         return self._register(lead, password, only_new_leads, identifier_attribute)
 
-    def require_portal_id(self) -> str:
+    def require_portal_id(self, *, needed_by: str = "registration needs it") -> str:
         """The connection's portal id, which every registration needs.
 
+        :param needed_by: what the message says needs it (the SQL transfer's ledger needs it too).
         :raises LeadSquaredConfigError: naming ``portal_id`` and the connection when it is missing.
         """
         portal_id = self.config.portal_id
         if not portal_id:
             raise LeadSquaredConfigError(
-                f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: registration "
-                "needs it (Workflow > Manage Portals in LeadSquared, in the page URL).",
+                f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: {needed_by} "
+                "(Workflow > Manage Portals in LeadSquared, in the page URL).",
                 field="portal_id",
                 conn_id=self.leadsquared_conn_id,
             )

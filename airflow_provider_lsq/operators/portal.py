@@ -12,17 +12,19 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_lsq.assets import publish_counts
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
-from airflow_provider_lsq.lineage import portal_lineage, prepare_portal_lineage
-from airflow_provider_lsq.progress import check_failure_ratio
+from airflow_provider_lsq.lineage import portal_lineage, read_portal_parts
+from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
 from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
-from airflow_provider_lsq.version_compat import AirflowException, BaseOperator
+from airflow_provider_lsq.version_compat import AirflowException
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    from airflow_provider_lsq.lineage import PreparedLineage
     from airflow_provider_lsq.progress import RegistrationProgress
     from airflow_provider_lsq.registration_run import Row
     from airflow_provider_lsq.version_compat import Context
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 MAX_LOGGED_DUPLICATES = 50  # duplicate rows logged one by one, then only counted
 
 
-class RegisterPortalUserOperator(BaseOperator):
+class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
     """Register leads as portal users of the connection's portal; return counts by status.
 
     Each row ends in one outcome (registered, already_registered, invalid or failed). The list of
@@ -63,8 +65,6 @@ class RegisterPortalUserOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("leads", "leadsquared_conn_id")
-    ui_color = "#e8f4fd"
-    progress_interval: float = 10.0  # seconds between progress lines in the task log
 
     def __init__(
         self,
@@ -81,22 +81,22 @@ class RegisterPortalUserOperator(BaseOperator):
         flush_interval_seconds: float = 2.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(
+            identifier_attribute=identifier_attribute,
+            only_new_leads=only_new_leads,
+            password_callable=password_callable,
+            max_failure_ratio=max_failure_ratio,
+            dry_run=dry_run,
+            max_workers=max_workers,
+            leadsquared_conn_id=leadsquared_conn_id,
+            flush_interval_seconds=flush_interval_seconds,
+            **kwargs,
+        )
         key = key_field or identifier_attribute
         if key is None:
             raise ValueError("set key_field (or identifier_attribute) so every row has a name in outcomes")
         self.leads = leads
-        self.identifier_attribute = identifier_attribute
         self.key_field = key
-        self.only_new_leads = only_new_leads
-        self.password_callable = password_callable
-        self.max_failure_ratio = check_failure_ratio(max_failure_ratio)
-        self.is_dry_run = dry_run  # not ``self.dry_run``: that would shadow BaseOperator.dry_run()
-        self.max_workers = max_workers
-        self.leadsquared_conn_id = leadsquared_conn_id
-        self.flush_interval_seconds = flush_interval_seconds
-        self._run: RegistrationRun | None = None
-        self.registration_counts: dict[str, Any] | None = None  # set by execute: lineage reads it
 
     def _rendered_leads(self) -> Sequence[Any]:
         leads = self.leads
@@ -112,8 +112,7 @@ class RegisterPortalUserOperator(BaseOperator):
         return leads
 
     def execute(self, context: Context) -> dict[str, Any]:
-        self.registration_counts = None  # a retry in the same process: no counts of an earlier try
-        prepare_portal_lineage(self)  # first: a task failing below still has its lineage
+        self.start_execution()  # first: a task failing below still has its lineage
         leads = self._rendered_leads()
         started = time.monotonic()
         sink = MemorySink()
@@ -140,18 +139,17 @@ class RegisterPortalUserOperator(BaseOperator):
             self.is_dry_run,
             time.monotonic() - started,
             self.max_failure_ratio,
-            on_summary=lambda summary: publish_counts(self, context, summary),
+            on_summary=lambda summary: self.publish_counts(context, summary),
             name_rows=False,  # keys are lead values; the exception reaches lineage and callbacks
         )
 
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """OpenLineage (Airflow's OpenLineage provider calls it): see :mod:`airflow_provider_lsq.lineage`."""
-        return portal_lineage(self)
+    def read_lineage(self, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+        """The portal's name (see :mod:`airflow_provider_lsq.lineage`)."""
+        return read_portal_parts(self, seconds, look_up_now=look_up_now)
 
-    def on_kill(self) -> None:
-        """Stop taking rows, let the calls in flight finish and record them; return within seconds."""
-        if self._run is not None:
-            self._run.on_kill()
+    def operator_lineage(self) -> OperatorLineage | None:
+        """The portal as output, with the run's counts."""
+        return portal_lineage(self)
 
     def _keyed(self, leads: Iterable[Any], progress: RegistrationProgress) -> Iterator[Row]:
         keys: set[str] = set()

@@ -16,8 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from airflow_provider_lsq.assets import publish_counts
-from airflow_provider_lsq.exceptions import LeadSquaredConfigError, WarehouseReadError
+from airflow_provider_lsq.exceptions import WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import (
     UNIQUE_IDENTIFIERS,
@@ -25,20 +24,22 @@ from airflow_provider_lsq.hooks.payload import (
     is_missing,
     lead_fingerprint,
 )
-from airflow_provider_lsq.lineage import prepare_transfer_lineage, transfer_lineage
+from airflow_provider_lsq.lineage import read_transfer_parts, transfer_lineage
+from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
 from airflow_provider_lsq.outcomes import RegistrationOutcome
-from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import DEFAULT_PENDING_TIMEOUT, LedgerRow, RegistrationLedger
-from airflow_provider_lsq.version_compat import AirflowFailException, BaseOperator
+from airflow_provider_lsq.version_compat import AirflowFailException
 from airflow_provider_lsq.warehouse import get_db_hook
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
     from airflow.providers.common.sql.hooks.sql import DbApiHook
+    from airflow.providers.openlineage.extractors import OperatorLineage
 
+    from airflow_provider_lsq.lineage import PreparedLineage
     from airflow_provider_lsq.registration_run import Row
     from airflow_provider_lsq.version_compat import Context
 
@@ -93,7 +94,7 @@ class _SeenKeys:
         self._db.close()
 
 
-class SqlToLeadSquaredPortalOperator(BaseOperator):
+class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
     """Register the rows of a SQL query as portal users; record each row's outcome in a ledger table.
 
     Each row maps column names to attribute schema names (alias them in the query, e.g.
@@ -173,8 +174,6 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql", "parameters": "json"}
-    ui_color = "#e8f4fd"
-    progress_interval: float = 10.0  # seconds between progress lines in the task log
 
     def __init__(
         self,
@@ -200,7 +199,17 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         pending_timeout: dt.timedelta = DEFAULT_PENDING_TIMEOUT,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(
+            identifier_attribute=identifier_attribute,
+            only_new_leads=only_new_leads,
+            password_callable=password_callable,
+            max_failure_ratio=max_failure_ratio,
+            dry_run=dry_run,
+            max_workers=max_workers,
+            leadsquared_conn_id=leadsquared_conn_id,
+            flush_interval_seconds=flush_interval_seconds,
+            **kwargs,
+        )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         heartbeat_bound = ledger_write_timeout + flush_interval_seconds
@@ -217,41 +226,22 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         self.key_column = key_column
         self.parameters = parameters
         self.send_key_column = send_key_column
-        self.identifier_attribute = identifier_attribute
-        self.only_new_leads = only_new_leads
-        self.password_callable = password_callable
-        self.max_failure_ratio = check_failure_ratio(max_failure_ratio)
-        self.is_dry_run = dry_run  # not ``self.dry_run``: that would shadow BaseOperator.dry_run()
-        self.max_workers = max_workers
-        self.leadsquared_conn_id = leadsquared_conn_id
-        self.registration_counts: dict[str, Any] | None = None  # set by execute: lineage reads it
         self.ledger_table = ledger_table
         self.ledger_conn_id = ledger_conn_id
         self.batch_size = batch_size
         self.retry_failed = retry_failed
-        self.flush_interval_seconds = flush_interval_seconds
         self.ledger_write_timeout = ledger_write_timeout
         self.pending_timeout = pending_timeout
-        self._run: RegistrationRun | None = None
 
     def execute(self, context: Context) -> dict[str, Any]:
         started = time.monotonic()
-        self.registration_counts = None  # a retry in the same process: no counts of an earlier try
         # First: a task failing on its checks below still has its lineage (see lineage.py).
-        prepare_transfer_lineage(self)
+        self.start_execution()
         sql = self.sql.strip().rstrip(";").strip()
         sql_hook = get_db_hook(self.sql_conn_id, "sql_conn_id")
         ledger_hook = get_db_hook(self.ledger_conn_id or self.sql_conn_id, "ledger_conn_id")
         lsq_hook = LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id)
-        try:
-            portal_id = lsq_hook.config.portal_id
-        except LeadSquaredConfigError as error:  # a connection value no retry can fix
-            raise AirflowFailException(error.message) from error
-        if not portal_id:
-            raise AirflowFailException(
-                f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: the ledger and "
-                "the registration need it (Workflow > Manage Portals in LeadSquared, in the page URL)."
-            )
+        portal_id = self.require_portal_id(lsq_hook, needed_by="the ledger and the registration need it")
         execution = self._execution(context)
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
@@ -280,16 +270,15 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
             pending_not_returned=transfer.pending_not_returned,
             duplicate_leads=transfer.duplicate_leads,
             from_earlier_tries=transfer.earlier_tries,
-            on_summary=lambda summary: publish_counts(self, context, summary),
+            on_summary=lambda summary: self.publish_counts(context, summary),
         )
 
-    def on_kill(self) -> None:
-        """Stop taking rows, let the calls in flight finish and record them; return within seconds."""
-        if self._run is not None:
-            self._run.on_kill()
+    def read_lineage(self, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+        """The query's tables, the ledger table and the portal (see :mod:`airflow_provider_lsq.lineage`)."""
+        return read_transfer_parts(self, seconds, look_up_now=look_up_now)
 
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """OpenLineage (Airflow's OpenLineage provider calls it): see :mod:`airflow_provider_lsq.lineage`."""
+    def operator_lineage(self) -> OperatorLineage | None:
+        """Query inputs, ledger and portal outputs, counts."""
         return transfer_lineage(self)
 
     def _execution(self, context: Context) -> Execution:
