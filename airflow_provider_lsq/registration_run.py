@@ -34,6 +34,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredValidationError,
 )
 from airflow_provider_lsq.hooks.payload import build_lead_fields, format_value
+from airflow_provider_lsq.log_caps import log_first
 from airflow_provider_lsq.outcomes import NOT_SENT, RegistrationOutcome
 from airflow_provider_lsq.progress import RegistrationProgress
 from airflow_provider_lsq.version_compat import AirflowException, AirflowFailException
@@ -521,12 +522,14 @@ class RegistrationRun:
             len(pending),
             why,
         )
-        for outcome in pending[:MAX_UNRECORDED_LOGGED]:
-            self.log.error(
-                "Unrecorded outcome: row %s, %s, lead id %s", outcome.key, outcome.status, outcome.lead_id
-            )
-        if len(pending) > MAX_UNRECORDED_LOGGED:
-            self.log.error("... and %d more unrecorded outcomes.", len(pending) - MAX_UNRECORDED_LOGGED)
+        log_first(
+            self.log.error,
+            pending,
+            MAX_UNRECORDED_LOGGED,
+            "Unrecorded outcome: row %s, %s, lead id %s",
+            lambda outcome: (outcome.key, outcome.status, outcome.lead_id),
+            "... and %d more unrecorded outcomes.",
+        )
 
     # -- the verdict -------------------------------------------------------------------------------
 

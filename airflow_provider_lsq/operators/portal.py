@@ -7,14 +7,16 @@ inputs, or when personal data must stay out of XCom, use ``SqlToLeadSquaredPorta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_lsq.engine.duplicates import SeenRows, lead_identity
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
 from airflow_provider_lsq.lineage import portal_lineage, read_portal_parts
+from airflow_provider_lsq.log_caps import LogCap
 from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
 from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
 from airflow_provider_lsq.version_compat import AirflowException
@@ -152,26 +154,28 @@ class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
         return portal_lineage(self)
 
     def _keyed(self, leads: Iterable[Any], progress: RegistrationProgress) -> Iterator[Row]:
-        keys: set[str] = set()
-        lead_keys: dict[str, str] = {}  # lead fingerprint -> the key of the row that took the lead
-        reported = 0
+        with contextlib.closing(SeenRows(on_disk=False)) as seen:  # the list is in memory already
+            yield from self._keyed_rows(leads, progress, seen)
+
+    def _keyed_rows(
+        self, leads: Iterable[Any], progress: RegistrationProgress, seen: SeenRows
+    ) -> Iterator[Row]:
+        reported = LogCap(MAX_LOGGED_DUPLICATES)
         for position, row in enumerate(leads, 1):
             key, outcome = row_key(position, row, self.key_field)
             if outcome is not None:
                 yield outcome  # no usable key: named by position, never sent
                 continue
-            identifier = first_identifier(row, self.identifier_attribute)
-            fingerprint = lead_fingerprint(*identifier) if identifier is not None else None
-            if key in keys:
+            lead = lead_identity(row, self.identifier_attribute)
+            if key in seen:
                 earlier, why = key, "the same row key"
-            elif identifier is not None and fingerprint in lead_keys:
-                earlier, why = lead_keys[fingerprint], f"the same lead (same {identifier[0]})"
+            elif lead is not None and (holder := seen.lead_holder(lead[1])) is not None:
+                earlier, why = holder, f"the same lead (same {lead[0]})"
             else:
                 earlier = None
             if earlier is not None:
                 progress.add_duplicate()
-                reported += 1
-                if reported <= MAX_LOGGED_DUPLICATES:
+                if reported.take():
                     self.log.warning(
                         "Row %s (position %d) is not sent: %s as row %s earlier in the list; "
                         "registering it again would reset that lead's portal password.",
@@ -180,10 +184,10 @@ class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
                         why,
                         earlier,
                     )
-                elif reported == MAX_LOGGED_DUPLICATES + 1:
+                elif reported.first_over:
                     self.log.warning("Further duplicate rows are counted in the summary, not logged.")
                 continue
-            keys.add(key)
-            if fingerprint is not None:
-                lead_keys[fingerprint] = key
+            seen.add(key)
+            if lead is not None:
+                seen.add_lead(lead[1], key)
             yield key, row

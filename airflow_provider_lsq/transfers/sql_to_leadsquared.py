@@ -10,21 +10,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from airflow_provider_lsq.engine.duplicates import SeenRows, lead_identity
 from airflow_provider_lsq.exceptions import WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import (
-    UNIQUE_IDENTIFIERS,
-    first_identifier,
-    is_missing,
-    lead_fingerprint,
-)
+from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, is_missing
 from airflow_provider_lsq.lineage import read_transfer_parts, transfer_lineage
+from airflow_provider_lsq.log_caps import LogCap, log_first
 from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
@@ -58,40 +54,6 @@ STANDARD_ATTRIBUTES = (
     "OwnerId",
     "ProspectStage",
 )
-
-
-class _SeenKeys:
-    """The row keys and leads (their ``lead_identifier`` fingerprints) met so far in this run, in a
-    private temporary SQLite file: memory stays flat."""
-
-    def __init__(self) -> None:
-        self._db = sqlite3.connect("")  # "" = a temporary on-disk database, deleted on close
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, reported INTEGER NOT NULL DEFAULT 0)")
-        self._db.execute("CREATE TABLE leads (fingerprint TEXT PRIMARY KEY, key TEXT NOT NULL)")
-
-    def add(self, key: str) -> bool:
-        """Remember ``key``; False when it was already there."""
-        return self._db.execute("INSERT OR IGNORE INTO seen (key) VALUES (?)", (key,)).rowcount == 1
-
-    def add_lead(self, fingerprint: str, key: str) -> str | None:
-        """Remember the lead ``fingerprint`` as handed over by row ``key``; the earlier row's key if any."""
-        if self._db.execute(
-            "INSERT OR IGNORE INTO leads (fingerprint, key) VALUES (?, ?)", (fingerprint, key)
-        ).rowcount:
-            return None
-        first = self._db.execute("SELECT key FROM leads WHERE fingerprint = ?", (fingerprint,)).fetchone()
-        return str(first[0])
-
-    def first_report(self, key: str) -> bool:
-        """True the first time a duplicate ``key`` is reported."""
-        return (
-            self._db.execute("UPDATE seen SET reported = 1 WHERE key = ? AND reported = 0", (key,)).rowcount
-            == 1
-        )
-
-    def close(self) -> None:
-        self._db.close()
 
 
 class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
@@ -523,15 +485,18 @@ class _Transfer:
         self.null_keys = 0
         self.skipped_done = self.skipped_failed = self.earlier_tries = 0
         self.resent_pending = self.pending_elsewhere = self.pending_not_returned = 0
-        self.reported_duplicates = self.reported_null = 0
+        self.reported_duplicates, self.reported_null = LogCap(MAX_LOGGED_KEYS), LogCap(MAX_LOGGED_KEYS)
         self.duplicate_leads = self.same_lead = 0  # rows of a lead met earlier in this run / held by a key
-        self.reported_duplicate_leads = self.reported_same_lead = 0
+        self.reported_duplicate_leads, self.reported_same_lead = (
+            LogCap(MAX_LOGGED_KEYS),
+            LogCap(MAX_LOGGED_KEYS),
+        )
         self.filled_identifiers = 0  # registered rows of an earlier release given their lead identifier
 
     # -- the whole run (in the engine's thread: database connections stay in it) -------------------
 
     def run(self, sql_hook: DbApiHook, sql: str, portal_id: str) -> None:
-        with self.ledger, contextlib.closing(_SeenKeys()) as seen:
+        with self.ledger, contextlib.closing(SeenRows()) as seen:
             self.ledger.ensure_table()  # first: the query may anti-join it
             orphans = self._pending_rows()
             conn = sql_hook.get_conn()
@@ -652,7 +617,7 @@ class _Transfer:
         remaining: set[str],
         query: Callable[[str], Any],
         cursors: list[Any],
-        seen: _SeenKeys,
+        seen: SeenRows,
     ) -> Iterator[Row]:
         """The abandoned ``pending`` rows (``first``, a pass over the query that stops once it has met
         them all), then every other row of a second pass. Rows the first pass met are not met again."""
@@ -673,17 +638,19 @@ class _Transfer:
             "hand. Each: row key, lead id.",
             len(rows),
         )
-        for row in rows[:MAX_LOGGED_PENDING]:
-            self.log.warning("Pending, not returned: row %s, lead id %s", row.row_key, row.lead_id)
-        if len(rows) > MAX_LOGGED_PENDING:
-            self.log.warning(
-                "... and %d more (status 'pending' in the ledger).", len(rows) - MAX_LOGGED_PENDING
-            )
+        log_first(
+            self.log.warning,
+            rows,
+            MAX_LOGGED_PENDING,
+            "Pending, not returned: row %s, lead id %s",
+            lambda row: (row.row_key, row.lead_id),
+            "... and %d more (status 'pending' in the ledger).",
+        )
 
     # -- the stream ------------------------------------------------------------------------------
 
     def _rows(
-        self, cursor: Any, seen: _SeenKeys, *, only: set[str] | None = None, skip: set[str] | None = None
+        self, cursor: Any, seen: SeenRows, *, only: set[str] | None = None, skip: set[str] | None = None
     ) -> Iterator[Row]:
         """Rows for the engine, read lazily batch by batch; the columns are checked before any call.
 
@@ -707,7 +674,7 @@ class _Transfer:
         records: Sequence[Any],
         columns: list[str],
         key_index: int,
-        seen: _SeenKeys,
+        seen: SeenRows,
         *,
         only: set[str] | None = None,
         skip: set[str] | None = None,
@@ -791,17 +758,17 @@ class _Transfer:
             self.filled_identifiers += len(missing)
 
     def _keyed(self, key: str, lead: dict[str, Any]) -> _Keyed:
-        identifier = first_identifier(lead, self.op.identifier_attribute)
-        if identifier is None:
+        identity = lead_identity(lead, self.op.identifier_attribute)
+        if identity is None:
             return _Keyed(key, lead, None, None)
-        return _Keyed(key, lead, identifier[0], lead_fingerprint(*identifier))
+        return _Keyed(key, lead, *identity)
 
     def _same_lead(
         self,
         item: _Keyed,
         previous: LedgerRow | None,
         holders: Mapping[str, list[LedgerRow]],
-        seen: _SeenKeys,
+        seen: SeenRows,
     ) -> Row | None:
         """The row for the engine once its lead is checked, or None when it is not sent this run.
 
@@ -821,8 +788,7 @@ class _Transfer:
         if first is not None:
             self.duplicate_leads += 1
             self.progress.add_duplicate()
-            if self.reported_duplicate_leads < MAX_LOGGED_KEYS:
-                self.reported_duplicate_leads += 1
+            if self.reported_duplicate_leads.take():
                 self.log.warning(
                     "Row key %s is the same lead as row key %s of this run (same %s): not sent, not "
                     "recorded this run (the next run records it from row key %s's outcome).",
@@ -840,8 +806,7 @@ class _Transfer:
         if done:
             holder = done[0]
             self.same_lead += 1
-            if self.reported_same_lead < MAX_LOGGED_KEYS:
-                self.reported_same_lead += 1
+            if self.reported_same_lead.take():
                 self.log.warning(
                     "Row key %s is the lead of row key %s (same %s), %s already: recorded "
                     "already_registered, not sent.",
@@ -945,22 +910,20 @@ class _Transfer:
                     "names to lower case). Nothing was sent."
                 )
 
-    def _key(self, position: int, value: Any, seen: _SeenKeys) -> str | None:
+    def _key(self, position: int, value: Any, seen: SeenRows) -> str | None:
         """The row's key, or None for a row not to send (NULL key, or a duplicate)."""
         if is_missing(value) or not str(value).strip():  # NaN too: no value, not the key 'NaN'
             message = f"column {self.op.key_column!r}: the row key is NULL or empty"
             self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
             self.null_keys += 1
-            if self.reported_null < MAX_LOGGED_KEYS:
-                self.reported_null += 1
+            if self.reported_null.take():
                 self.log.warning("Row #%d of the query has no %s: not sent.", position, self.op.key_column)
             return None
         key = str(value)
         if seen.add(key):
             return key
         self.progress.add_duplicate()
-        if seen.first_report(key) and self.reported_duplicates < MAX_LOGGED_KEYS:
-            self.reported_duplicates += 1
+        if seen.first_report(key) and self.reported_duplicates.take():
             self.log.warning("Row key %s appears more than once in the query: sent once.", key)
         return None
 
@@ -996,7 +959,7 @@ class _Transfer:
                 "registering them at the same time.",
                 self.pending_elsewhere + self.engine.not_claimed,
             )
-        if self.reported_duplicates >= MAX_LOGGED_KEYS:
+        if self.reported_duplicates.full:
             self.log.warning("More duplicate keys were counted but not logged.")
         if self.filled_identifiers:
             self.log.info(
