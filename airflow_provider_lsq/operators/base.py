@@ -9,7 +9,8 @@ run, hands it to ``self._run`` and stays thin.
 
 ``PortalRegistrationBaseOperator`` adds the registration's own parameters (``only_new_leads``,
 ``password_callable``): both ``RegisterPortalUserOperator`` and ``SqlToLeadSquaredPortalOperator``
-derive from it. A lead-update operator derives from ``LeadSquaredBaseOperator``.
+derive from it. A lead-update operator derives from ``LeadSquaredBaseOperator`` and returns its
+own operation from :meth:`~LeadSquaredBaseOperator.row_operation`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_lsq.assets import publish_counts
+from airflow_provider_lsq.engine.registration import PortalRegistration
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.lineage import prepare_lineage
@@ -28,8 +30,9 @@ if TYPE_CHECKING:
 
     from airflow.providers.openlineage.extractors import OperatorLineage
 
+    from airflow_provider_lsq.engine.operation import RowOperation
+    from airflow_provider_lsq.engine.run import RegistrationRun
     from airflow_provider_lsq.lineage import PreparedLineage
-    from airflow_provider_lsq.registration_run import RegistrationRun
     from airflow_provider_lsq.version_compat import Context
 
 
@@ -75,6 +78,10 @@ class LeadSquaredBaseOperator(BaseOperator):
         """Stop taking rows, let the calls in flight finish and record them; return within seconds."""
         if self._run is not None:
             self._run.on_kill()
+
+    def row_operation(self) -> RowOperation:
+        """What the engine does with each row (see :mod:`airflow_provider_lsq.engine.operation`)."""
+        raise NotImplementedError
 
     def require_portal_id(self, hook: LeadSquaredHook, *, needed_by: str) -> str:
         """The connection's portal id, or ``AirflowFailException`` (no retry fixes a connection)."""
@@ -125,3 +132,11 @@ class PortalRegistrationBaseOperator(LeadSquaredBaseOperator):
         super().__init__(**kwargs)
         self.only_new_leads = only_new_leads
         self.password_callable = password_callable
+
+    def row_operation(self) -> PortalRegistration:
+        """Each row registered as a portal user (:mod:`airflow_provider_lsq.engine.registration`)."""
+        return PortalRegistration(
+            identifier_attribute=self.identifier_attribute,
+            only_new_leads=self.only_new_leads,
+            password_callable=self.password_callable,
+        )

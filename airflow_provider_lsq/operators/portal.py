@@ -14,11 +14,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_lsq.engine.duplicates import SeenRows, lead_identity
+from airflow_provider_lsq.engine.rows import row_key
+from airflow_provider_lsq.engine.run import RegistrationRun
+from airflow_provider_lsq.engine.sinks import MemorySink
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.lineage import portal_lineage, read_portal_parts
 from airflow_provider_lsq.log_caps import LogCap
 from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
-from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
 from airflow_provider_lsq.version_compat import AirflowException
 
 if TYPE_CHECKING:
@@ -26,9 +28,9 @@ if TYPE_CHECKING:
 
     from airflow.providers.openlineage.extractors import OperatorLineage
 
+    from airflow_provider_lsq.engine.rows import Row
     from airflow_provider_lsq.lineage import PreparedLineage
     from airflow_provider_lsq.progress import RegistrationProgress
-    from airflow_provider_lsq.registration_run import Row
     from airflow_provider_lsq.version_compat import Context
 
 MAX_LOGGED_DUPLICATES = 50  # duplicate rows logged one by one, then only counted
@@ -134,7 +136,7 @@ class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
         rows = self._keyed(leads, progress)
         try:
             with progress:
-                run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.register(rows))
+                run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.send(rows))
         finally:  # a run stopped by a bad login or a kill still shows what it finished
             context["ti"].xcom_push(key="outcomes", value=sink.outcomes)
         return run.finish(

@@ -16,6 +16,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow_provider_lsq.engine.duplicates import SeenRows, lead_identity
+from airflow_provider_lsq.engine.registration import check_lead
+from airflow_provider_lsq.engine.run import RegistrationRun
 from airflow_provider_lsq.exceptions import WarehouseReadError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, is_missing
@@ -23,7 +25,6 @@ from airflow_provider_lsq.lineage import read_transfer_parts, transfer_lineage
 from airflow_provider_lsq.log_caps import LogCap, log_first
 from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
 from airflow_provider_lsq.outcomes import RegistrationOutcome
-from airflow_provider_lsq.registration_run import RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import (
     DEFAULT_PENDING_TIMEOUT,
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
     from airflow.providers.common.sql.hooks.sql import DbApiHook
     from airflow.providers.openlineage.extractors import OperatorLineage
 
+    from airflow_provider_lsq.engine.rows import Row
     from airflow_provider_lsq.lineage import PreparedLineage
-    from airflow_provider_lsq.registration_run import Row
     from airflow_provider_lsq.version_compat import Context
 
 MAX_LOGGED_KEYS = 50  # duplicate keys and leads, NULL-key positions: logged one by one, then counted
@@ -400,7 +401,7 @@ class _Transfer:
                     rows = self._pending_first(first, orphans, remaining, query, cursors, seen)
                 else:
                     rows = self._rows(query("lsq_transfer"), seen)
-                self.engine.register(rows)
+                self.engine.send(rows)
                 self.verdict = self._run_verdict()
             finally:
                 for cursor in cursors:

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_lsq.registration_run import OutcomeSink
+from airflow_provider_lsq.engine.sinks import OutcomeSink
 from airflow_provider_lsq.transfers.ledger.rows import DEFAULT_PENDING_TIMEOUT, LedgerRow
 from airflow_provider_lsq.transfers.ledger.store import RegistrationLedger
 
