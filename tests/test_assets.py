@@ -43,7 +43,7 @@ AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 UPSTREAM = "lsq_register_new_applicants"
 DOWNSTREAM = "lsq_welcome_new_portal_users"
 LOGICAL_DATE = dt.datetime(2026, 11, 20, tzinfo=dt.timezone.utc)
-COUNTS = ("registered", "already_registered", "invalid", "failed")
+COUNTS = ("registered", "already_registered", "invalid", "failed", "unconfirmed")
 
 
 # -- the URI scheme --------------------------------------------------------------------------------------
