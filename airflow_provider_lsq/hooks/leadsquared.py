@@ -36,6 +36,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredValidationError,
 )
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url, is_redis_uri
+from airflow_provider_lsq.hooks.lead_api import LeadApiMixin
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, build_lead_fields
 from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter
 from airflow_provider_lsq.hooks.rate_limit.stores import BudgetLocationError
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping
 
     from airflow_provider_lsq.hooks.rate_limit import Lease
+    from airflow_provider_lsq.hooks.rate_limit.paired import CallBudget
 
 T = TypeVar("T")
 PUBLIC_TOKEN_PATH = "/api/Access/PublicToken"
@@ -192,8 +194,9 @@ _FROM_HERE = (
 )
 
 
-class LeadSquaredHook(BaseHook):
-    """Talk to LeadSquared's portal API through a ``leadsquared`` connection.
+class LeadSquaredHook(LeadApiMixin, BaseHook):
+    """Talk to LeadSquared's portal API (and its lead APIs, :class:`LeadApiMixin`) through a
+    ``leadsquared`` connection.
 
     No network I/O happens until the first call. One pooled ``requests`` session serves every thread
     of the hook, and every call passes the account's rate limit.
@@ -335,12 +338,14 @@ class LeadSquaredHook(BaseHook):
         host: str | None = None,
         secrets: Iterable[str] = (),
         may_send: Callable[[], bool] | None = None,
+        budget: CallBudget | None = None,
         check: Callable[[Any], None] | None = None,
     ) -> tuple[Any, int]:
         """:meth:`request`, also returning how many attempts it took. ``secrets`` are redacted too.
 
         ``may_send`` is asked before every attempt, once its place in the rate limit is granted: False
         means the call must not be made now (:class:`LeadSquaredStoppedError`, never retried).
+        ``budget`` replaces the account's window (:attr:`rate_limiter`), e.g. the bulk call's pair.
         ``check`` sees each decoded body and raises (e.g. :class:`LeadSquaredUnconfirmedError`) when
         it does not answer the call; its error is retried like the answer's.
 
@@ -391,7 +396,9 @@ class LeadSquaredHook(BaseHook):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     try:
-                        body = self._attempt(method, url, query, json, headers, extra_secrets, may_send)
+                        body = self._attempt(
+                            method, url, query, json, headers, extra_secrets, may_send, budget
+                        )
                         if check is not None:
                             check(body)
                     except LeadSquaredUnconfirmedError:
@@ -427,9 +434,10 @@ class LeadSquaredHook(BaseHook):
         headers: Mapping[str, str] | None,
         secrets: Iterable[str],
         may_send: Callable[[], bool] | None = None,
+        budget: CallBudget | None = None,
     ) -> Any:
         """One call inside the account's window: it holds its place from send until answer + period."""
-        limiter = self.rate_limiter
+        limiter = budget if budget is not None else self.rate_limiter
         with metrics.rate_limit_wait(self.leadsquared_conn_id):
             try:
                 lease = limiter.acquire(stop=self.stopping)

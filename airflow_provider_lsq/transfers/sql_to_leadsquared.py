@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.providers.common.sql.hooks.sql import DbApiHook
@@ -34,6 +36,7 @@ from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, 
 from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import (
     DEFAULT_PENDING_TIMEOUT,
+    POSITION_COLUMN,
     UNCONFIRMED,
     LedgerRow,
     RegistrationLedger,
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
 
 MAX_LOGGED_KEYS = 50  # duplicate keys and leads, NULL-key positions: logged one by one, then counted
 MAX_LOGGED_PENDING = 1000  # pending rows the query no longer returns: logged one by one, then counted
+_ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)  # the query orders its rows: keep that order
 # LeadSquared's standard attribute schema names: a result column equal to one but for case was folded
 # (PostgreSQL lower-cases unquoted aliases) and would be refused on every row.
 STANDARD_ATTRIBUTES = (
@@ -116,7 +120,9 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     created first, so the query may anti-join it. Rows then stream in batches of ``batch_size``
     (a server-side cursor on PostgreSQL), so memory stays flat however large the result:
 
-    - a key the ledger holds as registered (or already registered) is skipped: no call;
+    - a key the ledger holds as registered (or already registered) is skipped: no call. When the
+      ledger is on the query's connection, the database leaves those rows out (the query is wrapped
+      in an anti-join on the ledger, see ``docs/operators.md``), so a grown ledger costs nothing;
     - a key recorded as invalid is validated again (the data may have been fixed): no call if still bad;
     - a key recorded as failed is skipped unless the failure was transient (``retryable``) or
       ``retry_failed`` is set; skipped ones are counted (``skipped_failed``) and logged at WARNING.
@@ -364,6 +370,21 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
 _LATEST = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
 
 
+def _plan_for_every_row(conn: Any) -> None:
+    """Plan the server-side cursor for reading every row, not the first 10% fast (PostgreSQL's
+    ``cursor_tuple_fraction``): the anti-join over a grown ledger is a hash anti-join then, not an index
+    probe per row (a third of the time on 1,000,000 rows). For this read's transaction only."""
+    cursor = conn.cursor()
+    try:
+        cursor.execute("SET LOCAL cursor_tuple_fraction = 1.0")
+    except Exception:  # a PostgreSQL-like database without the setting: the default plan
+        with contextlib.suppress(Exception):
+            conn.rollback()
+    finally:
+        with contextlib.suppress(Exception):
+            cursor.close()
+
+
 class _Keyed(NamedTuple):
     """A keyed row of a batch: its lead and the identifier LeadSquared finds the lead by."""
 
@@ -573,6 +594,10 @@ class _Transfer:
         self.duplicate_leads = self.same_lead = 0  # rows of a lead met earlier in this run / held by a key
         self.reported_duplicate_leads = self.reported_same_lead = 0
         self.filled_identifiers = 0  # registered rows of an earlier release given their lead identifier
+        self.rows_read = 0  # rows the query returned, every pass
+        # Why the database does not leave the settled rows out (None: it does; see _left_out_settled).
+        self.not_left_out: str | None = None
+        self.positioned = False  # the query read numbers its rows in a last column (not sent)
 
     # -- the whole run (in the engine's thread: database connections stay in it) -------------------
 
@@ -584,24 +609,33 @@ class _Transfer:
             cursors: list[Any] = []
             # A named cursor is server-side on psycopg: rows come batch by batch. sqlite3 is lazy.
             is_postgres = self.ledger.dialect == "postgresql" or sql_hook.dialect_name == "postgresql"
+            read, counted = self._left_out_settled(sql)
 
             def query(name: str) -> Any:
+                nonlocal read
+                if is_postgres:
+                    _plan_for_every_row(conn)
                 cursor = conn.cursor(name=name) if is_postgres else conn.cursor()
                 cursors.append(cursor)
                 try:
-                    self.op._execute(cursor, sql)
+                    self.op._execute(cursor, read)
                 except Exception as error:
-                    raise self._read_failed(error, 0) from None
+                    if read == sql:
+                        raise self._read_failed(error, 0) from None
+                    self._anti_join_failed(error, conn, cursor)
+                    read, self.positioned = sql, False
+                    return query(name)
                 return cursor
 
             try:
-                self.progress.total = self.op._count(conn, sql)
+                self.progress.total = self.op._count(conn, counted)
                 self.log.info(
-                    "%s rows of %r as portal users of portal %r (%s rows; ledger %s on %r).",
+                    "%s rows of %r as portal users of portal %r (%s rows%s; ledger %s on %r).",
                     "Validating (dry run)" if self.op.is_dry_run else "Registering",
                     self.op.sql_conn_id,
                     portal_id,
                     "unknown" if self.progress.total is None else self.progress.total,
+                    "" if self.not_left_out else ", those the ledger holds as registered left out",
                     self.op.ledger_table,
                     self.op.ledger_conn_id or self.op.sql_conn_id,
                 )
@@ -625,6 +659,49 @@ class _Transfer:
                 with contextlib.suppress(Exception):
                     conn.close()
                 self._log_skips()
+
+    def _left_out_settled(self, sql: str) -> tuple[str, str]:
+        """The query to read and the query to count: ``sql`` with the rows the ledger holds as
+        settled left out by the database (an anti-join, see :meth:`RegistrationLedger.anti_join`), so
+        a run's cost follows the rows that may need it, not the ledger's size. ``sql`` itself when
+        the ledger is on another connection (the database cannot join it) or a name cannot be written
+        into SQL text; the rows are then left out here, each read and skipped (a warning says so when
+        they are most of the query)."""
+        op = self.op
+        if (op.ledger_conn_id or op.sql_conn_id) != op.sql_conn_id:
+            self.not_left_out = "the ledger is on another connection (ledger_conn_id)"
+            return sql, sql
+        ordered = bool(_ORDER_BY.search(sql))
+        read = self.ledger.anti_join(sql, op.key_column, self.execution, ordered=ordered)
+        counted = self.ledger.anti_join(sql, op.key_column, self.execution)
+        if read is None or counted is None:
+            self.not_left_out = (
+                "the portal id or the task instance's names hold a backslash, a % or a control "
+                "character, which the transfer does not write into SQL text"
+            )
+            return sql, sql
+        self.positioned = ordered
+        return read, counted
+
+    def _anti_join_failed(self, error: Exception, conn: Any, cursor: Any) -> None:
+        """The query with the ledger's anti-join failed: end the transaction, say why (the error's
+        type only: its message may quote the query), and read the query as written from then on."""
+        with contextlib.suppress(Exception):
+            cursor.close()
+        with contextlib.suppress(Exception):
+            conn.rollback()  # PostgreSQL: the failed statement aborted the transaction
+        code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        self.not_left_out = (
+            f"the database refused the query wrapped in the ledger's anti-join ({type(error).__name__})"
+        )
+        self.log.warning(
+            "The database refused the query wrapped in the ledger's anti-join (%s%s): reading the query "
+            "as written; rows the ledger holds as registered are read and skipped. key_column %r must "
+            "be the column's name as the database spells it.",
+            type(error).__name__,
+            f", {code}" if code else "",
+            self.op.key_column,
+        )
 
     def _run_verdict(self) -> tuple[tuple[int, int], int]:
         """``((considered, failures), unconfirmed)`` over every row this task instance recorded, in
@@ -745,9 +822,13 @@ class _Transfer:
         if not records:
             return iter(())
         columns = [str(column[0]) for column in cursor.description]  # psycopg: known after a fetch
+        width = None
+        if self.positioned and columns[-1].lower() == POSITION_COLUMN:
+            columns = columns[:-1]  # the anti-join's numbering: not a lead attribute
+            width = len(columns)
         key_index = self._key_index(columns)
         self._check_columns(columns, key_index)
-        return self._stream(cursor, records, columns, key_index, seen, only=only, skip=skip)
+        return self._stream(cursor, records, columns, key_index, seen, only=only, skip=skip, width=width)
 
     def _stream(
         self,
@@ -759,14 +840,18 @@ class _Transfer:
         *,
         only: set[str] | None = None,
         skip: set[str] | None = None,
+        width: int | None = None,
     ) -> Iterator[Row]:
         position = 0
         skip = set(skip or ())
         while records:
             keyed: list[_Keyed] = []
+            self.rows_read += len(records)
             for row in records:
                 position += 1
                 record = tuple(row.values()) if isinstance(row, Mapping) else row  # dict cursors too
+                if width is not None:
+                    record = record[:width]
                 value = record[key_index]
                 if only is not None or skip:
                     text = None if value is None else str(value)
@@ -780,10 +865,11 @@ class _Transfer:
                 key = self._key(position, value, seen)
                 if key is not None:
                     keyed.append(self._keyed(key, self._lead(columns, key_index, record)))
-            # One query each per batch: the rows' keys, and the leads other keys hold.
-            known = self.ledger.lookup(item.key for item in keyed)
-            self._fill_identifiers(keyed, known)
-            holders = self.ledger.lookup_identifiers(item.fingerprint for item in keyed if item.fingerprint)
+            # One ledger read per batch: the rows' keys, and the leads other keys hold.
+            known, holders = self.ledger.lookup_batch(
+                (item.key for item in keyed), (item.fingerprint for item in keyed if item.fingerprint)
+            )
+            self._fill_identifiers(keyed, known, holders)
             for item in keyed:
                 previous = known.get(item.key)
                 if not self._wanted(item.key, item.lead, previous):
@@ -820,10 +906,13 @@ class _Transfer:
             "it is not repeated here)."
         )
 
-    def _fill_identifiers(self, keyed: list[_Keyed], known: Mapping[str, LedgerRow]) -> None:
+    def _fill_identifiers(
+        self, keyed: list[_Keyed], known: Mapping[str, LedgerRow], holders: dict[str, list[LedgerRow]]
+    ) -> None:
         """Give rows an earlier release recorded as registered their lead's fingerprint (no call).
 
-        From then on another key of the same lead is recorded ``already_registered`` instead of sent.
+        From then on another key of the same lead is recorded ``already_registered`` instead of sent;
+        in this batch too: each such row joins ``holders`` (read before it had its fingerprint).
         Not in a dry run (it writes nothing).
         """
         missing = {
@@ -837,6 +926,8 @@ class _Transfer:
         if missing and not self.op.is_dry_run:
             self.ledger.fill_identifiers(missing)
             self.filled_identifiers += len(missing)
+            for key, fingerprint in missing.items():
+                holders.setdefault(fingerprint, []).append(replace(known[key], lead_identifier=fingerprint))
 
     def _keyed(self, key: str, lead: dict[str, Any]) -> _Keyed:
         identifier = first_identifier(lead, self.op.identifier_attribute)
@@ -1066,6 +1157,22 @@ class _Transfer:
     def _log_skips(self) -> None:
         if self.skipped_done:
             self.log.info("%d rows skipped: the ledger has them registered.", self.skipped_done)
+        settled_read = self.skipped_done - self.filled_identifiers  # filled: read once, to fill them
+        if settled_read >= self.op.batch_size and settled_read * 2 > self.rows_read:
+            why = self.not_left_out or (
+                "the database's text of key_column differs from the ledger's row_key (the key as "
+                "Python writes it, e.g. 1.0 for a float): return the key as text, e.g. "
+                "CAST(id AS TEXT) AS applicant_id"
+            )
+            self.log.warning(
+                "%d of the %d rows the query returned are registered in the ledger already: each was read "
+                "and skipped, so runs slow down as the ledger grows. The database did not leave them out "
+                "because %s. Leave them out in the query (NOT EXISTS on the ledger, see the docs) or "
+                "narrow it to the rows that may be new.",
+                settled_read,
+                self.rows_read,
+                why,
+            )
         if self.skipped_failed:
             self.log.warning(
                 "%d rows skipped: an earlier run recorded them as failed for good or invalid (and they still "
