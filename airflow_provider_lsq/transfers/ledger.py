@@ -19,7 +19,8 @@ Plain DB-API, portable across SQLite and PostgreSQL (and kept generic for other 
 are a DELETE of the batch's keys then an INSERT, in one transaction, with the hook's placeholder and
 dialect (common-sql's ``DbApiHook.placeholder`` and ``dialect_name``).
 
-Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``) and
+Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``,
+``unconfirmed``: sent, and no answer said what happened; never re-sent without a person deciding) and
 ``pending``, written before a row is handed over for its call, so a run that dies without warning
 leaves its in-flight rows visible. Every write retries with backoff (and a busy timeout on SQLite)
 for up to ``write_timeout`` seconds before it raises :class:`LedgerUnavailableError`.
@@ -55,6 +56,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 PENDING = "pending"  # handed over for a call whose outcome is not recorded yet
+UNCONFIRMED = RegistrationStatus.UNCONFIRMED.value  # sent; no answer said whether it was carried out
+# A row of another key in one of these holds its lead: registered, maybe registered, or being sent.
+LEAD_HOLDER_STATUSES = frozenset(
+    {RegistrationStatus.REGISTERED.value, RegistrationStatus.ALREADY_REGISTERED.value, PENDING, UNCONFIRMED}
+)
 # How long after its holder's last heartbeat a pending row is judged abandoned (see the transfer's
 # ``pending_timeout``).
 DEFAULT_PENDING_TIMEOUT = dt.timedelta(minutes=2)
@@ -487,13 +493,14 @@ class RegistrationLedger:
         )
 
     def lookup_identifiers(self, fingerprints: Iterable[str]) -> dict[str, list[LedgerRow]]:
-        """This portal's rows holding each fingerprint as registered, already registered or pending.
+        """This portal's rows holding each fingerprint as registered, already registered, unconfirmed
+        or pending.
 
         One query per 400 fingerprints (uses the ``(portal_id, lead_identifier)`` index); fingerprints
         no such row holds are left out. Rows of every key are returned: the caller leaves its own out.
         """
         wanted = list(dict.fromkeys(fingerprints))
-        statuses = sorted(OK_STATUSES | {PENDING})
+        statuses = sorted(LEAD_HOLDER_STATUSES)
 
         def read() -> dict[str, list[LedgerRow]]:
             found: dict[str, list[LedgerRow]] = {}
@@ -536,7 +543,7 @@ class RegistrationLedger:
         prints = list(dict.fromkeys(fingerprints))
         if not wanted and not prints:
             return {}, {}
-        statuses = sorted(OK_STATUSES | {PENDING})
+        statuses = sorted(LEAD_HOLDER_STATUSES)
         limit = _BATCH_PARAMETERS.get(self._dialect, 2 * _LOOKUP_CHUNK)
         size = max(1, (limit - 1 - len(statuses)) // 2)
         p = self._placeholder
@@ -774,10 +781,11 @@ class RegistrationLedger:
 
         ``identifiers`` gives each key's :func:`lead_fingerprint`, written with the claim; a key is not
         claimed when another key of this portal holds its fingerprint as registered, already
-        registered, or pending for another execution within ``in_flight_for`` (the same lead, being
-        sent right now): no lead is sent twice either. On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a
-        transaction-level advisory lock per table and portal) claims are serialised, so that check
-        cannot race another execution's claim; other databases only narrow the window.
+        registered, unconfirmed (the lead may be a portal user), or pending for another execution
+        within ``in_flight_for`` (the same lead, being sent right now): no lead is sent twice either.
+        On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a transaction-level advisory lock per table
+        and portal) claims are serialised, so that check cannot race another execution's claim; other
+        databases only narrow the window.
         """
         if not previous:
             return set()
@@ -884,13 +892,14 @@ class RegistrationLedger:
             )
 
     def _held_elsewhere(self, cursor: Any, key: str, fingerprint: str, token: str, since: Any) -> bool:
-        """Another key holds ``fingerprint``: registered, or pending for another execution since ``since``."""
+        """Another key holds ``fingerprint``: registered, unconfirmed (the lead may be a portal user),
+        or pending for another execution since ``since``."""
         p = self._placeholder
         cursor.execute(
             f"SELECT row_key FROM {self.table} WHERE portal_id = {p} AND {IDENTIFIER_COLUMN} = {p} "
-            f"AND row_key <> {p} AND (status IN ({p}, {p}) OR (status = {p} "
+            f"AND row_key <> {p} AND (status IN ({p}, {p}, {p}) OR (status = {p} "
             f"AND COALESCE(execution_id, '') <> {p} AND last_attempt_at >= {p}))",
-            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES), PENDING, token, since],
+            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES | {UNCONFIRMED}), PENDING, token, since],
         )
         return cursor.fetchone() is not None
 
