@@ -93,11 +93,11 @@ class LeadSquaredUnconfirmedError(LeadSquaredTransientError):
     """The call was sent but its answer does not say what happened: LeadSquared may have carried it out.
 
     A read timeout, a connection dropped after the request went out, a 2xx that is empty, not JSON or
-    (for Register) without a ``LeadId``, or a gateway's 504 (the gateway forwarded the call and gave
-    up waiting). Retried like a transient failure, with the same request (so the same password); a
-    registration that stays unproven ends ``unconfirmed``, never re-sent by a later run without a
-    person deciding. A request that was never sent (refused connection, DNS, connect timeout) is a
-    plain :class:`LeadSquaredTransientError`.
+    (for Register) without a ``LeadId``, or a gateway's 502 or 504 (the gateway forwarded the call and
+    got a broken answer, or gave up waiting). Retried like a transient failure, with the same request
+    (so the same password); a registration that stays unproven ends ``unconfirmed``, never re-sent by
+    a later run without a person deciding. A request that was never sent (refused connection, DNS,
+    connect timeout) is a plain :class:`LeadSquaredTransientError`.
     """
 
 

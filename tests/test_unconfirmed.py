@@ -102,7 +102,7 @@ def test_sandbox_rejects_a_delay_on_a_fault_that_does_not_act() -> None:
 # -- the hook: one kind, whatever the unproven answer --------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["empty", "html", "drop", "504"])
+@pytest.mark.parametrize("fault", ["empty", "html", "drop", "504", "502", "lost"])
 def test_an_unproven_answer_is_retried_with_the_same_password_and_a_proof_settles_it(
     monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox, fault: str
 ) -> None:
@@ -118,7 +118,7 @@ def test_an_unproven_answer_is_retried_with_the_same_password_and_a_proof_settle
     assert found is not None and found.password_sha256 == sha256(PASSWORD)
 
 
-@pytest.mark.parametrize("fault", ["empty", "html", "drop"])
+@pytest.mark.parametrize("fault", ["empty", "html", "drop", "lost"])
 def test_an_answer_that_never_proves_the_outcome_ends_unconfirmed_not_failed(
     monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox, fault: str
 ) -> None:
@@ -144,7 +144,7 @@ def test_an_unproven_attempt_is_not_forgotten_when_later_attempts_prove_nothing(
     """The first attempt registers the lead and its answer is lost; gateway faults and a refusal
     (which say nothing about that call) follow: the row is unconfirmed, not a retryable failure."""
     hook = make_hook(monkeypatch, sandbox)
-    sandbox.inject("drop", 503, "ratelimit", 502, path=REGISTER_PATH)
+    sandbox.inject("drop", 503, "ratelimit", 500, path=REGISTER_PATH)
     with pytest.raises(LeadSquaredUnconfirmedError) as err:
         hook.register_portal_user({"EmailAddress": "first@example.com"}, PASSWORD)
     assert err.value.attempts == 4
@@ -156,13 +156,27 @@ def test_an_unproven_attempt_is_not_forgotten_when_later_attempts_prove_nothing(
 def test_gateway_faults_alone_stay_retryable_failures(
     monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox
 ) -> None:
-    """500/502/503 without LeadSquared's envelope (the gateway did not pass the call on) on every
+    """500/503 without LeadSquared's envelope (the gateway did not pass the call on) on every
     attempt: an ordinary retryable failure, as before."""
     hook = make_hook(monkeypatch, sandbox)
-    sandbox.inject(502, 503, 500, 502, path=REGISTER_PATH)
+    sandbox.inject(503, 500, 503, 500, path=REGISTER_PATH)
     (outcome,) = hook.register_portal_users([("k1", {"EmailAddress": "gw@example.com"})])
     assert (outcome.status, outcome.retryable) == (RegistrationStatus.FAILED, True)
     assert sandbox.find_lead("EmailAddress", "gw@example.com") is None
+
+
+def test_a_bad_gateway_on_every_attempt_is_unconfirmed(
+    monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox
+) -> None:
+    """A 502 is a gateway that forwarded the call and got no answer it could pass on; a lost answer
+    looks exactly like it. Whether LeadSquared acted (``"lost"``) or not (``502``), the row is not a
+    retryable failure that a later run would send with a new password."""
+    hook = make_hook(monkeypatch, sandbox)
+    sandbox.inject(502, "lost", 502, 502, path=REGISTER_PATH)
+    (outcome,) = hook.register_portal_users([("k1", {"EmailAddress": "bad-gw@example.com"})])
+    assert (outcome.status, outcome.retryable) == (RegistrationStatus.UNCONFIRMED, False)
+    found = sandbox.find_lead("EmailAddress", "bad-gw@example.com")
+    assert found is not None and found.registrations == 1  # the "lost" attempt was carried out
 
 
 def test_a_refused_connection_was_never_sent_and_stays_a_retryable_failure(

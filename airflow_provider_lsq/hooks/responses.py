@@ -136,9 +136,10 @@ def parse_response(response: requests.Response, secrets: Iterable[str]) -> Any:
             404: " The path is wrong, or the host is not a LeadSquared portal API host.",
         }.get(status, "")
         error = LeadSquaredAPIError(f"{said}.{hint} Retrying will not help.", **kwargs)
-    elif status == 504:  # a gateway forwarded the call and stopped waiting for its answer
+    elif status in (502, 504):  # a gateway forwarded the call and got no usable answer (502) or none (504)
         error = LeadSquaredUnconfirmedError(
-            f"{said}. The gateway timed out waiting for LeadSquared: the call may have been carried out.",
+            f"{said}. The gateway forwarded the call and got no answer it could pass on: the call may have "
+            "been carried out.",
             **kwargs,
         )
     else:
