@@ -3,7 +3,8 @@
 The hook sends one Register call and returns its result or raises (:meth:`LeadSquaredHook.register`);
 this operation turns that into the row's outcome: ``registered``, ``already_registered`` (only new
 leads, and LeadSquared found the lead by the identifier sent first), ``invalid`` (refused before or
-by the call), ``failed`` (retryable or not) or not sent (stopped before its call). What no row can
+by the call), ``unconfirmed`` (sent, and no answer said what happened), ``failed`` (retryable or
+not) or not sent (stopped before its call). What no row can
 get past (a failed login, a portal id LeadSquared does not know) stops the run instead.
 """
 
@@ -18,6 +19,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredConfigError,
     LeadSquaredLeadExistsError,
     LeadSquaredStoppedError,
+    LeadSquaredUnconfirmedError,
     LeadSquaredValidationError,
 )
 from airflow_provider_lsq.hooks.leadsquared import (
@@ -107,6 +109,8 @@ class PortalRegistration(RowOperation):
     ) -> RegistrationOutcome:
         if isinstance(error, LeadSquaredValidationError):
             return RegistrationOutcome.invalid(key, error.message, error_type=error.error_type)
+        if isinstance(error, LeadSquaredUnconfirmedError):  # sent, and no answer said what happened
+            return RegistrationOutcome.unconfirmed(key, error.error_type, error.message, error.attempts)
         if isinstance(error, LeadSquaredAuthenticationError | LeadSquaredBudgetUnavailableError):
             raise error  # no row can get past it: the run stops, once every call made has its outcome
         if isinstance(error, LeadSquaredStoppedError):

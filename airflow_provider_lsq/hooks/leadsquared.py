@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import requests
 import tenacity
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError
 
 from airflow_provider_lsq import __version__, metrics
 from airflow_provider_lsq.connection_form import UI_FIELD_BEHAVIOUR, connection_form_widgets
@@ -28,6 +29,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredRequestError,
     LeadSquaredStoppedError,
     LeadSquaredTransientError,
+    LeadSquaredUnconfirmedError,
 )
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url, is_redis_uri
 from airflow_provider_lsq.hooks.lead_api import LeadApiMixin
@@ -99,6 +101,52 @@ def _unsendable_part(url: str, query: Mapping[str, Any], headers: Mapping[str, s
         if not _carriable(value):
             return _QUERY_FIELDS.get(name, name)
     return "host" if not _carriable(url) or " " in url else "request"
+
+
+# What requests raises when no connection was made: the request never left (refused, DNS, connect
+# timeout, the TLS handshake, the proxy). urllib3's NewConnectionError and NameResolutionError are
+# ConnectTimeoutErrors too.
+_NEVER_SENT = (
+    requests.exceptions.ConnectTimeout,
+    requests.exceptions.SSLError,
+    requests.exceptions.ProxyError,
+)
+
+
+def _never_sent(error: requests.RequestException) -> bool:
+    """Whether ``error`` happened before the request left: else LeadSquared may have carried it out
+    (a read timeout, a connection dropped after sending, a body cut short)."""
+    if isinstance(error, _NEVER_SENT):
+        return True
+    if not isinstance(error, requests.exceptions.ConnectionError):
+        return False
+    cause: BaseException | None = error
+    for _ in range(4):  # requests' ConnectionError(MaxRetryError(reason=NewConnectionError(...)))
+        reason = getattr(cause, "reason", None)
+        if reason is None and cause is not None and cause.args and isinstance(cause.args[0], BaseException):
+            reason = cause.args[0]
+        if not isinstance(reason, BaseException):
+            return False
+        if isinstance(reason, ConnectTimeoutError):
+            return True
+        cause = reason
+    return False
+
+
+def _proves_nothing(error: LeadSquaredError) -> bool:
+    """An attempt's error that says nothing about an earlier attempt's unproven call: a refusal, a
+    failure before sending, a gateway's error, a stop. LeadSquared's own answer (an ``MX...``
+    refusal, a 4xx) is proof of what it did with the call."""
+    return not isinstance(error, LeadSquaredAPIError)
+
+
+def _has_lead_id(body: Any) -> None:
+    """A Register answer proves the registration only with the lead's id: anything else is unproven."""
+    if not (isinstance(body, dict) and body.get("LeadId")):
+        raise LeadSquaredUnconfirmedError(
+            "LeadSquared answered the registration without a LeadId: it does not say whether the lead "
+            "was registered."
+        )
 
 
 def _should_retry(error: BaseException) -> bool:
@@ -287,12 +335,21 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
         secrets: Iterable[str] = (),
         may_send: Callable[[], bool] | None = None,
         budget: CallBudget | None = None,
+        check: Callable[[Any], None] | None = None,
     ) -> tuple[Any, int]:
         """:meth:`request`, also returning how many attempts it took. ``secrets`` are redacted too.
 
         ``may_send`` is asked before every attempt, once its place in the rate limit is granted: False
         means the call must not be made now (:class:`LeadSquaredStoppedError`, never retried).
         ``budget`` replaces the account's window (:attr:`rate_limiter`), e.g. the bulk call's pair.
+        ``check`` sees each decoded body and raises (e.g. :class:`LeadSquaredUnconfirmedError`) when
+        it does not answer the call; its error is retried like the answer's.
+
+        Every attempt sends the same request. Once an attempt was sent and not answered in a way
+        that proves what happened (:class:`LeadSquaredUnconfirmedError`), the call ends
+        :class:`LeadSquaredUnconfirmedError` unless a later attempt proves it (an answer, or
+        LeadSquared's own refusal): a later refusal, a failure before sending, a stop or a spent
+        budget says nothing about that earlier call.
         """
         config = self.config
         url = (base_url(host) if host else config.base_url) + "/" + path.lstrip("/")
@@ -329,15 +386,31 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
             before_sleep=log_retry,
             reraise=True,
         )
-        attempts = 0
+        attempts = unproven = 0
         try:
             for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    answer = self._attempt(method, url, query, json, headers, extra_secrets, may_send, budget)
-                    return answer, attempts
+                    try:
+                        body = self._attempt(
+                            method, url, query, json, headers, extra_secrets, may_send, budget
+                        )
+                        if check is not None:
+                            check(body)
+                    except LeadSquaredUnconfirmedError:
+                        unproven += 1
+                        raise
+                    return body, attempts
         except LeadSquaredError as error:
             error.attempts = attempts
+            if unproven and not isinstance(error, LeadSquaredUnconfirmedError) and _proves_nothing(error):
+                unconfirmed = LeadSquaredUnconfirmedError(
+                    f"{unproven} of {attempts} attempts were sent and not answered in a way that says "
+                    f"what happened, and the last one proved nothing either ({error.message})",
+                    status_code=error.status_code,  # type: ignore[arg-type]
+                    attempts=attempts,
+                )
+                raise unconfirmed from None
             if isinstance(error, _RETRYABLE) and attempts > 1:
                 error.message = f"{error.message} Gave up after {attempts} attempts."
                 error.args = (error.message,)
@@ -435,8 +508,13 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
             ) from None
         except requests.RequestException as error:
             message = redact(f"{type(error).__name__}: {error}", secrets)
-            raise LeadSquaredTransientError(
-                f"Could not reach LeadSquared at {self.config.base_url}: {message}"
+            if _never_sent(error):
+                raise LeadSquaredTransientError(
+                    f"Could not reach LeadSquared at {self.config.base_url} (nothing was sent): {message}"
+                ) from None
+            raise LeadSquaredUnconfirmedError(
+                f"LeadSquared at {self.config.base_url} was sent the call but did not answer it ({message}): "
+                "it may have carried it out."
             ) from None
 
     # -- the auth flow ---------------------------------------------------------------------------
@@ -653,12 +731,9 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
             headers=headers,
             secrets=(password,),
             may_send=may_send,
+            check=_has_lead_id,
         )
-        lead_id = body.get("LeadId") if isinstance(body, dict) else None
-        if not lead_id:
-            raise LeadSquaredAPIError(
-                "LeadSquared answered the registration without a LeadId.", attempts=attempts
-            )
+        lead_id = body["LeadId"]
         return RegistrationResult(
             lead_id=str(lead_id), message=str(body.get("Message", "")), attempts=attempts
         )

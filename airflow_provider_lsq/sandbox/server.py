@@ -194,6 +194,11 @@ class _Handler(BaseHTTPRequestHandler):
         if delay > 0:
             time.sleep(delay)
         sandbox.state.record(CallRecord(at, self.command, path, answer.status, answer.outcome))
+        if answer.outcome == "dropped":  # carried out, then the connection closes without an answer
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         self._write(answer)
 
     def _dispatch(self, at: float, path: str, query: str, body: bytes) -> tuple[_Answer, float]:
@@ -232,8 +237,15 @@ class _Handler(BaseHTTPRequestHandler):
             answer = _Answer(status, payload, outcome)
         else:
             answer = self._endpoint(endpoint, body)
+        # Carried out (the endpoint ran), then an answer that does not say so.
         if decision.kind == "lost":
             return _Answer(502, raw=_gateway_body(502), outcome="lost"), decision.delay
+        if decision.kind == "empty":
+            return _Answer(200, raw=b"", outcome="empty"), decision.delay
+        if decision.kind == "html":
+            return _Answer(200, raw=_gateway_body(200), outcome="html"), decision.delay
+        if decision.kind == "drop":
+            return _Answer(0, raw=b"", outcome="dropped"), decision.delay
         return answer, decision.delay
 
     def _keys_ok(self, query: str) -> bool:
@@ -505,7 +517,14 @@ class Sandbox:
         return self.state.add_lead(fields)
 
     def inject(self, *faults: str | int, path: str | None = None) -> None:
-        """Script faults for the next matching calls: 500/502/503/504, "lost", "ratelimit", "slow:<s>"."""
+        """Script faults for the next matching calls (one each, in order).
+
+        500/502/503/504 (a gateway's answer; the call is not carried out), "ratelimit" (a refusal),
+        "slow:<s>" (carried out, answered ``s`` seconds late), and four that carry the call out and
+        then answer without saying so: "lost" (a gateway's 502), "empty" (200, no body), "html" (200,
+        an HTML page), "drop" (the connection closes, no answer). Those four take "+slow:<s>" too:
+        ``inject("drop+slow:1.6")`` hangs up 1.6 s after carrying the call out.
+        """
         self.state.inject(faults, path)
 
     def set_wrong_region(self, correct_host: str | None) -> None:

@@ -24,11 +24,12 @@ from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, is_missing
 from airflow_provider_lsq.lineage import read_transfer_parts, transfer_lineage
 from airflow_provider_lsq.log_caps import LogCap, log_first
 from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
-from airflow_provider_lsq.outcomes import RegistrationOutcome
+from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import (
     DEFAULT_PENDING_TIMEOUT,
     POSITION_COLUMN,
+    UNCONFIRMED,
     LedgerRow,
     RegistrationLedger,
 )
@@ -79,6 +80,12 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
     - a key recorded as failed is skipped unless the failure was transient (``retryable``) or
       ``retry_failed`` is set; skipped ones are counted (``skipped_failed``) and logged at WARNING.
       A retry of the same run counts its own failed rows again, so it ends the way the first try did;
+    - a key recorded as ``unconfirmed`` (its registration was sent and no answer said what happened:
+      the lead may be a portal user with the password that call set) is never sent again by a later
+      run: it is skipped, counted (``skipped_unconfirmed``) and logged at WARNING by row key, until a
+      person resolves it in the ledger (see the troubleshooting guide) or sets ``resend_unconfirmed``.
+      Another key of the same lead is not sent either while that holds. A retry of the same run
+      counts its own unconfirmed rows again;
     - a key left ``pending`` by an execution of this task that ended (a run or try died with its
       call in flight) is sent again **first**, before the query's other rows, and logged at WARNING;
       one the query no longer returns stays ``pending``, is logged at WARNING by row key and lead id
@@ -102,6 +109,8 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
     write, the execution's ``pending`` rows get a fresh ``last_attempt_at`` (its heartbeat). The task
     returns counts only and fails when more than ``max_failure_ratio`` of the rows its task instance
     (this try and its earlier tries; not the DAG run's other tasks) recorded are invalid or failed.
+    It fails without an Airflow retry (``AirflowFailException``) when any of them is ``unconfirmed``,
+    whatever ``max_failure_ratio``: a person must look at those rows, and a retry cannot confirm them.
     Errors no retry can fix (bad keys, no ``portal_id``, unusable columns) raise
     ``AirflowFailException``.
 
@@ -122,7 +131,10 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
     :param ledger_table: the ledger table, optionally schema-qualified. Templated.
     :param ledger_conn_id: where the ledger lives (default: ``sql_conn_id``). Templated.
     :param batch_size: rows fetched per batch, and outcomes written to the ledger per transaction.
-    :param retry_failed: also retry rows recorded as permanently failed.
+    :param retry_failed: also retry rows recorded as permanently failed (not ``unconfirmed`` ones).
+    :param resend_unconfirmed: send rows recorded ``unconfirmed`` again, with a new password. Only
+        after checking that those leads are not portal users, or accepting that a registration resets
+        the password an applicant may have set since. Off by default.
     :param flush_interval_seconds: outcomes wait at most this long (seconds) before they are written.
     :param ledger_write_timeout: seconds a ledger write keeps retrying before the task stops and fails.
     :param pending_timeout: how long after its last heartbeat a ``pending`` row of another execution
@@ -166,6 +178,7 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
         ledger_conn_id: str | None = None,
         batch_size: int = 500,
         retry_failed: bool = False,
+        resend_unconfirmed: bool = False,
         flush_interval_seconds: float = 2.0,
         ledger_write_timeout: float = 60.0,
         pending_timeout: dt.timedelta = DEFAULT_PENDING_TIMEOUT,
@@ -202,6 +215,7 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
         self.ledger_conn_id = ledger_conn_id
         self.batch_size = batch_size
         self.retry_failed = retry_failed
+        self.resend_unconfirmed = resend_unconfirmed
         self.ledger_write_timeout = ledger_write_timeout
         self.pending_timeout = pending_timeout
 
@@ -237,7 +251,11 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
             time.monotonic() - started,
             self.max_failure_ratio,
             verdict=transfer.verdict,
+            unconfirmed_rows=transfer.unconfirmed,
+            recorded_in=f"the ledger {self.ledger_table}",
             skipped_failed=transfer.skipped_failed,
+            skipped_unconfirmed=transfer.skipped_unconfirmed,
+            resent_unconfirmed=transfer.resent_unconfirmed,
             resent_pending=transfer.resent_pending,
             pending_not_returned=transfer.pending_not_returned,
             duplicate_leads=transfer.duplicate_leads,
@@ -337,6 +355,9 @@ class _Transfer:
         self.execution = execution
         self.run_id = execution.run_id
         self.verdict: tuple[int, int] | None = None  # (considered, failures) of the whole task instance
+        self.unconfirmed: int | None = None  # unconfirmed rows of the whole task instance
+        self.skipped_unconfirmed = self.resent_unconfirmed = 0
+        self.reported_unconfirmed = LogCap(MAX_LOGGED_KEYS)
         self.null_keys = 0
         self.skipped_done = self.skipped_failed = self.earlier_tries = 0
         self.resent_pending = self.pending_elsewhere = self.pending_not_returned = 0
@@ -402,7 +423,7 @@ class _Transfer:
                 else:
                     rows = self._rows(query("lsq_transfer"), seen)
                 self.engine.send(rows)
-                self.verdict = self._run_verdict()
+                self.verdict, self.unconfirmed = self._run_verdict()
             finally:
                 for cursor in cursors:
                     with contextlib.suppress(Exception):
@@ -456,17 +477,19 @@ class _Transfer:
             self.op.key_column,
         )
 
-    def _run_verdict(self) -> tuple[int, int]:
-        """``(considered, failures)`` over every row this task instance recorded, in this try or an
-        earlier one (not the rows of the DAG run's other tasks).
+    def _run_verdict(self) -> tuple[tuple[int, int], int]:
+        """``((considered, failures), unconfirmed)`` over every row this task instance recorded, in
+        this try or an earlier one (not the rows of the DAG run's other tasks).
 
         Read from the ledger, so a retry ends the way the first try did even when the query leaves out
         the rows registered by then (an anti-join on the ledger). Rows without a key count too.
         """
         counts = self.ledger.run_counts(execution=self.execution)
         failures = counts.get("invalid", 0) + counts.get("failed", 0) + self.null_keys
-        considered = failures + counts.get("registered", 0) + counts.get("already_registered", 0)
-        return considered, failures
+        unconfirmed = counts.get(UNCONFIRMED, 0)
+        done = counts.get("registered", 0) + counts.get("already_registered", 0)
+        considered = failures + unconfirmed + done
+        return (considered, failures), unconfirmed
 
     def _pending_rows(self) -> dict[str, LedgerRow]:
         """The ``pending`` rows that executions of this task left when they ended (by key): this run
@@ -747,6 +770,14 @@ class _Transfer:
                 lead_id=holder.lead_id,
                 registered=holder.status == "registered",
             )
+        unconfirmed = [row for row in others if row.status == UNCONFIRMED]
+        if unconfirmed and not self.op.resend_unconfirmed:
+            self._skip_unconfirmed(
+                item.key,
+                f"the same lead (same {item.attribute}) as row key {unconfirmed[0].row_key}, "
+                "whose registration is unconfirmed",
+            )
+            return None
         if any(self._in_flight_elsewhere(row) for row in others):
             self.pending_elsewhere += 1  # another execution is sending this lead under another key
             self.progress.add_skipped()
@@ -774,6 +805,8 @@ class _Transfer:
             return False
         if previous.status == "invalid":
             return True  # this run's own invalid row: validated and counted again
+        if previous.status == UNCONFIRMED:
+            return self._wanted_unconfirmed(previous, own)
         if own and previous.registered:
             self.earlier_tries += 1  # an earlier try of this run registered it (the verdict counts it)
             self.skipped_done += 1
@@ -809,6 +842,39 @@ class _Transfer:
         self.skipped_failed += 1
         self.progress.add_skipped()
         return False
+
+    def _wanted_unconfirmed(self, previous: LedgerRow, own: bool) -> bool:
+        """An ``unconfirmed`` row: sent again only with ``resend_unconfirmed`` (a person decided). An
+        earlier try of this run's counts again, without a call; another run's is skipped."""
+        if self.op.resend_unconfirmed:
+            self.resent_unconfirmed += 1
+            return True
+        if own:
+            self.earlier_tries += 1
+            self.progress.add(
+                RegistrationOutcome.recorded(
+                    previous.row_key,
+                    RegistrationStatus.UNCONFIRMED.value,
+                    lead_id=previous.lead_id,
+                    error_type=previous.error_type,
+                    error_message=previous.error_message,
+                    retryable=False,
+                )
+            )
+            return False
+        self._skip_unconfirmed(previous.row_key, "its registration is unconfirmed")
+        return False
+
+    def _skip_unconfirmed(self, key: str, why: str) -> None:
+        self.skipped_unconfirmed += 1
+        self.progress.add_skipped()
+        if self.reported_unconfirmed.take():
+            self.log.warning(
+                "Row key %s is not sent: %s (it was sent and no answer said whether LeadSquared "
+                "registered it). Resolve it in the ledger, or set resend_unconfirmed=True.",
+                key,
+                why,
+            )
 
     def _key_index(self, columns: list[str]) -> int:
         wanted = self.op.key_column
@@ -883,6 +949,19 @@ class _Transfer:
                 "%d rows skipped: an earlier run recorded them as failed for good or invalid (and they still "
                 "are), so they are not portal users (fix them; failed ones need retry_failed=True).",
                 self.skipped_failed,
+            )
+        if self.skipped_unconfirmed:
+            self.log.warning(
+                "%d rows skipped: recorded unconfirmed by an earlier run (or the same lead as such a row). "
+                "They may or may not be portal users: check them in LeadSquared and resolve them in the "
+                "ledger (status 'unconfirmed'), or set resend_unconfirmed=True to send them again with "
+                "new passwords.",
+                self.skipped_unconfirmed,
+            )
+        if self.resent_unconfirmed:
+            self.log.warning(
+                "%d rows recorded unconfirmed were sent again (resend_unconfirmed=True).",
+                self.resent_unconfirmed,
             )
         if self.earlier_tries:
             self.log.warning(

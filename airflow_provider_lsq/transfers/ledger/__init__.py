@@ -25,7 +25,8 @@ migration), :mod:`.dialects` (every difference between databases), :mod:`.store`
 engine's records and claims, kept alive while a run lives). Every name importable from this
 package's former module, ``airflow_provider_lsq.transfers.ledger``, still is.
 
-Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``) and
+Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``,
+``unconfirmed``: sent, and no answer said what happened; never re-sent without a person deciding) and
 ``pending``, written before a row is handed over for its call, so a run that dies without warning
 leaves its in-flight rows visible. Every write retries with backoff (and a busy timeout on SQLite)
 for up to ``write_timeout`` seconds before it raises :class:`LedgerUnavailableError`.
@@ -45,9 +46,11 @@ from airflow_provider_lsq.transfers.ledger.dialects import (
 )
 from airflow_provider_lsq.transfers.ledger.rows import (
     DEFAULT_PENDING_TIMEOUT,
+    LEAD_HOLDER_STATUSES,
     OK_STATUSES,
     PENDING,
     SETTLED_STATUSES,
+    UNCONFIRMED,
     LedgerRow,
 )
 from airflow_provider_lsq.transfers.ledger.schema import (
@@ -64,12 +67,14 @@ __all__ = [
     "COLUMNS",
     "DEFAULT_PENDING_TIMEOUT",
     "IDENTIFIER_COLUMN",
+    "LEAD_HOLDER_STATUSES",
     "OK_STATUSES",
     "PENDING",
     "PG_LOCK_TIMEOUT",
     "POSITION_COLUMN",
     "SETTLED_STATUSES",
     "SQLITE_BUSY_TIMEOUT_MS",
+    "UNCONFIRMED",
     "_LOOKUP_CHUNK",
     "Dialect",
     "LedgerRow",

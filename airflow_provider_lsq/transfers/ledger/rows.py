@@ -1,6 +1,7 @@
 """What the ledger holds about one row key (:class:`LedgerRow`), and what its statuses mean.
 
-Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``) and
+Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``,
+``unconfirmed``: sent, and no answer said what happened; never re-sent without a person deciding) and
 ``pending``, written before a row is handed over for its call, so a run that dies without warning
 leaves its in-flight rows visible.
 """
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
     from airflow_provider_lsq.transfers.executions import Execution
 
 PENDING = "pending"  # handed over for a call whose outcome is not recorded yet
+UNCONFIRMED = RegistrationStatus.UNCONFIRMED.value  # sent; no answer said whether it was carried out
+# A row of another key in one of these holds its lead: registered, maybe registered, or being sent.
+LEAD_HOLDER_STATUSES = frozenset(
+    {RegistrationStatus.REGISTERED.value, RegistrationStatus.ALREADY_REGISTERED.value, PENDING, UNCONFIRMED}
+)
 # How long after its holder's last heartbeat a pending row is judged abandoned (see the transfer's
 # ``pending_timeout``).
 DEFAULT_PENDING_TIMEOUT = dt.timedelta(minutes=2)

@@ -25,9 +25,11 @@ from airflow_provider_lsq.transfers.ledger import schema
 from airflow_provider_lsq.transfers.ledger.dialects import LOOKUP_CHUNK, Dialect
 from airflow_provider_lsq.transfers.ledger.rows import (
     DEFAULT_PENDING_TIMEOUT,
+    LEAD_HOLDER_STATUSES,
     OK_STATUSES,
     PENDING,
     SETTLED_STATUSES,
+    UNCONFIRMED,
     LedgerRow,
 )
 from airflow_provider_lsq.transfers.ledger.schema import (
@@ -325,13 +327,14 @@ class RegistrationLedger:
         )
 
     def lookup_identifiers(self, fingerprints: Iterable[str]) -> dict[str, list[LedgerRow]]:
-        """This portal's rows holding each fingerprint as registered, already registered or pending.
+        """This portal's rows holding each fingerprint as registered, already registered, unconfirmed
+        or pending.
 
         One query per 400 fingerprints (uses the ``(portal_id, lead_identifier)`` index); fingerprints
         no such row holds are left out. Rows of every key are returned: the caller leaves its own out.
         """
         wanted = list(dict.fromkeys(fingerprints))
-        statuses = sorted(OK_STATUSES | {PENDING})
+        statuses = sorted(LEAD_HOLDER_STATUSES)
 
         def read() -> dict[str, list[LedgerRow]]:
             found: dict[str, list[LedgerRow]] = {}
@@ -374,7 +377,7 @@ class RegistrationLedger:
         prints = list(dict.fromkeys(fingerprints))
         if not wanted and not prints:
             return {}, {}
-        statuses = sorted(OK_STATUSES | {PENDING})
+        statuses = sorted(LEAD_HOLDER_STATUSES)
         limit = self._dialect.batch_parameters
         size = max(1, (limit - 1 - len(statuses)) // 2)
         p = self._placeholder
@@ -607,10 +610,11 @@ class RegistrationLedger:
 
         ``identifiers`` gives each key's :func:`lead_fingerprint`, written with the claim; a key is not
         claimed when another key of this portal holds its fingerprint as registered, already
-        registered, or pending for another execution within ``in_flight_for`` (the same lead, being
-        sent right now): no lead is sent twice either. On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a
-        transaction-level advisory lock per table and portal) claims are serialised, so that check
-        cannot race another execution's claim; other databases only narrow the window.
+        registered, unconfirmed (the lead may be a portal user), or pending for another execution
+        within ``in_flight_for`` (the same lead, being sent right now): no lead is sent twice either.
+        On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a transaction-level advisory lock per table
+        and portal) claims are serialised, so that check cannot race another execution's claim; other
+        databases only narrow the window.
         """
         if not previous:
             return set()
@@ -709,13 +713,14 @@ class RegistrationLedger:
         self._dialect.lock_claims(cursor, self.conn, self.table, self.portal_id, self._placeholder)
 
     def _held_elsewhere(self, cursor: Any, key: str, fingerprint: str, token: str, since: Any) -> bool:
-        """Another key holds ``fingerprint``: registered, or pending for another execution since ``since``."""
+        """Another key holds ``fingerprint``: registered, unconfirmed (the lead may be a portal user),
+        or pending for another execution since ``since``."""
         p = self._placeholder
         cursor.execute(
             f"SELECT row_key FROM {self.table} WHERE portal_id = {p} AND {IDENTIFIER_COLUMN} = {p} "
-            f"AND row_key <> {p} AND (status IN ({p}, {p}) OR (status = {p} "
+            f"AND row_key <> {p} AND (status IN ({p}, {p}, {p}) OR (status = {p} "
             f"AND COALESCE(execution_id, '') <> {p} AND last_attempt_at >= {p}))",
-            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES), PENDING, token, since],
+            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES | {UNCONFIRMED}), PENDING, token, since],
         )
         return cursor.fetchone() is not None
 
