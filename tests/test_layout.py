@@ -35,6 +35,10 @@ MOVED = [
     ),
     *((LEDGER, name, f"{LEDGER}.dialects") for name in ("SQLITE_BUSY_TIMEOUT_MS", "PG_LOCK_TIMEOUT")),
     (TRANSFER, "get_db_hook", f"{P}.warehouse"),
+    *(
+        (TRANSFER, name, f"{P}.transfers.planner")
+        for name in ("MAX_LOGGED_KEYS", "MAX_LOGGED_PENDING", "STANDARD_ATTRIBUTES")
+    ),
     (TRANSFER, "LedgerSink", f"{LEDGER}.sink"),
     (f"{P}.lineage", "prepare_transfer_lineage", f"{P}.lineage"),
     (f"{P}.lineage", "prepare_portal_lineage", f"{P}.lineage"),
@@ -88,3 +92,12 @@ def test_the_ledger_store_names_no_database() -> None:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
     }
     assert not names & {"sqlite", "postgresql", "generic", "mysql"}
+
+
+def test_the_planner_reads_settings_not_the_operator() -> None:
+    """The row planner gets a TransferSettings and hands the sink nothing behind the engine's back."""
+    from airflow_provider_lsq.transfers import planner
+
+    source = inspect.getsource(planner.RowPlanner)
+    assert "self.op" not in source
+    assert "self.sink" not in source

@@ -1,9 +1,14 @@
-"""A row as the engine sees it: its key (or an outcome decided before any call), and a dry run's record."""
+"""A row as the engine sees it: its key (or an outcome decided before any call), and a dry run's record.
+
+A planner (the SQL transfer's) hands the engine :class:`PlannedRow` items: each carries what the sink
+must know to claim and record it (its ``state``), so nothing is written into the sink behind the
+engine's back; the engine gives each item's state to the sink as it takes the item.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from airflow_provider_lsq.exceptions import LeadSquaredValidationError
@@ -11,8 +16,24 @@ from airflow_provider_lsq.hooks.payload import format_value
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 
 VALID = "valid"  # a dry run's status for a row that would be sent
-# A row for the engine: ``(key, lead)`` to send, or an outcome already decided (e.g. no key).
-Row = tuple[str, Mapping[str, Any]] | RegistrationOutcome
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    """A planner's row: ``row`` (``(key, lead)`` to send, or its outcome decided without a call) and
+    ``state``, what the sink needs to claim and record it (opaque to the engine; None: nothing)."""
+
+    row: tuple[str, Mapping[str, Any]] | RegistrationOutcome
+    state: Any = None
+
+    @property
+    def key(self) -> str:
+        return self.row.key if isinstance(self.row, RegistrationOutcome) else self.row[0]
+
+
+# A row for the engine: ``(key, lead)`` to send, or an outcome already decided (e.g. no key), or
+# either of them planned with its sink state.
+Row = tuple[str, Mapping[str, Any]] | RegistrationOutcome | PlannedRow
 
 
 def valid_outcome_dict(key: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow_provider_lsq.engine.concurrency import send_rows
 from airflow_provider_lsq.engine.registration import PortalRegistration
+from airflow_provider_lsq.engine.rows import PlannedRow
 from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError, LeadSquaredConfigError
 from airflow_provider_lsq.log_caps import log_first
 from airflow_provider_lsq.outcomes import NOT_SENT, RegistrationOutcome
@@ -239,7 +240,8 @@ class RegistrationRun:
 
     def dry_run(self, rows: Iterable[Row]) -> None:
         """Validate every row; make no call and record nothing but the sink's dry-run view."""
-        for row in rows:
+        for planned in rows:
+            row = self._unpack(planned)
             if isinstance(row, RegistrationOutcome):
                 self.progress.add(row)
                 self.sink.dry_run(row.key, row)
@@ -350,6 +352,7 @@ class RegistrationRun:
                 break
             if row is None:
                 break
+            row = self._unpack(row)
             if isinstance(row, RegistrationOutcome):
                 self._take(row)
                 continue
@@ -360,6 +363,14 @@ class RegistrationRun:
             else:
                 chunk.append((key, lead))
         return chunk
+
+    def _unpack(self, row: Row) -> tuple[str, Mapping[str, Any]] | RegistrationOutcome:
+        """A planner's row: its state to the sink (before its claim or record), then the row itself."""
+        if not isinstance(row, PlannedRow):
+            return row
+        if row.state is not None:
+            self.sink.planned(row.key, row.state)
+        return row.row
 
     def _take(self, outcome: RegistrationOutcome) -> None:
         if outcome.error_type == NOT_SENT:  # never sent: no outcome, the row is as if never claimed

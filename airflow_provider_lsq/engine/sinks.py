@@ -19,7 +19,8 @@ class OutcomeSink:
     ``write`` gets each batch once and must raise if it could not record it (it is kept and
     written again); ``heartbeat`` runs every flush interval in which nothing was written (the ledger
     refreshes the claims still in flight); ``may_send`` can withdraw a row just before its call;
-    ``close`` ends the registration; ``dry_run`` sees each row of a dry run.
+    ``close`` ends the registration; ``dry_run`` sees each row of a dry run; ``planned`` gets
+    each planned row's state as the engine takes the row.
     """
 
     def claim(self, keys: list[str]) -> set[str]:
@@ -44,6 +45,10 @@ class OutcomeSink:
 
     def dry_run(self, key: str, outcome: RegistrationOutcome | None) -> None:
         """A dry run's row: its ``invalid`` outcome, or None when it would be sent."""
+
+    def planned(self, key: str, state: Any) -> None:
+        """The engine takes a planner's row ``key`` (:class:`~.rows.PlannedRow`): ``state`` is what
+        its planner says the sink needs to claim and record it (default: nothing to keep)."""
 
 
 class MemorySink(OutcomeSink):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow_provider_lsq.engine.sinks import OutcomeSink
 from airflow_provider_lsq.transfers.ledger.rows import DEFAULT_PENDING_TIMEOUT, LedgerRow
@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from airflow_provider_lsq.transfers.executions import Execution
 
 log = logging.getLogger("airflow_provider_lsq.transfers.sql_to_leadsquared")  # its name before the move
+
+
+class LedgerState(NamedTuple):
+    """What the sink needs to claim and record a planned row (the transfer's planner makes it)."""
+
+    previous: LedgerRow | None  # the ledger's row as the planner read it (None: absent, or not to send)
+    fingerprint: str | None  # the lead's lead_fingerprint, written with the claim and the record
 
 
 class LedgerSink(OutcomeSink):
@@ -61,6 +68,11 @@ class LedgerSink(OutcomeSink):
         self._confirmed = threading.Condition(self._lock)
         self._closed = threading.Event()
         self._keeper: threading.Thread | None = None
+
+    def planned(self, key: str, state: LedgerState) -> None:
+        self.identifiers[key] = state.fingerprint  # until its record
+        if state.previous is not None:
+            self.known[key] = state.previous  # until its claim or its record
 
     def claim(self, keys: list[str]) -> set[str]:
         previous = {key: self.known.pop(key, None) for key in keys}
