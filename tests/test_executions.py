@@ -415,6 +415,7 @@ op.execute({"ti": TaskInstance(), "run_id": "scheduled__1"})
 """
 
 
+@pytest.mark.deployment  # a real task process, a real signal
 def test_after_a_sigkill_the_retry_sends_the_killed_tries_pending_rows_first(
     sqlite_warehouse: Warehouse, lsq: Callable[..., Sandbox]
 ) -> None:
@@ -504,6 +505,7 @@ op.execute({"ti": TaskInstance(), "run_id": "scheduled__1"})
 """
 
 
+@pytest.mark.deployment  # a real task process, a real signal
 def test_a_frozen_task_that_resumes_after_its_rows_were_taken_over_does_not_send_them(
     warehouse: Warehouse, lsq: Callable[..., Sandbox]
 ) -> None:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+pytestmark = pytest.mark.deployment  # every test here stops a real task process with a real signal
 AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 REGISTER = "/api/Authentication/v2/Register"
 SQL = 'SELECT applicant_id, email AS "EmailAddress", first_name AS "FirstName" FROM applicants'
