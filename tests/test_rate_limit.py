@@ -80,10 +80,11 @@ WORKER = textwrap.dedent(
     """
     import json, sys, time
     from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-    prefix, count, start_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    prefix, count = sys.argv[1], int(sys.argv[2])
     hook = LeadSquaredHook("lsq_shared")
     hook.config  # read the connection before the start line, so all workers fire together
-    time.sleep(max(0.0, start_at - time.time()))
+    print("ready", flush=True)
+    sys.stdin.readline()  # the start line: every worker has imported Airflow and read its connection
     leads = ((f"{prefix}{i}", {"EmailAddress": f"{prefix}{i}@example.com"}) for i in range(count))
     print(json.dumps([o.status.value for o in hook.register_portal_users(leads, max_workers=8)]))
     """
@@ -98,16 +99,22 @@ def _run_three_workers(
     env = {**os.environ, "AIRFLOW_CONN_LSQ_SHARED": json.dumps(conn)}
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    start_at = time.time() + 8  # time for three interpreters to import Airflow
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), f"w{n}-", str(per_worker), str(start_at)],
+            [sys.executable, str(script), f"w{n}-", str(per_worker)],
             env=env,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for n in range(workers)
     ]
+    for proc in procs:  # a start line once all are ready, not a guessed import time
+        assert proc.stdout is not None and _read_until(proc.stdout, "ready")
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     statuses: list[str] = []
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
