@@ -86,9 +86,12 @@ def unshared(executor_setting: str, environ: Mapping[str, str]) -> Unshared | No
 
 def executor_setting() -> str:
     """Airflow's ``[core] executor`` as this process reads it (its config file and environment)."""
-    from airflow_provider_lsq.version_compat import conf
+    try:
+        from airflow_provider_lsq.version_compat import conf
 
-    return str(conf.get("core", "executor", fallback="") or "")
+        return str(conf.get("core", "executor", fallback="") or "")
+    except Exception:  # a configuration that cannot be read shows nothing; the environment still may
+        return ""
 
 
 def check() -> Unshared | None:
