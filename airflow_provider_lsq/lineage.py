@@ -14,14 +14,14 @@ What is reported:
   as an output (same naming, from the ledger's hook); and the portal as an output.
 - ``RegisterPortalUserOperator``: the portal as an output.
 
-Connections are read while the task runs, not when the event is built: :func:`prepare_transfer_lineage`
-and :func:`prepare_portal_lineage`, called from ``execute()``, compute every part that needs a
-connection and keep it on the operator. On Airflow 3 the OpenLineage listener builds the COMPLETE and
-FAIL events in a forked process, where a connection lookup can hang (``airflow dags test`` with
-connections stored in the metadata database waited there until the listener's timeout, and the
-task's COMPLETE event was lost). They are called first thing, before the operator's own checks, so
-a task failing those has its parts too; the warehouse's queries get at most the listener's
-``[openlineage] execution_timeout`` (see :func:`reading_timeout`).
+Connections are read while the task runs, not when the event is built: :func:`prepare_lineage`,
+called from ``execute()``, computes every part that needs a connection (the parts the operator's
+``read_lineage`` names) and keeps it on the operator. On Airflow 3 the OpenLineage listener builds
+the COMPLETE and FAIL events in a forked process, where a connection lookup can hang (``airflow
+dags test`` with connections stored in the metadata database waited there until the listener's
+timeout, and the task's COMPLETE event was lost). It is called first thing, before the operator's
+own checks, so a task failing those has its parts too; the warehouse's queries get at most the
+listener's ``[openlineage] execution_timeout`` (see :func:`reading_timeout`).
 
 The portal's dataset has namespace ``leadsquared://<portal API host>`` and name ``portal/<portal_id>``
 (the same as its asset, :mod:`airflow_provider_lsq.assets`), the run's counts as the
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
 
     from airflow_provider_lsq.hooks.config import LeadSquaredConfig
+    from airflow_provider_lsq.operators.base import LeadSquaredBaseOperator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,8 +124,8 @@ class PreparedLineage:
     portal: tuple[str, str] | None = None
 
 
-def prepare_transfer_lineage(operator: Any) -> None:
-    """Read the transfer's lineage parts from its connections and keep them on ``operator`` (as
+def prepare_lineage(operator: LeadSquaredBaseOperator) -> None:
+    """Read the operator's lineage parts from its connections and keep them on ``operator`` (as
     ``prepared_lineage``), for the events built after ``execute()`` started.
 
     Called first thing in ``execute()``, so a task failing on its own checks (a connection value
@@ -133,20 +134,18 @@ def prepare_transfer_lineage(operator: Any) -> None:
     schema, ``information_schema``) take at most :func:`reading_timeout` seconds: a busy or hung
     warehouse costs the query's and the ledger's datasets, never the run's time. Does nothing when
     OpenLineage is not installed or turned off; never raises (what cannot be read is left out with a
-    warning).
+    warning). Which parts are read is the operator's :meth:`~LeadSquaredBaseOperator.read_lineage`:
+    :func:`read_transfer_parts` for the transfer, :func:`read_portal_parts` for the list operator.
     """
     operator.prepared_lineage = None
     if not openlineage_enabled(operator):
         return
-    operator.prepared_lineage = _read_transfer(operator, reading_timeout(), look_up_now=True)
+    operator.prepared_lineage = operator.read_lineage(reading_timeout(), look_up_now=True)
 
 
-def prepare_portal_lineage(operator: Any) -> None:
-    """``RegisterPortalUserOperator``'s part of :func:`prepare_transfer_lineage`: the portal's name."""
-    operator.prepared_lineage = None
-    if not openlineage_enabled(operator):
-        return
-    operator.prepared_lineage = _read_portal(operator, reading_timeout(), look_up_now=True)
+# The names of releases before the operators' base class: the same function for either operator.
+prepare_transfer_lineage = prepare_lineage
+prepare_portal_lineage = prepare_lineage
 
 
 def _portal_name(config: LeadSquaredConfig) -> tuple[str, str] | None:
@@ -203,7 +202,7 @@ def portal_lineage(operator: Any) -> OperatorLineage | None:
     return OperatorLineage(outputs=[output] if output is not None else [])
 
 
-def _prepared(operator: Any) -> PreparedLineage:
+def _prepared(operator: LeadSquaredBaseOperator) -> PreparedLineage:
     """The parts ``execute()`` prepared, or, for an event built before it did (a task that failed
     before ``execute()``), the same parts read now. On Airflow 3 that is in the listener's forked
     process, where a connection lookup can hang: the reading gets half of the listener's time, so
@@ -211,22 +210,20 @@ def _prepared(operator: Any) -> PreparedLineage:
     prepared = getattr(operator, "prepared_lineage", None)
     if isinstance(prepared, PreparedLineage):
         return prepared
-    seconds = reading_timeout() / 2
-    if not hasattr(operator, "sql"):
-        return _read_portal(operator, seconds, look_up_now=False)
-    return _read_transfer(operator, seconds, look_up_now=False)
+    return operator.read_lineage(reading_timeout() / 2, look_up_now=False)
 
 
-def _read_portal(operator: Any, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+def read_portal_parts(operator: Any, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+    """The portal's name, read within ``seconds`` (``RegisterPortalUserOperator``'s parts)."""
     parts = {"the portal": _part(look_up_now, lambda: _lsq_config(operator), _portal_name)}
     return PreparedLineage(portal=_within(seconds, parts).get("the portal"))
 
 
-def _read_transfer(operator: Any, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+def read_transfer_parts(operator: Any, seconds: float, *, look_up_now: bool) -> PreparedLineage:
     """The transfer's parts, read within ``seconds``; with ``look_up_now`` its connections are looked
     up in the calling thread (a task's, where Airflow 3's lookups are made) and only the warehouse's
     queries run in the reading thread."""
-    from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
+    from airflow_provider_lsq.warehouse import get_db_hook  # common-sql: only when there is a query
 
     sql = operator.sql.strip().rstrip(";").strip()
     ledger_conn_id = operator.ledger_conn_id or operator.sql_conn_id

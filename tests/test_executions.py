@@ -29,6 +29,9 @@ from airflow_provider_lsq.passwords import generate_password
 from airflow_provider_lsq.transfers import ledger as ledger_module
 from airflow_provider_lsq.transfers.executions import Execution, _this_process_space, holder_is_gone
 from airflow_provider_lsq.transfers.ledger import LedgerUnavailableError, RegistrationLedger
+from airflow_provider_lsq.transfers.ledger import dialects as ledger_dialects
+from airflow_provider_lsq.transfers.ledger import rows as ledger_rows
+from airflow_provider_lsq.transfers.ledger import store as ledger_store
 from airflow_provider_lsq.transfers.sql_to_leadsquared import LedgerSink, get_db_hook
 from airflow_provider_lsq.version_compat import AirflowException
 from tests import test_transfer_sql as base
@@ -229,7 +232,8 @@ def test_a_claimant_whose_clock_runs_ahead_still_sees_a_live_claim_as_live(
                 return real.now(tz) + dt.timedelta(hours=1)
 
         clock = types.SimpleNamespace(datetime=AheadClock, timezone=dt.timezone, timedelta=dt.timedelta)
-        monkeypatch.setattr(ledger_module, "dt", clock)  # this worker's clock only
+        for module in (ledger_module, ledger_dialects, ledger_rows, ledger_store):
+            monkeypatch.setattr(module, "dt", clock)  # this worker's clock only
         seen = ledger.pending_rows()[0]
         assert seen.held_by_another(other, dt.timedelta(minutes=2))  # fresh, on the database's clock
         assert ledger.claim({"k": seen}, execution=other) == set()

@@ -14,7 +14,7 @@ from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
 from airflow_provider_lsq.transfers.executions import Execution
 from airflow_provider_lsq.transfers.ledger import ADDED_COLUMNS, RegistrationLedger
-from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
+from airflow_provider_lsq.warehouse import get_db_hook
 from tests import test_transfer_sql as base
 from tests.helpers import call_execute
 from tests.test_transfer_sql import Warehouse, applicants, context, email, first_name, transfer

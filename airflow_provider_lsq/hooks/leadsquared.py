@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -22,18 +21,15 @@ from airflow_provider_lsq import __version__, metrics
 from airflow_provider_lsq.connection_form import UI_FIELD_BEHAVIOUR, connection_form_widgets
 from airflow_provider_lsq.exceptions import (
     LeadSquaredAPIError,
-    LeadSquaredAuthenticationError,
     LeadSquaredBudgetUnavailableError,
     LeadSquaredConfigError,
     LeadSquaredDailyLimitError,
     LeadSquaredError,
-    LeadSquaredLeadExistsError,
     LeadSquaredRateLimitError,
     LeadSquaredRequestError,
     LeadSquaredStoppedError,
     LeadSquaredTransientError,
     LeadSquaredUnconfirmedError,
-    LeadSquaredValidationError,
 )
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url, is_redis_uri
 from airflow_provider_lsq.hooks.lead_api import LeadApiMixin
@@ -48,7 +44,6 @@ from airflow_provider_lsq.hooks.responses import (
     secret_forms,
 )
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationResult
-from airflow_provider_lsq.passwords import generate_password
 from airflow_provider_lsq.version_compat import BaseHook, mask_secret
 
 if TYPE_CHECKING:
@@ -62,6 +57,7 @@ PUBLIC_TOKEN_PATH = "/api/Access/PublicToken"
 REGISTER_TOKEN_PATH = "/api/Access/GetRegisterToken"
 REGISTER_PATH = "/api/Authentication/v2/Register"
 _RETRYABLE = (LeadSquaredRateLimitError, LeadSquaredTransientError)
+RETRYABLE_ERRORS = _RETRYABLE  # errors a later attempt (or run) may get past by itself
 # The Register call's answer to a portal id the account does not have: every row would meet it.
 INVALID_PORTAL_ERROR = "MXInvalidPortalException"
 TEST_TIMEOUT_SECONDS = 5.0  # test_connection's one attempt: the UI's Test button must answer quickly
@@ -703,16 +699,34 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
             mask_secret(password)  # only the masker: this call's own errors redact it (``_register``)
         return self._register(lead, password, only_new_leads, identifier_attribute)
 
-    def require_portal_id(self) -> str:
+    def register(
+        self,
+        lead: Mapping[str, Any],
+        password: str,
+        *,
+        only_new_leads: bool = False,
+        identifier_attribute: str | None = None,
+        may_send: Callable[[], bool] | None = None,
+    ) -> RegistrationResult:
+        """The Register call for the engine's rows: :meth:`register_portal_user` without handing the
+        password to Airflow's masker (a run makes one per row; this call's own errors redact it).
+
+        ``may_send`` is asked just before each attempt is sent (after its rate-limit wait): False
+        withdraws the call (``LeadSquaredStoppedError``).
+        """
+        return self._register(lead, password, only_new_leads, identifier_attribute, may_send)
+
+    def require_portal_id(self, *, needed_by: str = "registration needs it") -> str:
         """The connection's portal id, which every registration needs.
 
+        :param needed_by: what the message says needs it (the SQL transfer's ledger needs it too).
         :raises LeadSquaredConfigError: naming ``portal_id`` and the connection when it is missing.
         """
         portal_id = self.config.portal_id
         if not portal_id:
             raise LeadSquaredConfigError(
-                f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: registration "
-                "needs it (Workflow > Manage Portals in LeadSquared, in the page URL).",
+                f"Connection {self.leadsquared_conn_id!r} has no portal_id in its extra: {needed_by} "
+                "(Workflow > Manage Portals in LeadSquared, in the page URL).",
                 field="portal_id",
                 conn_id=self.leadsquared_conn_id,
             )
@@ -761,6 +775,10 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
     ) -> Iterator[RegistrationOutcome]:
         """Register many ``(key, lead)`` pairs concurrently; yield one outcome per lead as each ends.
 
+        The engine's concurrent sending (:func:`airflow_provider_lsq.engine.concurrency.send_rows`)
+        with its portal registration (:mod:`airflow_provider_lsq.engine.registration`, which maps
+        each answer to its outcome); this hook makes each Register call (:meth:`register`).
+
         A small thread pool shares this hook's session and its one rate-limit budget, so slow answers
         do not cap throughput. Leads are read lazily (at most two per worker are in flight), and only
         while the consumer takes outcomes: a consumer that stops reading stops the sending.
@@ -777,126 +795,26 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
             which ends ``NotSent`` when no attempt was made, else ``failed`` (retryable). The SQL
             transfer answers False for a row whose ledger claim it cannot confirm.
         """
-        make_password = password_callable or (lambda _lead: generate_password())
-        workers = max_workers or self.default_max_workers
-        self.require_portal_id()  # fail fast on what no row can survive, before any row is taken
-        self.get_public_auth_key()
-        self.get_registration_token()
-        stopping = self.stopping
+        from airflow_provider_lsq.engine.concurrency import send_rows
+        from airflow_provider_lsq.engine.registration import PortalRegistration
 
-        def register_one(key: str, lead: Mapping[str, Any]) -> RegistrationOutcome:
-            if stopping.is_set():
-                return RegistrationOutcome.not_sent(key)
-            guard = (lambda: may_send(key)) if may_send is not None else None
-            return self._register_outcome(
-                key, lead, make_password, only_new_leads, identifier_attribute, guard
-            )
-
-        errors: list[BaseException] = []  # what stops the run (a bad login), raised once all is yielded
-        keys: dict[Future[RegistrationOutcome], str] = {}
-
-        def finished(done: set[Future[RegistrationOutcome]]) -> Iterator[RegistrationOutcome]:
-            for future in done:
-                key = keys.pop(future)
-                if future.cancelled():
-                    yield RegistrationOutcome.not_sent(key)
-                    continue
-                error = future.exception()
-                if error is None:
-                    yield future.result()
-                else:
-                    errors.append(error)
-
-        def next_done(pending: set[Future[RegistrationOutcome]]) -> set[Future[RegistrationOutcome]]:
-            while True:
-                if stopping.is_set():
-                    for future in pending:
-                        future.cancel()  # not started yet: never sent
-                done, _ = wait(pending, timeout=idle_seconds, return_when=FIRST_COMPLETED)
-                if done:
-                    return done
-                if on_idle is not None:
-                    on_idle()
-
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lsq-register") as pool:
-            pending: set[Future[RegistrationOutcome]] = set()
-            for key, lead in leads:
-                if len(pending) >= 2 * workers:
-                    done = next_done(pending)
-                    pending -= done
-                    yield from finished(done)
-                    if errors:
-                        break
-                future = pool.submit(register_one, key, lead)
-                keys[future] = key
-                pending.add(future)
-                if stopping.is_set():
-                    break
-            while pending:  # every call already made ends in an outcome, even when the run stops
-                done = next_done(pending)
-                pending -= done
-                yield from finished(done)
-        if errors:
-            raise errors[0]
+        registration = PortalRegistration(
+            identifier_attribute=identifier_attribute,
+            only_new_leads=only_new_leads,
+            password_callable=password_callable,
+        )
+        return send_rows(
+            self,
+            registration,
+            leads,
+            max_workers=max_workers,
+            on_idle=on_idle,
+            idle_seconds=idle_seconds,
+            may_send=may_send,
+        )
 
     @property
     def default_max_workers(self) -> int:
         """Enough threads to keep the window busy with answers up to ~2 s slow, within reason."""
         per_second = self.config.rate_limit_calls / self.config.rate_limit_period_seconds
         return max(4, min(32, round(per_second * 2)))
-
-    def _register_outcome(
-        self,
-        key: str,
-        lead: Mapping[str, Any],
-        make_password: Callable[[Mapping[str, Any]], str],
-        only_new_leads: bool,
-        identifier_attribute: str | None,
-        may_send: Callable[[], bool] | None = None,
-    ) -> RegistrationOutcome:
-        """One row's registration, with every error but a bad login turned into its outcome."""
-        try:
-            password = make_password(lead)
-        except Exception as error:  # a user's callable: its message could hold anything, so leave it out
-            return RegistrationOutcome.invalid(
-                key,
-                f"field 'mx_Portal_Password': password_callable raised {type(error).__name__}",
-                error_type="PasswordCallableError",
-            )
-        try:
-            result = self._register(lead, password, only_new_leads, identifier_attribute, may_send)
-        except LeadSquaredValidationError as error:
-            return RegistrationOutcome.invalid(key, error.message, error_type=error.error_type)
-        except LeadSquaredUnconfirmedError as error:  # sent, and no answer said what happened
-            return RegistrationOutcome.unconfirmed(key, error.error_type, error.message, error.attempts)
-        except (LeadSquaredAuthenticationError, LeadSquaredBudgetUnavailableError):
-            raise  # no row can get past it: the run stops, once every call made has its outcome
-        except LeadSquaredStoppedError as error:
-            if error.attempts <= 1:
-                return RegistrationOutcome.not_sent(key)  # it waited for the rate limit: never sent
-            return RegistrationOutcome.failed(  # an earlier attempt was sent: keep its record
-                key, error.error_type, error.message, error.attempts, retryable=True
-            )
-        except LeadSquaredLeadExistsError as error:
-            if only_new_leads and duplicate_is_first_identifier(error.message, lead, identifier_attribute):
-                return RegistrationOutcome.already_registered(
-                    key, error.error_type, error.message, error.attempts
-                )
-            return self._failed(key, error)  # a duplicate of another unique field: this row's failure
-        except LeadSquaredError as error:
-            if error.error_type == INVALID_PORTAL_ERROR:  # every row would meet it: stop the run
-                raise LeadSquaredConfigError(
-                    f"LeadSquared does not know the portal_id of connection {self.leadsquared_conn_id!r} "
-                    f"({error.message}). Copy it from Workflow > Manage Portals in LeadSquared (it is in "
-                    "the page URL), and check that the host is this account's region.",
-                    field="portal_id",
-                    conn_id=self.leadsquared_conn_id,
-                ) from None
-            return self._failed(key, error)
-        return RegistrationOutcome.registered(key, result.lead_id, result.attempts)
-
-    @staticmethod
-    def _failed(key: str, error: LeadSquaredError) -> RegistrationOutcome:
-        return RegistrationOutcome.failed(
-            key, error.error_type, error.message, error.attempts, retryable=isinstance(error, _RETRYABLE)
-        )

@@ -7,30 +7,36 @@ inputs, or when personal data must stay out of XCom, use ``SqlToLeadSquaredPorta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_lsq.assets import publish_counts
+from airflow_provider_lsq.engine.duplicates import SeenRows, lead_identity
+from airflow_provider_lsq.engine.rows import row_key
+from airflow_provider_lsq.engine.run import RegistrationRun
+from airflow_provider_lsq.engine.sinks import MemorySink
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-from airflow_provider_lsq.hooks.payload import first_identifier, lead_fingerprint
-from airflow_provider_lsq.lineage import portal_lineage, prepare_portal_lineage
-from airflow_provider_lsq.progress import check_failure_ratio
-from airflow_provider_lsq.registration_run import MemorySink, RegistrationRun, row_key
-from airflow_provider_lsq.version_compat import AirflowException, BaseOperator
+from airflow_provider_lsq.lineage import portal_lineage, read_portal_parts
+from airflow_provider_lsq.log_caps import LogCap
+from airflow_provider_lsq.operators.base import PortalRegistrationBaseOperator
+from airflow_provider_lsq.version_compat import AirflowException
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    from airflow_provider_lsq.engine.rows import Row
+    from airflow_provider_lsq.lineage import PreparedLineage
     from airflow_provider_lsq.progress import RegistrationProgress
-    from airflow_provider_lsq.registration_run import Row
     from airflow_provider_lsq.version_compat import Context
 
 MAX_LOGGED_DUPLICATES = 50  # duplicate rows logged one by one, then only counted
 
 
-class RegisterPortalUserOperator(BaseOperator):
+class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
     """Register leads as portal users of the connection's portal; return counts by status.
 
     Each row ends in one outcome (registered, already_registered, invalid, failed or unconfirmed:
@@ -68,8 +74,6 @@ class RegisterPortalUserOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("leads", "leadsquared_conn_id")
-    ui_color = "#e8f4fd"
-    progress_interval: float = 10.0  # seconds between progress lines in the task log
 
     def __init__(
         self,
@@ -86,22 +90,22 @@ class RegisterPortalUserOperator(BaseOperator):
         flush_interval_seconds: float = 2.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(
+            identifier_attribute=identifier_attribute,
+            only_new_leads=only_new_leads,
+            password_callable=password_callable,
+            max_failure_ratio=max_failure_ratio,
+            dry_run=dry_run,
+            max_workers=max_workers,
+            leadsquared_conn_id=leadsquared_conn_id,
+            flush_interval_seconds=flush_interval_seconds,
+            **kwargs,
+        )
         key = key_field or identifier_attribute
         if key is None:
             raise ValueError("set key_field (or identifier_attribute) so every row has a name in outcomes")
         self.leads = leads
-        self.identifier_attribute = identifier_attribute
         self.key_field = key
-        self.only_new_leads = only_new_leads
-        self.password_callable = password_callable
-        self.max_failure_ratio = check_failure_ratio(max_failure_ratio)
-        self.is_dry_run = dry_run  # not ``self.dry_run``: that would shadow BaseOperator.dry_run()
-        self.max_workers = max_workers
-        self.leadsquared_conn_id = leadsquared_conn_id
-        self.flush_interval_seconds = flush_interval_seconds
-        self._run: RegistrationRun | None = None
-        self.registration_counts: dict[str, Any] | None = None  # set by execute: lineage reads it
 
     def _rendered_leads(self) -> Sequence[Any]:
         leads = self.leads
@@ -117,8 +121,7 @@ class RegisterPortalUserOperator(BaseOperator):
         return leads
 
     def execute(self, context: Context) -> dict[str, Any]:
-        self.registration_counts = None  # a retry in the same process: no counts of an earlier try
-        prepare_portal_lineage(self)  # first: a task failing below still has its lineage
+        self.start_execution()  # first: a task failing below still has its lineage
         leads = self._rendered_leads()
         started = time.monotonic()
         sink = MemorySink()
@@ -138,47 +141,48 @@ class RegisterPortalUserOperator(BaseOperator):
         rows = self._keyed(leads, progress)
         try:
             with progress:
-                run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.register(rows))
+                run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.send(rows))
         finally:  # a run stopped by a bad login or a kill still shows what it finished
             context["ti"].xcom_push(key="outcomes", value=sink.outcomes)
         return run.finish(
             self.is_dry_run,
             time.monotonic() - started,
             self.max_failure_ratio,
-            on_summary=lambda summary: publish_counts(self, context, summary),
+            on_summary=lambda summary: self.publish_counts(context, summary),
             name_rows=False,  # keys are lead values; the exception reaches lineage and callbacks
         )
 
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """OpenLineage (Airflow's OpenLineage provider calls it): see :mod:`airflow_provider_lsq.lineage`."""
+    def read_lineage(self, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+        """The portal's name (see :mod:`airflow_provider_lsq.lineage`)."""
+        return read_portal_parts(self, seconds, look_up_now=look_up_now)
+
+    def operator_lineage(self) -> OperatorLineage | None:
+        """The portal as output, with the run's counts."""
         return portal_lineage(self)
 
-    def on_kill(self) -> None:
-        """Stop taking rows, let the calls in flight finish and record them; return within seconds."""
-        if self._run is not None:
-            self._run.on_kill()
-
     def _keyed(self, leads: Iterable[Any], progress: RegistrationProgress) -> Iterator[Row]:
-        keys: set[str] = set()
-        lead_keys: dict[str, str] = {}  # lead fingerprint -> the key of the row that took the lead
-        reported = 0
+        with contextlib.closing(SeenRows(on_disk=False)) as seen:  # the list is in memory already
+            yield from self._keyed_rows(leads, progress, seen)
+
+    def _keyed_rows(
+        self, leads: Iterable[Any], progress: RegistrationProgress, seen: SeenRows
+    ) -> Iterator[Row]:
+        reported = LogCap(MAX_LOGGED_DUPLICATES)
         for position, row in enumerate(leads, 1):
             key, outcome = row_key(position, row, self.key_field)
             if outcome is not None:
                 yield outcome  # no usable key: named by position, never sent
                 continue
-            identifier = first_identifier(row, self.identifier_attribute)
-            fingerprint = lead_fingerprint(*identifier) if identifier is not None else None
-            if key in keys:
+            lead = lead_identity(row, self.identifier_attribute)
+            if key in seen:
                 earlier, why = key, "the same row key"
-            elif identifier is not None and fingerprint in lead_keys:
-                earlier, why = lead_keys[fingerprint], f"the same lead (same {identifier[0]})"
+            elif lead is not None and (holder := seen.lead_holder(lead[1])) is not None:
+                earlier, why = holder, f"the same lead (same {lead[0]})"
             else:
                 earlier = None
             if earlier is not None:
                 progress.add_duplicate()
-                reported += 1
-                if reported <= MAX_LOGGED_DUPLICATES:
+                if reported.take():
                     self.log.warning(
                         "Row %s (position %d) is not sent: %s as row %s earlier in the list; "
                         "registering it again would reset that lead's portal password.",
@@ -187,10 +191,10 @@ class RegisterPortalUserOperator(BaseOperator):
                         why,
                         earlier,
                     )
-                elif reported == MAX_LOGGED_DUPLICATES + 1:
+                elif reported.first_over:
                     self.log.warning("Further duplicate rows are counted in the summary, not logged.")
                 continue
-            keys.add(key)
-            if fingerprint is not None:
-                lead_keys[fingerprint] = key
+            seen.add(key)
+            if lead is not None:
+                seen.add_lead(lead[1], key)
             yield key, row

@@ -1,47 +1,44 @@
-"""The registration ledger: one row per (portal, warehouse row key), in a table next to the data.
+"""The ledger's store: reading and writing the table through a common-sql hook's DB-API connection.
 
-It is what makes the SQL transfer safe to rerun: a row the ledger holds as registered is never sent
-again, a transient failure is retried on the next run, a permanent one only when asked. It holds keys,
-lead ids, statuses and error messages: never a password and no other lead data. It also holds, per
-row, a fingerprint of the lead identifier LeadSquared finds the lead by (``lead_identifier``: a sha256,
-see :func:`~airflow_provider_lsq.hooks.payload.lead_fingerprint`), so that two row keys of one lead
-are known to be one person.
-
-Each row names the execution that last wrote it (``dag_id``, ``run_id``, ``task_id``, ``map_index``
-and ``execution_id``, the token of one ``execute()`` call: see
-:mod:`airflow_provider_lsq.transfers.executions`). A claim (``pending``) belongs to that execution
-alone, and a live execution refreshes its claims' ``last_attempt_at`` at every flush (a heartbeat).
-
-A table made by an earlier release, without ``lead_identifier`` or the execution columns, is migrated
-in place by :meth:`RegistrationLedger.ensure_table` (``ALTER TABLE ... ADD COLUMN``).
-
-Plain DB-API, portable across SQLite and PostgreSQL (and kept generic for other databases): writes
-are a DELETE of the batch's keys then an INSERT, in one transaction, with the hook's placeholder and
-dialect (common-sql's ``DbApiHook.placeholder`` and ``dialect_name``).
-
-Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``,
-``unconfirmed``: sent, and no answer said what happened; never re-sent without a person deciding) and
-``pending``, written before a row is handed over for its call, so a run that dies without warning
-leaves its in-flight rows visible. Every write retries with backoff (and a busy timeout on SQLite)
-for up to ``write_timeout`` seconds before it raises :class:`LedgerUnavailableError`.
+One connection, opened lazily; every write one transaction, retried with backoff (reconnecting)
+for up to ``write_timeout`` seconds before it raises :class:`LedgerUnavailableError`. Reads of a
+batch's rows and the leads other keys hold; the claim protocol (``pending`` rows, their heartbeat,
+taking over an abandoned claim, releasing unsent ones); and writes merging each outcome into what
+the row held. Writes are a DELETE of the batch's keys then an INSERT, with the hook's placeholder.
+What differs between databases is the dialect's (:mod:`.dialects`), the table itself the schema's
+(:mod:`.schema`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import re
-import sqlite3
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
-from airflow_provider_lsq.outcomes import RegistrationStatus
-from airflow_provider_lsq.transfers.executions import holder_is_gone
+from airflow_provider_lsq.transfers.ledger import schema
+from airflow_provider_lsq.transfers.ledger.dialects import LOOKUP_CHUNK, Dialect
+from airflow_provider_lsq.transfers.ledger.rows import (
+    DEFAULT_PENDING_TIMEOUT,
+    LEAD_HOLDER_STATUSES,
+    OK_STATUSES,
+    PENDING,
+    SETTLED_STATUSES,
+    UNCONFIRMED,
+    LedgerRow,
+)
+from airflow_provider_lsq.transfers.ledger.schema import (
+    ADDED_COLUMNS,
+    COLUMNS,
+    IDENTIFIER_COLUMN,
+    POSITION_COLUMN,
+    validate_table_name,
+)
 from airflow_provider_lsq.version_compat import AirflowException
 
 if TYPE_CHECKING:
@@ -54,132 +51,15 @@ if TYPE_CHECKING:
     from airflow_provider_lsq.transfers.executions import Execution
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
-PENDING = "pending"  # handed over for a call whose outcome is not recorded yet
-UNCONFIRMED = RegistrationStatus.UNCONFIRMED.value  # sent; no answer said whether it was carried out
-# A row of another key in one of these holds its lead: registered, maybe registered, or being sent.
-LEAD_HOLDER_STATUSES = frozenset(
-    {RegistrationStatus.REGISTERED.value, RegistrationStatus.ALREADY_REGISTERED.value, PENDING, UNCONFIRMED}
-)
-# How long after its holder's last heartbeat a pending row is judged abandoned (see the transfer's
-# ``pending_timeout``).
-DEFAULT_PENDING_TIMEOUT = dt.timedelta(minutes=2)
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
-_SQLITE_TIME = "%Y-%m-%d %H:%M:%S"
-_LOOKUP_CHUNK = 400  # keys per SELECT/DELETE: well under SQLite's oldest 999-parameter limit
-# Parameters per batch lookup (keys and fingerprints in one SELECT): SQLite since 3.32 takes 32766,
-# PostgreSQL's psycopg interpolates them client-side; other databases keep the oldest limit.
-_BATCH_PARAMETERS = {
-    "sqlite": 32_000 if sqlite3.sqlite_version_info >= (3, 32) else 990,
-    "postgresql": 30_000,
-}
+log = logging.getLogger("airflow_provider_lsq.transfers.ledger")  # the name it logged under before
 # Text a value may have to be written into the anti-join's SQL as a literal ('' doubled): no backslash
 # (an escape in MySQL), no % (psycopg's placeholder mark when the query has parameters), no control.
 _UNSAFE_LITERAL = re.compile(r"[\\%\x00-\x1f\x7f]")
 _INSERT_CHUNK = 50  # rows per INSERT: 17 columns, 850 parameters (under SQLite's oldest 999)
-PG_LOCK_TIMEOUT = "5s"  # a migration waits this long for the table's lock, then retries (backoff)
-OK_STATUSES = frozenset({RegistrationStatus.REGISTERED.value, RegistrationStatus.ALREADY_REGISTERED.value})
-# Settled: a later run neither sends the row nor needs to read it again, so the transfer leaves it out
-# of its query in the database (see RegistrationLedger.anti_join). The one place to add a status to.
-SETTLED_STATUSES = OK_STATUSES
-POSITION_COLUMN = "lsq_row_position"  # the anti-join's numbering of an ordered query's rows (not sent)
-COLUMNS = (
-    "portal_id",
-    "row_key",
-    "lead_id",
-    "status",
-    "error_type",
-    "error_message",
-    "attempts",
-    "first_attempt_at",
-    "last_attempt_at",
-    "registered_at",
-    "dag_id",
-    "run_id",
-    "retryable",
-    "lead_identifier",
-    "task_id",
-    "map_index",
-    "execution_id",
-)
-IDENTIFIER_COLUMN = "lead_identifier"
-# Columns added since the first release, in order: a table without them gets them (ALTER TABLE).
-# The value is the column's type: "text" (the dialect's key type) or "integer".
-ADDED_COLUMNS = {IDENTIFIER_COLUMN: "text", "task_id": "text", "map_index": "integer", "execution_id": "text"}
-# Column types per dialect: (key/text, timestamp, boolean, false literal).
-_TYPES = {
-    "sqlite": ("TEXT", "TEXT", "INTEGER", "0"),
-    "postgresql": ("TEXT", "TIMESTAMP", "BOOLEAN", "FALSE"),
-    "generic": ("VARCHAR(255)", "TIMESTAMP", "BOOLEAN", "FALSE"),
-}
 
 
 class LedgerUnavailableError(AirflowException):
     """The ledger could not be written within its ``write_timeout``, retries included."""
-
-
-def validate_table_name(table: str) -> str:
-    """``table`` if it is a plain identifier, optionally schema-qualified; ValueError otherwise."""
-    if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table):
-        raise ValueError(
-            f"ledger table {table!r} is not a plain table name (letters, digits and underscores, "
-            "optionally prefixed by a schema and a dot)"
-        )
-    return table
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """What the ledger knows about one row key. Timestamps are UTC (timezone-aware)."""
-
-    row_key: str
-    status: str
-    lead_id: str | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    attempts: int = 0
-    first_attempt_at: dt.datetime | None = None
-    last_attempt_at: dt.datetime | None = None
-    registered_at: dt.datetime | None = None
-    dag_id: str | None = None
-    run_id: str | None = None
-    retryable: bool = False
-    lead_identifier: str | None = None  # see lead_fingerprint; None when the row had no identifier
-    task_id: str | None = None  # the execution that last wrote the row (None: an earlier release)
-    map_index: int | None = None
-    execution_id: str | None = None  # the token of that execute() call (see executions.Execution)
-    read_at: dt.datetime | None = None  # the ledger database's clock when the row was read
-
-    @property
-    def registered(self) -> bool:
-        """The lead is a portal user: registered now or earlier (``already_registered``)."""
-        return self.status in OK_STATUSES
-
-    @property
-    def pending(self) -> bool:
-        """Handed over for a call by a run that has not recorded its outcome (yet, or ever)."""
-        return self.status == PENDING
-
-    def held_by_another(self, execution: Execution, timeout: dt.timedelta) -> bool:
-        """Pending for another execution that may still be sending it (its claim must be left alone).
-
-        True when another execution's heartbeat (``last_attempt_at``) is younger than ``timeout`` and
-        that execution is not known to have ended (see :func:`~.executions.holder_is_gone`). The age
-        is read on the ledger database's clock (``read_at``), the clock every heartbeat is stamped
-        with, so workers whose own clocks disagree still agree on it.
-        """
-        if not self.pending or (self.execution_id or "") == execution.token:
-            return False
-        last = self.last_attempt_at or dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-        now = self.read_at or dt.datetime.now(dt.timezone.utc)
-        if now - last >= timeout:
-            return False
-        return not holder_is_gone(self.execution_id)
-
-    def written_by(self, execution: Execution) -> bool:
-        """Last written by ``execution``'s task instance: this execution or an earlier try of it."""
-        return execution.same_task_instance(self.dag_id, self.run_id, self.task_id, self.map_index)
 
 
 class RegistrationLedger:
@@ -204,9 +84,7 @@ class RegistrationLedger:
         self.write_timeout = write_timeout
         self._conn: Any = None
         self.taken_over: set[str] = set()  # claimed keys the last record() left to another execution
-        name = str(getattr(db_hook, "dialect_name", "") or "")
-        self._dialect = name if name in _TYPES else "generic"
-        self._dialect_name = name  # the hook's own (mysql, mssql, ...): for the anti-join's SQL
+        self._rules = Dialect.of(db_hook)  # every difference between databases: see dialects.py
         self._placeholder = str(getattr(db_hook, "placeholder", None) or "%s")
 
     # -- connection ------------------------------------------------------------------------------
@@ -214,16 +92,25 @@ class RegistrationLedger:
     @property
     def dialect(self) -> str:
         """``sqlite``, ``postgresql`` or ``generic``: from the hook's ``dialect_name``."""
-        return self._dialect
+        return self._dialect.name
+
+    @property
+    def _dialect(self) -> Dialect:
+        return self._rules
+
+    @_dialect.setter
+    def _dialect(self, value: Dialect | str) -> None:
+        """A dialect, or a dialect's name: its rules, the hook's own name kept for the anti-join (the
+        tests run the generic SQL on a real database by setting ``"generic"``)."""
+        if isinstance(value, str):
+            value = Dialect.named(value, hook_name=self._rules.hook_name)
+        self._rules = value
 
     @property
     def conn(self) -> Any:
         if self._conn is None:
             conn = self.db_hook.get_conn()
-            if isinstance(conn, sqlite3.Connection):
-                # Wait out other writers' locks (within the write bound) instead of failing at once.
-                busy_ms = int(min(SQLITE_BUSY_TIMEOUT_MS, self.write_timeout * 1000))
-                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            self._dialect.prepare_connection(conn, self.write_timeout)
             self._conn = conn
         return self._conn
 
@@ -302,9 +189,7 @@ class RegistrationLedger:
         conn = self.conn
         cursor = conn.cursor()
         try:
-            if self._dialect == "postgresql":
-                wait_ms = max(100, int(min(float(PG_LOCK_TIMEOUT[:-1]), self.write_timeout / 2) * 1000))
-                cursor.execute(f"SET LOCAL lock_timeout = '{wait_ms}ms'")
+            self._dialect.begin(cursor, self.write_timeout)
             yield cursor
             conn.commit()
         except BaseException:
@@ -322,13 +207,7 @@ class RegistrationLedger:
         still agree on a claim's age. PostgreSQL's ``clock_timestamp()``; SQLite is a file on this
         machine, so this machine's clock; other databases the local clock too (keep it in step).
         """
-        if self._dialect == "postgresql":
-            cursor.execute("SELECT timezone('UTC', clock_timestamp())")
-            value = cursor.fetchone()[0]
-            now = value.replace(tzinfo=dt.timezone.utc)
-        else:
-            now = dt.datetime.now(dt.timezone.utc)
-        return now.replace(microsecond=0)
+        return self._dialect.now(cursor)
 
     def _where_keys(self, keys: Sequence[str]) -> tuple[str, list[Any]]:
         """The WHERE clause (and its parameters) that picks this portal's rows for ``keys``."""
@@ -358,32 +237,8 @@ class RegistrationLedger:
     def _create_table(self) -> None:
         # Two runs creating the table at once on PostgreSQL: one may fail on the catalog's unique
         # index; its retry then finds the table.
-        conn = self.conn
-        text, timestamp, boolean, false = _TYPES[self._dialect]
-        if self._dialect == "sqlite":
-            conn.execute("PRAGMA journal_mode=WAL")
-        ddl = f"""
-            CREATE TABLE IF NOT EXISTS {self.table} (
-                portal_id {text} NOT NULL,
-                row_key {text} NOT NULL,
-                lead_id {text},
-                status {text} NOT NULL,
-                error_type {text},
-                error_message {"TEXT" if self._dialect != "generic" else "VARCHAR(2000)"},
-                attempts INTEGER NOT NULL DEFAULT 0,
-                first_attempt_at {timestamp},
-                last_attempt_at {timestamp},
-                registered_at {timestamp},
-                dag_id {text},
-                run_id {text},
-                retryable {boolean} NOT NULL DEFAULT {false},
-                {IDENTIFIER_COLUMN} {text},
-                task_id {text},
-                map_index INTEGER,
-                execution_id {text},
-                PRIMARY KEY (portal_id, row_key)
-            )
-        """
+        self._dialect.before_create(self.conn)
+        ddl = schema.create_table(self.table, self._dialect)
         with self._transaction() as cursor:
             cursor.execute(ddl)
 
@@ -401,40 +256,19 @@ class RegistrationLedger:
             return
         log.info("Ledger %s: adding the columns %s (migration).", self.table, ", ".join(missing))
         with self._transaction() as cursor:
-            if self._dialect == "postgresql":
-                # Wait a little for the table's lock (another run may be reading it), then retry, rather
-                # than queue every other run's writes behind this ALTER.
-                cursor.execute(f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT}'")
+            self._dialect.migration_lock(cursor)
             for name in missing:
-                kind = _TYPES[self._dialect][0] if ADDED_COLUMNS[name] == "text" else "INTEGER"
-                if self._dialect == "postgresql":
-                    cursor.execute(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {name} {kind}")
-                else:  # a concurrent run that added it first makes this fail: the retry finds the column
-                    cursor.execute(f"ALTER TABLE {self.table} ADD COLUMN {name} {kind}")
+                kind = schema.added_column_type(name, self._dialect)
+                cursor.execute(self._dialect.add_column(self.table, name, kind))
 
     def _create_identifier_index(self) -> None:
-        if self._dialect == "generic":
+        if not self._dialect.makes_index:
             return
-        schema, _, name = self.table.rpartition(".")
-        index = f"{name}_lead_identifier_idx"
+        index = schema.identifier_index(self.table)
         with self._transaction() as cursor:
-            if self._dialect == "postgresql":
-                # Made already? Then take no lock at all (CREATE INDEX locks the table's writes first).
-                cursor.execute(
-                    f"SELECT to_regclass({self._placeholder})", [f"{schema}.{index}" if schema else index]
-                )
-                if cursor.fetchone()[0] is not None:
-                    return
-                cursor.execute(f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT}'")
-                statement = (
-                    f"CREATE INDEX IF NOT EXISTS {index} ON {self.table} (portal_id, {IDENTIFIER_COLUMN})"
-                )
-            else:  # SQLite names the schema on the index, not on the table
-                qualified = f"{schema}.{index}" if schema else index
-                statement = (
-                    f"CREATE INDEX IF NOT EXISTS {qualified} ON {name} (portal_id, {IDENTIFIER_COLUMN})"
-                )
-            cursor.execute(statement)
+            self._dialect.create_index(
+                cursor, self._placeholder, self.table, index, f"portal_id, {IDENTIFIER_COLUMN}"
+            )
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -458,8 +292,8 @@ class RegistrationLedger:
         cursor = self.conn.cursor()
         try:
             read_at = self._db_now(cursor)
-            for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                chunk = wanted[start : start + _LOOKUP_CHUNK]
+            for start in range(0, len(wanted), LOOKUP_CHUNK):
+                chunk = wanted[start : start + LOOKUP_CHUNK]
                 where, params = self._where_keys(chunk)
                 cursor.execute(f"SELECT {columns} FROM {self.table} {where}", params)
                 for record in cursor.fetchall():
@@ -509,8 +343,8 @@ class RegistrationLedger:
             cursor = conn.cursor()
             try:
                 read_at = self._db_now(cursor)
-                for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                    chunk = wanted[start : start + _LOOKUP_CHUNK]
+                for start in range(0, len(wanted), LOOKUP_CHUNK):
+                    chunk = wanted[start : start + LOOKUP_CHUNK]
                     cursor.execute(
                         f"SELECT {columns} FROM {self.table} WHERE portal_id = {self._placeholder} "
                         f"AND {IDENTIFIER_COLUMN} IN ({self._marks(len(chunk))}) "
@@ -544,10 +378,10 @@ class RegistrationLedger:
         if not wanted and not prints:
             return {}, {}
         statuses = sorted(LEAD_HOLDER_STATUSES)
-        limit = _BATCH_PARAMETERS.get(self._dialect, 2 * _LOOKUP_CHUNK)
+        limit = self._dialect.batch_parameters
         size = max(1, (limit - 1 - len(statuses)) // 2)
         p = self._placeholder
-        clock = ", timezone('UTC', clock_timestamp())" if self._dialect == "postgresql" else ""
+        clock = f", {self._dialect.clock_column}" if self._dialect.clock_column else ""
         select = f"SELECT {', '.join(COLUMNS[1:])}{clock} FROM {self.table} WHERE portal_id = {p} AND "
         key_set, print_set, held = set(wanted), set(prints), set(statuses)
 
@@ -614,13 +448,11 @@ class RegistrationLedger:
             return "'" + text.replace("'", "''") + "'"
 
         portal, dag_id, run_id, task_id = map(literal, names)
-        mark = "`" if self._dialect_name == "mysql" else '"'
+        mark = self._dialect.quote_mark
         key = key_column
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", key_column):
             key = mark + key_column.replace(mark, mark * 2) + mark
-        text = {"sqlite": "TEXT", "postgresql": "TEXT", "mysql": "CHAR"}.get(
-            self._dialect_name, "VARCHAR(255)"
-        )
+        text = self._dialect.cast_text
         settled = ", ".join(map(literal, sorted(SETTLED_STATUSES)))
         # Newlines around the query: a comment on its last line does not swallow the rest.
         inner = f"(\n{sql}\n) q"
@@ -646,10 +478,7 @@ class RegistrationLedger:
         raise TypeError(f"unexpected timestamp {type(value).__name__} in the ledger")
 
     def _to_db(self, value: dt.datetime | None) -> Any:
-        if value is None:
-            return None
-        naive = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
-        return naive.strftime(_SQLITE_TIME) if self._dialect == "sqlite" else naive.replace(microsecond=0)
+        return self._dialect.to_db(value)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -737,8 +566,8 @@ class RegistrationLedger:
             with self._transaction() as cursor:
                 self._refresh(cursor, wanted, execution, self._db_now(cursor))
                 mine: set[str] = set()
-                for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                    where, params = self._where_keys(wanted[start : start + _LOOKUP_CHUNK])
+                for start in range(0, len(wanted), LOOKUP_CHUNK):
+                    where, params = self._where_keys(wanted[start : start + LOOKUP_CHUNK])
                     cursor.execute(
                         f"SELECT row_key FROM {self.table} {where} AND execution_id = {p}",
                         [*params, execution.token],
@@ -751,8 +580,8 @@ class RegistrationLedger:
     def _refresh(self, cursor: Any, keys: Sequence[str], execution: Execution, now: dt.datetime) -> int:
         refreshed = 0
         p = self._placeholder
-        for start in range(0, len(keys), _LOOKUP_CHUNK):
-            chunk = keys[start : start + _LOOKUP_CHUNK]
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            chunk = keys[start : start + LOOKUP_CHUNK]
             where, params = self._where_keys(chunk)
             cursor.execute(
                 f"UPDATE {self.table} SET last_attempt_at = {p} {where} "
@@ -863,7 +692,7 @@ class RegistrationLedger:
         if (row.execution_id or "") == execution.token:
             return True  # ours: an earlier attempt of this claim committed
         p = self._placeholder
-        lock = " FOR UPDATE" if self._dialect == "postgresql" else ""
+        lock = self._dialect.row_lock
         cursor.execute(
             f"SELECT {', '.join(COLUMNS[1:])} FROM {self.table} "
             f"WHERE portal_id = {p} AND row_key = {p}{lock}",
@@ -881,15 +710,7 @@ class RegistrationLedger:
 
     def _lock_claims(self, cursor: Any) -> None:
         """Serialise claims of this table and portal (see :meth:`claim`) until the transaction ends."""
-        conn = self.conn
-        if self._dialect == "sqlite" and isinstance(conn, sqlite3.Connection) and not conn.in_transaction:
-            cursor.execute("BEGIN IMMEDIATE")  # the write lock now, so the checks read the latest rows
-        elif self._dialect == "postgresql":
-            digest = hashlib.sha256(f"{self.table}\n{self.portal_id}".encode()).digest()
-            cursor.execute(
-                f"SELECT pg_advisory_xact_lock({self._placeholder})",
-                [int.from_bytes(digest[:8], "big", signed=True)],
-            )
+        self._dialect.lock_claims(cursor, self.conn, self.table, self.portal_id, self._placeholder)
 
     def _held_elsewhere(self, cursor: Any, key: str, fingerprint: str, token: str, since: Any) -> bool:
         """Another key holds ``fingerprint``: registered, unconfirmed (the lead may be a portal user),
@@ -920,7 +741,7 @@ class RegistrationLedger:
             self.portal_id, key, PENDING, 0, now, now, execution.dag_id, execution.run_id, fingerprint,
             execution.task_id, execution.map_index, execution.token,
         ]  # fmt: skip
-        if self._dialect in ("sqlite", "postgresql"):
+        if self._dialect.on_conflict_do_nothing:
             return (
                 f"INSERT INTO {self.table} ({columns}) VALUES ({self._marks(len(values))}) "
                 "ON CONFLICT (portal_id, row_key) DO NOTHING",
@@ -1062,8 +883,8 @@ class RegistrationLedger:
         cursor = self.conn.cursor()
         try:
             keys = [row.row_key for row in rows]
-            for start in range(0, len(keys), _LOOKUP_CHUNK):
-                chunk = keys[start : start + _LOOKUP_CHUNK]
+            for start in range(0, len(keys), LOOKUP_CHUNK):
+                chunk = keys[start : start + LOOKUP_CHUNK]
                 where, params = self._where_keys(chunk)
                 cursor.execute(f"DELETE FROM {self.table} {where}", params)
             one_row = f"({self._marks(len(COLUMNS))})"
@@ -1081,7 +902,7 @@ class RegistrationLedger:
             cursor.close()
 
     def _values(self, row: LedgerRow) -> list[Any]:
-        retryable: Any = int(row.retryable) if self._dialect == "sqlite" else row.retryable
+        retryable: Any = self._dialect.to_db_boolean(row.retryable)
         return [
             self.portal_id,
             row.row_key,
