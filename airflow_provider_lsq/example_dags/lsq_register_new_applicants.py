@@ -134,6 +134,9 @@ def failed_rows_sql(table: str, dag_id: str, run_id: str, task_id: str) -> str:
 
 FAILURE_EMAIL = SmtpNotifier(
     to=os.environ.get("LSQ_ALERT_EMAIL", "data-team@example.com"),
+    # The connection's from_email, given here: the SMTP provider of Airflow 2.11.0's constraints (2.1.0)
+    # reads it from a connection it has not loaded yet, and then sends nothing.
+    from_email="{{ conn.smtp_default.extra_dejson.get('from_email') }}",
     subject="LeadSquared registration failed: {{ dag.dag_id }} {{ run_id }}",
     html_content="""
 {%- set counts = ledger_counts(
