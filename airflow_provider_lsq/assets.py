@@ -32,6 +32,7 @@ EVENT_COUNTS = (
     "already_registered",
     "invalid",
     "failed",
+    "unconfirmed",
     "skipped",
     "duplicates",
     "dry_run",

@@ -78,8 +78,21 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     },
     "api_host": {
         "label": "Lead API Host",
-        "description": "Optional: the lead API host (e.g. api-us11.leadsquared.com) for other endpoints.",
+        "description": (
+            "Optional: the lead API host (e.g. api-us11.leadsquared.com). Empty: the portal host's region "
+            "(portalapi-us11 -> api-us11), or the portal host itself when it is not LeadSquared's."
+        ),
         "schema": {"type": ["string", "null"]},
+    },
+    "bulk_rate_limit_calls": {
+        "label": "Bulk Rate Limit Calls",
+        "description": "Bulk lead calls your plan allows per bulk window (older docs: 1; newer: 5 or 10).",
+        "schema": {"type": ["integer", "null"], "default": 1, "minimum": 1},
+    },
+    "bulk_rate_limit_period_seconds": {
+        "label": "Bulk Rate Limit Period (seconds)",
+        "description": "Length of the bulk call's own rate-limit window (5 seconds in the docs).",
+        "schema": {"type": ["number", "null"], "default": 5, "minimum": 0.1, "maximum": 86400},
     },
 }
 UI_FIELD_BEHAVIOUR: dict[str, Any] = {

@@ -89,6 +89,18 @@ class LeadSquaredTransientError(LeadSquaredError):
     """Connection errors, timeouts or gateway failures persisted through every retry."""
 
 
+class LeadSquaredUnconfirmedError(LeadSquaredTransientError):
+    """The call was sent but its answer does not say what happened: LeadSquared may have carried it out.
+
+    A read timeout, a connection dropped after the request went out, a 2xx that is empty, not JSON or
+    (for Register) without a ``LeadId``, or a gateway's 502 or 504 (the gateway forwarded the call and
+    got a broken answer, or gave up waiting). Retried like a transient failure, with the same request
+    (so the same password); a registration that stays unproven ends ``unconfirmed``, never re-sent by
+    a later run without a person deciding. A request that was never sent (refused connection, DNS,
+    connect timeout) is a plain :class:`LeadSquaredTransientError`.
+    """
+
+
 class LeadSquaredBudgetUnavailableError(LeadSquaredError):
     """The shared rate-limit budget (the Redis server, the file) cannot be reached: no call is sent.
 

@@ -183,6 +183,7 @@ def portal_output(portal: tuple[str, str] | None, counts: Mapping[str, Any] | No
             skipped=int(counts.get("skipped", 0)),
             duplicates=int(counts.get("duplicates", 0)),
             dryRun=bool(counts.get("dry_run", False)),
+            unconfirmed=int(counts.get("unconfirmed", 0)),
         )
         facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(
             rowCount=int(counts.get("registered", 0))

@@ -26,7 +26,8 @@ FACET_NAME = "leadsquaredRegistration"  # the facet's key in the portal output's
 class LeadSquaredRegistrationOutputDatasetFacet(OutputDatasetFacet):
     """How a registration run's rows ended on the portal: counts only, never a lead's data.
 
-    ``registered``, ``alreadyRegistered``, ``invalid`` and ``failed`` count rows by outcome;
+    ``registered``, ``alreadyRegistered``, ``invalid``, ``failed`` and ``unconfirmed`` (sent, and no
+    answer said what happened) count rows by outcome;
     ``skipped`` rows the ledger already held, ``duplicates`` rows repeating a key or a lead met
     earlier in the query (the SQL transfer only, else 0); ``total`` every row read; ``dryRun`` a
     run that made no call.
@@ -40,6 +41,7 @@ class LeadSquaredRegistrationOutputDatasetFacet(OutputDatasetFacet):
     skipped: int = 0
     duplicates: int = 0
     dryRun: bool = False
+    unconfirmed: int = 0
 
     _additional_skip_redact: ClassVar[list[str]] = [
         "registered",
@@ -50,6 +52,7 @@ class LeadSquaredRegistrationOutputDatasetFacet(OutputDatasetFacet):
         "skipped",
         "duplicates",
         "dryRun",
+        "unconfirmed",
     ]
 
     @staticmethod

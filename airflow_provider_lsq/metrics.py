@@ -10,7 +10,8 @@ call here is a no-op. Every name starts with :data:`PREFIX` (after Airflow's own
 name                                           type     what
 =============================================  =======  ==================================================
 ``leadsquared.registrations.<status>``         counter  rows that ended ``registered``,
-                                                        ``already_registered``, ``invalid`` or ``failed``
+                                                        ``already_registered``, ``invalid``,
+                                                        ``failed`` or ``unconfirmed``
 ``leadsquared.calls``                          counter  HTTP exchanges with the API (each retry counts)
 ``leadsquared.call_duration``                  timer    one exchange, request sent to answer parsed
 ``leadsquared.refusals``                       counter  the API's rate-limit refusals (429 and kin)

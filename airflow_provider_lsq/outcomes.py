@@ -17,6 +17,10 @@ class RegistrationStatus(str, Enum):
     ALREADY_REGISTERED = "already_registered"  # only_new_leads was set and the lead existed
     INVALID = "invalid"  # failed the client-side checks: no call was made
     FAILED = "failed"  # the API refused it, or retries ran out
+    # Sent, and no answer said what happened (a timeout after sending, a dropped connection, an empty
+    # or unreadable 2xx): the lead may be a portal user with this run's password. Never re-sent
+    # without a person deciding (re-sending would reset that password).
+    UNCONFIRMED = "unconfirmed"
 
     def __str__(self) -> str:
         return self.value
@@ -36,7 +40,8 @@ class RegistrationOutcome:
     """The end state of one row of a bulk registration. Never holds the password.
 
     ``retryable`` is true for failures that a later run may fix by itself (rate limit or transient
-    failures that outlasted the retries); permanent refusals and invalid rows are not retryable.
+    failures that outlasted the retries); permanent refusals, invalid rows and unconfirmed rows are
+    not retryable.
     """
 
     key: str
@@ -109,6 +114,22 @@ class RegistrationOutcome:
             error_message=message,
             attempts=attempts,
             retryable=retryable,
+        )
+
+    @classmethod
+    def unconfirmed(cls, key: str, error_type: str, message: str, attempts: int) -> RegistrationOutcome:
+        """Sent (every attempt with the same password), and no answer proved what happened.
+
+        Not retryable: a later run must not send it again with a new password unless a person says so.
+        """
+        return cls(
+            key,
+            RegistrationStatus.UNCONFIRMED,
+            error_type=error_type,
+            error_message=f"{message} The lead may be a portal user: check it in LeadSquared before "
+            "sending it again (a new registration resets its password).",
+            attempts=attempts,
+            retryable=False,
         )
 
     @classmethod

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_lsq import metrics
 from airflow_provider_lsq.outcomes import RegistrationStatus
-from airflow_provider_lsq.version_compat import AirflowException
+from airflow_provider_lsq.version_compat import AirflowException, AirflowFailException
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 MAX_FAILURES_KEPT = 10
 _FAILED = (RegistrationStatus.INVALID, RegistrationStatus.FAILED)
+_LOGGED = (*_FAILED, RegistrationStatus.UNCONFIRMED)  # outcomes logged by row key (the first few)
 
 
 def check_failure_ratio(max_failure_ratio: float) -> float:
@@ -93,7 +94,7 @@ class RegistrationProgress:
         with self._lock:
             self._counts[outcome.status.value] += 1
             self._calls += outcome.attempts
-            keep = outcome.status in _FAILED and len(self._failures) < MAX_FAILURES_KEPT
+            keep = outcome.status in _LOGGED and len(self._failures) < MAX_FAILURES_KEPT
             if keep:
                 line = f"row {outcome.key}: {outcome.error_type}: {outcome.error_message}"
                 self._failures.append(line)
@@ -140,8 +141,13 @@ class RegistrationProgress:
             )
 
     @property
+    def unconfirmed(self) -> int:
+        """Rows sent whose outcome no answer proved (see ``RegistrationStatus.UNCONFIRMED``)."""
+        return self.count(RegistrationStatus.UNCONFIRMED)
+
+    @property
     def first_failures(self) -> list[str]:
-        """The first few failures as ``row <key>: <error_type>: <error_message>``."""
+        """The first few failures (unconfirmed rows too) as ``row <key>: <error_type>: <error_message>``."""
         with self._lock:
             return list(self._failures)
 
@@ -200,6 +206,27 @@ class RegistrationProgress:
         tail = f"\n  ... and {more} more (see the task log and the outcomes)" if more > 0 else ""
         raise AirflowException(f"{verdict} First failures:\n{lines}{tail}")
 
+    def raise_if_unconfirmed(self, unconfirmed: int | None = None, *, where: str) -> None:
+        """Fail the task, without an Airflow retry, when any row ended ``unconfirmed``.
+
+        Whatever ``max_failure_ratio`` allows: each such row needs a person (or a check) to decide
+        whether the lead is a portal user, and a retry cannot decide it (``RegisterPortalUserOperator``'s
+        would send them again with new passwords). ``unconfirmed`` defaults to this progress's count;
+        ``where`` says where the rows are recorded. The message names no row.
+        """
+        unconfirmed = self.unconfirmed if unconfirmed is None else unconfirmed
+        if not unconfirmed:
+            return
+        raise AirflowFailException(
+            f"{unconfirmed} rows are unconfirmed: their registration was sent (every attempt with the "
+            "same password) and no answer said whether LeadSquared carried it out (a timeout after "
+            "sending, a dropped connection, an empty or unreadable answer). They may be portal users "
+            f"already, so they are not sent again: they are recorded 'unconfirmed' in {where} and "
+            "logged above at WARNING by row key. Check each lead in LeadSquared and resolve it (see "
+            "'Unconfirmed rows' in the provider's troubleshooting guide). No retry: a retry cannot "
+            "confirm them."
+        )
+
     # -- logging ---------------------------------------------------------------------------------
 
     def line(self, final: bool = False) -> str:
@@ -218,6 +245,9 @@ class RegistrationProgress:
         if not final and self.total is not None and done and self.total > done:
             parts.append(f"ETA {_duration((self.total - done) * elapsed / done)}")
         parts.append(f"{failures} invalid or failed" + ("" if final else " so far"))
+        unconfirmed = self.unconfirmed
+        if unconfirmed:
+            parts.append(f"{unconfirmed} unconfirmed")
         if self.track_skips:
             parts.append(f"{skipped} skipped, {duplicates} duplicates")
         head = f"{self.label}: done in {_duration(elapsed)}" if final else self.label

@@ -537,13 +537,18 @@ class RegistrationRun:
         max_failure_ratio: float,
         *,
         verdict: tuple[int, int] | None = None,
+        unconfirmed_rows: int | None = None,
+        recorded_in: str = "XCom 'outcomes'",
         on_summary: Callable[[dict[str, Any]], None] | None = None,
         name_rows: bool = True,
         **extra: int,
     ) -> dict[str, Any]:
-        """Log and return the summary (counts only); raise when too many rows failed.
+        """Log and return the summary (counts only); raise when a row is unconfirmed or too many failed.
 
-        ``verdict`` is ``(considered, failures)`` when the operator knows the whole run's counts.
+        ``verdict`` is ``(considered, failures)`` when the operator knows the whole run's counts, and
+        ``unconfirmed_rows`` its unconfirmed rows (default: this execution's); ``recorded_in`` names
+        where outcomes are recorded. Any unconfirmed row fails the task without a retry
+        (:meth:`RegistrationProgress.raise_if_unconfirmed`), whatever ``max_failure_ratio``.
         ``on_summary`` gets the summary before the verdict, so a failing run publishes its counts too.
         ``name_rows`` False: the failure's message names no row key (they are lead values).
         """
@@ -551,6 +556,8 @@ class RegistrationRun:
         self.log.info("LeadSquared registration summary: %s", summary)
         if on_summary is not None:
             on_summary(summary)
+        if not dry_run:
+            self.progress.raise_if_unconfirmed(unconfirmed_rows, where=recorded_in)
         considered, failures = verdict if verdict is not None else (None, None)
         self.progress.raise_if_too_many_failures(
             max_failure_ratio, considered=considered, failures=failures, name_rows=name_rows

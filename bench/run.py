@@ -14,7 +14,14 @@ From one run, printed as compact tables (nothing is asserted; timings depend on 
     rows of a SQLite warehouse, each in a fresh process: tracemalloc's peak and the growth of the
     process's peak RSS (``ru_maxrss``); the target is flat (100k/10k near 1).
 
-Options: ``--leads``, ``--naive-leads``, ``--rows`` (e.g. ``--rows 10000 100000``), ``--skip-memory``.
+(f) a grown ledger: ``applicants`` of 1,000,000 rows on PostgreSQL (100,000 on SQLite), the ledger
+    holding all but one in a thousand as registered; a dry-run transfer of the README's usage query
+    (no anti-join: the transfer adds it) against the same selection in SQL alone (the anti-join,
+    fetched whole): the ratio (target at most 3x), the statements the transfer sent, and its peak RSS
+    growth. The data is generated inside the bench (a database created and dropped on PostgreSQL).
+
+Options: ``--leads``, ``--naive-leads``, ``--rows`` (e.g. ``--rows 10000 100000``), ``--skip-memory``,
+``--ledger-rows`` (PostgreSQL, SQLite), ``--skip-ledger``.
 """
 
 from __future__ import annotations
@@ -401,6 +408,238 @@ def bench_memory(sizes: list[int]) -> list[dict[str, Any]]:
     return results
 
 
+# -- (f) a grown ledger ----------------------------------------------------------------------------------
+
+USAGE_SQL = 'SELECT CAST(id AS TEXT) AS applicant_id, email AS "EmailAddress" FROM applicants'  # README
+SQL_ANTI_JOIN = (
+    'SELECT CAST(a.id AS TEXT) AS applicant_id, a.email AS "EmailAddress" FROM applicants a '
+    "WHERE NOT EXISTS (SELECT 1 FROM lsq_portal_registrations l WHERE l.portal_id = 'bench-portal' "
+    "AND l.row_key = CAST(a.id AS TEXT) AND l.status IN ('registered', 'already_registered'))"
+)
+LEDGER_INSERT = (
+    "INSERT INTO lsq_portal_registrations (portal_id, row_key, lead_id, status, attempts, dag_id, "
+    "run_id, task_id, map_index, execution_id, lead_identifier) "
+)
+
+
+def _grown_postgres(rows: int) -> str:
+    """A fresh database: ``applicants`` of ``rows`` rows, the ledger holding 999 in 1,000; its URI."""
+    import uuid
+
+    import psycopg2
+
+    name = f"lsq_bench_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    uri = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    db = psycopg2.connect(uri)
+    with db, db.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE applicants AS SELECT i AS id, 'applicant' || i || '@bench.example' AS email, "
+            "'First' || i AS first_name FROM generate_series(1, %s) i",
+            [rows],
+        )
+        cur.execute("ALTER TABLE applicants ADD PRIMARY KEY (id)")
+    _bench_ledger(uri)
+    with db, db.cursor() as cur:
+        cur.execute(
+            LEDGER_INSERT + "SELECT 'bench-portal', id::text, 'lead-' || id, 'registered', 1, 'bench', "
+            "'scheduled__' || (id % 365), 'register', -1, 'gone', encode(sha256(convert_to("
+            "'EmailAddress' || E'\\n' || lower(trim(email)), 'UTF8')), 'hex') "
+            "FROM applicants WHERE id % 1000 <> 0"
+        )
+        cur.execute("ANALYZE")
+    db.close()
+    return uri
+
+
+def _grown_sqlite(rows: int, path: str) -> None:
+    import sqlite3
+
+    from airflow_provider_lsq.hooks.payload import lead_fingerprint
+
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("CREATE TABLE applicants (id INTEGER PRIMARY KEY, email TEXT, first_name TEXT)")
+        db.executemany(
+            "INSERT INTO applicants VALUES (?, ?, ?)",
+            ((i, f"applicant{i}@bench.example", f"First{i}") for i in range(1, rows + 1)),
+        )
+    db.close()
+    _bench_ledger(f"sqlite:///{path}")
+    db = sqlite3.connect(path)
+    with db:
+        db.executemany(
+            LEDGER_INSERT + "VALUES ('bench-portal', ?, ?, 'registered', 1, 'bench', 'scheduled__1', "
+            "'register', -1, 'gone', ?)",
+            (
+                (str(i), f"lead-{i}", lead_fingerprint("EmailAddress", f"applicant{i}@bench.example"))
+                for i in range(1, rows + 1)
+                if i % 1000
+            ),
+        )
+        db.execute("ANALYZE")
+    db.close()
+
+
+def _bench_ledger(uri: str) -> None:
+    """The ledger table as the transfer makes it (its indexes too), empty."""
+    from airflow_provider_lsq.transfers.ledger import RegistrationLedger
+    from airflow_provider_lsq.transfers.sql_to_leadsquared import get_db_hook
+
+    os.environ["AIRFLOW_CONN_LSQ_BENCH_LEDGER"] = _conn_json(uri)
+    with RegistrationLedger(
+        get_db_hook("lsq_bench_ledger", "bench"), "lsq_portal_registrations", "x"
+    ) as ledger:
+        ledger.ensure_table()
+
+
+def _conn_json(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return json.dumps({"conn_type": "sqlite", "host": uri[len("sqlite:///") :]})
+    return uri.replace("postgresql://", "postgres://", 1)
+
+
+def _sql_alone(uri: str) -> tuple[float, int]:
+    """The anti-join in SQL alone, every row fetched: seconds, rows (the best of two runs)."""
+    import sqlite3
+
+    best, count = float("inf"), 0
+    for _ in range(2):
+        if uri.startswith("sqlite:///"):
+            db: Any = sqlite3.connect(uri[len("sqlite:///") :])
+        else:
+            import psycopg2
+
+            db = psycopg2.connect(uri)
+        started = time.monotonic()
+        cur = db.cursor()
+        cur.execute(SQL_ANTI_JOIN)
+        count = len(cur.fetchall())
+        best = min(best, time.monotonic() - started)
+        db.close()
+    return best, count
+
+
+def _transfer_dry_run(uri: str) -> dict[str, Any]:
+    """A dry-run transfer of the README's usage query (rows found, validated; no call, no write):
+    seconds, its summary, the statements its database hooks sent, the process's RSS growth."""
+    import contextlib
+    import io
+
+    from airflow_provider_lsq.transfers import sql_to_leadsquared
+
+    os.environ["AIRFLOW_CONN_LSQ_BENCH_GROWN"] = _conn_json(uri)
+    os.environ["AIRFLOW_CONN_LSQ_BENCH"] = json.dumps(
+        {
+            "conn_type": "leadsquared",
+            "host": "http://127.0.0.1:9",
+            "login": "bench",
+            "password": "bench",
+            "extra": {"portal_id": "bench-portal"},
+        }
+    )  # fmt: skip  (never called: a dry run makes no API call)
+    statements = [0]
+    real = sql_to_leadsquared.get_db_hook
+
+    class Cursor:
+        def __init__(self, cursor: Any) -> None:
+            self._cursor = cursor
+
+        def execute(self, *args: Any) -> Any:
+            statements[0] += 1
+            return self._cursor.execute(*args)
+
+        def fetchmany(self, *args: Any) -> Any:
+            statements[0] += bool(getattr(self._cursor, "name", None))  # a server-side FETCH
+            return self._cursor.fetchmany(*args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._cursor, name)
+
+    def counted(conn_id: str, parameter: str) -> Any:
+        hook = real(conn_id, parameter)
+        get_conn = hook.get_conn
+
+        def connect() -> Any:
+            conn = get_conn()
+            if conn.__class__.__module__ == "sqlite3":
+                conn.set_trace_callback(lambda _sql: statements.__setitem__(0, statements[0] + 1))
+                return conn
+
+            class Conn:
+                def cursor(self, *args: Any, **kwargs: Any) -> Cursor:
+                    return Cursor(conn.cursor(*args, **kwargs))
+
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(conn, name)
+
+            return Conn()
+
+        hook.get_conn = connect  # type: ignore[method-assign]
+        return hook
+
+    sql_to_leadsquared.get_db_hook = counted  # type: ignore[assignment]
+    try:
+        op = sql_to_leadsquared.SqlToLeadSquaredPortalOperator(
+            task_id="bench_grown",
+            sql=USAGE_SQL,
+            sql_conn_id="lsq_bench_grown",
+            key_column="applicant_id",
+            leadsquared_conn_id="lsq_bench",
+            dry_run=True,
+            max_failure_ratio=1.0,
+        )
+        op.progress_interval = 0
+        rss_before = _maxrss_bytes()
+        started = time.monotonic()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            summary = op.execute({"run_id": "bench", "dag_run": None, "ti": None})  # type: ignore[arg-type]
+        seconds = time.monotonic() - started
+    finally:
+        sql_to_leadsquared.get_db_hook = real  # type: ignore[assignment]
+    return {"seconds": seconds, "summary": summary, "statements": statements[0],
+            "rss_growth": _maxrss_bytes() - rss_before}  # fmt: skip
+
+
+def bench_grown_ledger(postgres_rows: int, sqlite_rows: int) -> list[dict[str, Any]]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lsq-bench-ledger-") as tmp:
+        cases: list[tuple[str, int]] = [("SQLite", sqlite_rows)]
+        if postgres_rows:
+            cases.insert(0, ("PostgreSQL", postgres_rows))
+        for kind, rows in cases:
+            if not rows:
+                continue
+            print(
+                f"    generating {kind}: {rows:,} applicants, {rows - rows // 1000:,} in the ledger ...",
+                flush=True,
+            )
+            if kind == "SQLite":
+                path = str(Path(tmp) / "grown.db")
+                _grown_sqlite(rows, path)
+                uri = f"sqlite:///{path}"
+            else:
+                uri = _grown_postgres(rows)
+            try:
+                alone, new_rows = _sql_alone(uri)
+                run = _transfer_dry_run(uri)
+            finally:
+                if kind == "PostgreSQL":
+                    import psycopg2
+
+                    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+                    admin.autocommit = True
+                    with admin.cursor() as cur:
+                        cur.execute(f'DROP DATABASE IF EXISTS "{uri.rsplit("/", 1)[1]}" WITH (FORCE)')
+                    admin.close()
+            results.append({"kind": kind, "rows": rows, "new": new_rows, "alone": alone, **run})
+    return results
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 
@@ -523,6 +762,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coexistence-only", action="store_true", help="(d): only the coexistence runs")
     parser.add_argument("--skip-frontier", action="store_true", help="skip (e), the simulated frontier")
     parser.add_argument("--frontier-hours", type=float, default=25.0, help="simulated hours per row and seed")
+    parser.add_argument(
+        "--ledger-rows",
+        type=int,
+        nargs=2,
+        default=[1_000_000, 100_000],
+        metavar=("POSTGRESQL", "SQLITE"),
+        help="(f): applicants per database (0: skip it)",
+    )
+    parser.add_argument("--skip-ledger", action="store_true", help="skip (f), the grown ledger")
     parser.add_argument("--memory-child", nargs=2, metavar=("ROWS", "WAREHOUSE"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("PREFIX", "COUNT", "START_AT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -569,7 +817,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mib(first['rss_growth'])} -> {mib(last['rss_growth'])}. Flat is x1: rows stream in "
                 "batches and the keys seen go to a temporary SQLite file."
             )
+    if not args.skip_ledger:
+        print_grown_ledger(*args.ledger_rows)
     return 0
+
+
+def print_grown_ledger(postgres_rows: int, sqlite_rows: int) -> None:
+    print(
+        "\n(f) A grown ledger: the ledger holds 999 in 1,000 applicants as registered; a dry-run transfer "
+        "of the README's usage query (no anti-join) against the same selection in SQL alone (target <= 3x)",
+        flush=True,
+    )
+    results = bench_grown_ledger(postgres_rows, sqlite_rows)
+    rows = [
+        [r["kind"], f"{r['rows']:,}", f"{r['new']:,}", f"{r['summary']['total']:,}",
+         f"{r['alone']:.2f} s", f"{r['seconds']:.2f} s", f"{r['seconds'] / r['alone']:.1f}x",
+         str(r["statements"]), mib(r["rss_growth"])]
+        for r in results
+    ]  # fmt: skip
+    headers = ["database", "applicants", "new (SQL)", "rows read", "SQL alone", "transfer", "ratio",
+               "statements", "RSS growth"]  # fmt: skip
+    print(table(rows, headers))
+    print(
+        "  The transfer counts the rows left (one COUNT of the anti-joined query, for progress), reads them "
+        "and looks each batch up in the ledger once: twice the SQL at most, plus the batches' lookups.",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 UPSTREAM = "lsq_register_new_applicants"
 DOWNSTREAM = "lsq_welcome_new_portal_users"
 LOGICAL_DATE = dt.datetime(2026, 11, 20, tzinfo=dt.timezone.utc)
-COUNTS = ("registered", "already_registered", "invalid", "failed")
+COUNTS = ("registered", "already_registered", "invalid", "failed", "unconfirmed")
 
 
 # -- the URI scheme --------------------------------------------------------------------------------------
@@ -314,11 +314,36 @@ def _check_failure_email(example: Sandbox, smtp: _SmtpServer, tmp_path: Path) ->
     assert f"{failed} rows failed" in message
     assert (
         f"WHERE dag_id = '{UPSTREAM}' AND run_id = '{dag_run.run_id}' "
-        "AND task_id = 'register_new_applicants' AND status IN ('failed', 'invalid')"
+        "AND task_id = 'register_new_applicants' AND status IN ('failed', 'invalid', 'unconfirmed')"
     ) in message
     assert "FROM lsq_portal_registrations" in message
     assert not [e for e in emails if e in message]
     assert not [s for s in sandbox_secrets(example) if s in message]
+
+
+@pytest.mark.airflow_db
+def test_a_run_with_unconfirmed_rows_fails_without_a_retry_and_mails_what_a_person_must_do(
+    airflow_db: Path, smtp: _SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every Register call is carried out and answered 200 with an empty body: each row is unconfirmed.
+    The task fails, and the email counts them and says what to do, without any lead's data."""
+    with _example(tmp_path, monkeypatch) as example:
+        conn = json.loads(example.connection_json())
+        conn["extra"].update({"retry_wait_seconds": 0.01, "max_retries": 0})
+        monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps(conn))
+        example.inject(*["empty"] * 5000, path="/api/Authentication/v2/Register")
+        message = _failed_run_email(smtp)
+        db = sqlite3.connect(tmp_path / "warehouse.db")
+        counts = dict(db.execute("SELECT status, COUNT(*) FROM lsq_portal_registrations GROUP BY status"))
+        emails = [row[0] for row in db.execute("SELECT email FROM applicants WHERE email IS NOT NULL")]
+        db.close()
+        assert counts.get("unconfirmed", 0) > 100 and "registered" not in counts
+        assert example.register_calls == counts["unconfirmed"]  # one call each: no retry of the task
+        assert f"{counts['unconfirmed']} rows are unconfirmed" in message, message
+        assert "resend_unconfirmed=True" in message
+        assert "status IN ('failed', 'invalid', 'unconfirmed')" in message
+        assert not [e for e in emails if e in message]
+        assert not [s for s in sandbox_secrets(example) if s in message]
 
 
 @pytest.mark.airflow_db

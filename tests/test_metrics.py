@@ -160,7 +160,7 @@ def test_a_run_sends_the_documented_metrics_tagged_by_connection_with_plausible_
     assert max(waits) >= 500
     # Only documented names, each tagged with the connection, and nothing about any lead or secret.
     documented = {p + n for n in ("calls", "call_duration", "refusals", "retries", "rate_limit_wait")}
-    statuses = ("registered", "already_registered", "invalid", "failed")
+    statuses = ("registered", "already_registered", "invalid", "failed", "unconfirmed")
     documented |= {p + "registrations." + s for s in statuses}
     ours = [packet for packet in packets if packet[0].startswith(p)]
     assert {packet[0] for packet in ours} <= documented

@@ -64,7 +64,8 @@ def test_registers_each_lead_and_pushes_outcomes(sb: Sandbox) -> None:
     assert summary["total"] == 8
     assert summary["dry_run"] is False
     assert set(summary) == {
-        "total", "registered", "already_registered", "invalid", "failed", "duplicates", "dry_run",
+        "total", "registered", "already_registered", "invalid", "failed", "unconfirmed", "duplicates",
+        "dry_run",
         "duration_s",
     }  # fmt: skip
     assert summary["duplicates"] == 0

@@ -39,13 +39,15 @@ def test_summary_counts_every_status() -> None:
     progress.add(RegistrationOutcome("c", RegistrationStatus.ALREADY_REGISTERED, attempts=1))
     progress.add(bad("d"))
     progress.add(bad("e", RegistrationStatus.FAILED))
+    progress.add(bad("f", RegistrationStatus.UNCONFIRMED))
     summary = progress.summary(dry_run=False, duration=1.23456)
     assert summary == {
-        "total": 5,
+        "total": 6,
         "registered": 2,
         "already_registered": 1,
         "invalid": 1,
         "failed": 1,
+        "unconfirmed": 1,
         "duplicates": 0,
         "dry_run": False,
         "duration_s": 1.235,

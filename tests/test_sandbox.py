@@ -483,7 +483,13 @@ def test_connection_dict(sb: Sandbox) -> None:
         "host": sb.url,
         "login": sb.access_key,
         "password": sb.secret_key,
-        "extra": {"portal_id": "sandbox-portal", "rate_limit_calls": 25, "rate_limit_period_seconds": 5.0},
+        "extra": {
+            "portal_id": "sandbox-portal",
+            "rate_limit_calls": 25,
+            "rate_limit_period_seconds": 5.0,
+            "bulk_rate_limit_calls": 5,
+            "bulk_rate_limit_period_seconds": 5.0,
+        },
     }
 
 

@@ -23,9 +23,11 @@ Seen from the outside: the task's outlet is the portal's asset (``leadsquared://
 from ``LSQ_PORTAL_HOST`` and ``LSQ_PORTAL_ID``, which should match the connection), so each successful
 run records an asset event whose ``extra`` holds the run's counts, and
 ``lsq_welcome_new_portal_users`` runs on it. When the task fails, ``FAILURE_EMAIL`` mails how many of
-the run's rows failed and the ledger query that lists them, never a lead's data (set ``LSQ_ALERT_EMAIL``
-and an ``smtp_default`` connection). With Airflow's OpenLineage provider installed, the run also reports
-its lineage; with ``[metrics]`` on, the provider's metrics. See docs/observability.md.
+the run's rows failed or are unconfirmed (sent, and no answer said whether LeadSquared registered
+them: a person must check those) and the ledger query that lists them, never a lead's data (set
+``LSQ_ALERT_EMAIL`` and an ``smtp_default`` connection). With Airflow's OpenLineage provider
+installed, the run also reports its lineage; with ``[metrics]`` on, the provider's metrics. See
+docs/observability.md.
 
 The SQL runs unchanged on SQLite and PostgreSQL: ``created_at`` is UTC (text ``YYYY-MM-DD HH:MM:SS`` in
 SQLite, ``TIMESTAMP`` in PostgreSQL) and is compared with literals rendered in that same format.
@@ -100,7 +102,7 @@ NEW_PORTAL_USERS = portal_asset(
 FAILED_ROWS_SQL = (
     "SELECT row_key, status, error_type, error_message FROM {table} "
     "WHERE dag_id = '{dag_id}' AND run_id = '{run_id}' AND task_id = '{task_id}' "
-    "AND status IN ('failed', 'invalid') ORDER BY row_key"
+    "AND status IN ('failed', 'invalid', 'unconfirmed') ORDER BY row_key"
 )
 
 
@@ -122,7 +124,8 @@ def ledger_counts(conn_id: str, table: str, dag_id: str, run_id: str, task_id: s
 
 
 def failed_rows_sql(table: str, dag_id: str, run_id: str, task_id: str) -> str:
-    """The ledger query listing the task's failed and invalid rows of this run (a template macro)."""
+    """The ledger query listing the task's failed, invalid and unconfirmed rows of this run (a template
+    macro)."""
 
     def quoted(text: str) -> str:
         return text.replace("'", "''")
@@ -146,13 +149,23 @@ FAILURE_EMAIL = SmtpNotifier(
 <p>The ledger could not be read: the task log says why the run stopped.</p>
 <p>Once it can be read, this query lists the run's failed rows, if any, in {{ params.warehouse_conn_id }}:</p>
 <pre>{{ failed_rows_sql(params.ledger_table, dag.dag_id, run_id, ti.task_id) }}</pre>
-{%- elif counts.get("failed", 0) + counts.get("invalid", 0) == 0 -%}
+{%- elif counts.get("failed", 0) + counts.get("invalid", 0) + counts.get("unconfirmed", 0) == 0 -%}
 <p>No row of this run is recorded as failed ({{ counts.get("registered", 0) }} registered in this run):
 the task stopped for another reason, which its log gives (a refused connection, the warehouse, a stop).</p>
 {%- else -%}
+{%- if counts.get("unconfirmed", 0) %}
+<p><b>{{ counts.get("unconfirmed", 0) }} rows are unconfirmed</b>: their registration was sent and no
+answer said whether LeadSquared carried it out. They may be portal users already; no run sends them
+again until a person checks each lead in LeadSquared and updates its ledger row (status 'registered'
+if it is a portal user, 'failed' with retryable true if not), or a run sets resend_unconfirmed=True.</p>
+{%- endif %}
+{%- if counts.get("failed", 0) + counts.get("invalid", 0) %}
 <p>{{ counts.get("failed", 0) + counts.get("invalid", 0) }} rows failed
 ({{ counts.get("failed", 0) }} failed, {{ counts.get("invalid", 0) }} invalid,
 {{ counts.get("registered", 0) }} registered in this run).</p>
+{%- else %}
+<p>No row failed ({{ counts.get("registered", 0) }} registered in this run).</p>
+{%- endif %}
 <p>The ledger lists them, with the reason for each, in {{ params.warehouse_conn_id }}:</p>
 <pre>{{ failed_rows_sql(params.ledger_table, dag.dag_id, run_id, ti.task_id) }}</pre>
 {%- endif %}

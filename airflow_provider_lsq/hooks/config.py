@@ -11,7 +11,7 @@ import importlib.util
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from airflow_provider_lsq.version_compat import Connection
 
 DEFAULT_PORTAL_HOST = "portalapi.leadsquared.com"
+DEFAULT_LEAD_API_HOST = "api.leadsquared.com"
+# A regional portal API host and its lead API host differ by their first label (API notes, "Hosts"):
+# portalapi-us11.leadsquared.com -> api-us11.leadsquared.com; portalapi.leadsquared.com -> api....
+_PORTAL_HOST = re.compile(r"portalapi(-[a-z0-9]+)?\.leadsquared\.com", re.IGNORECASE)
+BULK_WINDOW = "bulk"
 CONN_TYPE = "leadsquared"
 
 
@@ -86,6 +91,27 @@ def base_url(host: str | None, port: int | None = None) -> str:
     if has_port or not parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=f"{parts.netloc}:{port}"))
+
+
+def lead_api_url(portal_url: str, api_host: str | None = None) -> str:
+    """The lead APIs' base URL for an account whose portal API is at ``portal_url``.
+
+    ``api_host`` (the connection's ``api_host`` extra) wins when set. Otherwise a LeadSquared portal
+    API host gives the same region's lead API host (API notes, "Hosts": ``portalapi-us11`` ->
+    ``api-us11``, ``portalapi`` -> ``api``, the port kept), and any other host (the sandbox, a proxy,
+    plain http) serves both APIs itself: the same URL.
+    """
+    if api_host:
+        return base_url(api_host)
+    parts = urlsplit(portal_url)
+    hostname = parts.hostname or ""
+    match = _PORTAL_HOST.fullmatch(hostname)
+    if parts.scheme != "https" or match is None:
+        return portal_url
+    netloc = f"api{(match.group(1) or '').lower()}.leadsquared.com"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class _ConnectionReader:
@@ -247,6 +273,32 @@ class LeadSquaredConfig:
     max_retries: int = 5
     retry_wait_seconds: float = 1.0
     api_host: str | None = None
+    bulk_rate_limit_calls: int = 1
+    bulk_rate_limit_period_seconds: float = 5.0
+    # Which of the account's windows a limiter keeps: "" the account's calls, BULK_WINDOW the bulk call's.
+    budget_window: str = ""
+
+    @property
+    def lead_api_url(self) -> str:
+        """The lead APIs' base URL: ``api_host`` when set, else derived from the portal host
+        (:func:`lead_api_url`)."""
+        return lead_api_url(self.base_url, self.api_host)
+
+    def bulk_budget(self) -> LeadSquaredConfig:
+        """This account's bulk window as a configuration of its own, for a second limiter.
+
+        ``Lead/Bulk/CreateOrUpdate`` has "a separate, lower rate limit" (API notes, "Lead APIs"):
+        ``bulk_rate_limit_calls`` per ``bulk_rate_limit_period_seconds``, less the same reserve,
+        kept in the same storage under another name (:attr:`account_id`). The daily cap stays with
+        the account's window, which a bulk call also takes.
+        """
+        return replace(
+            self,
+            rate_limit_calls=self.bulk_rate_limit_calls,
+            rate_limit_period_seconds=self.bulk_rate_limit_period_seconds,
+            daily_call_limit=None,
+            budget_window=BULK_WINDOW,
+        )
 
     @property
     def margin_seconds(self) -> float:
@@ -260,8 +312,12 @@ class LeadSquaredConfig:
 
     @property
     def account_id(self) -> str:
-        """A stable, non-secret name for the account: shared rate-limit budgets are keyed by it."""
-        digest = hashlib.sha256(f"{self.base_url}\n{self.access_key}".encode()).hexdigest()
+        """A stable, non-secret name for the account's window: shared rate-limit budgets are keyed by it.
+
+        The bulk window (:meth:`bulk_budget`) has a name of its own, so it is kept apart.
+        """
+        window = f"\n{self.budget_window}" if self.budget_window else ""
+        digest = hashlib.sha256(f"{self.base_url}\n{self.access_key}{window}".encode()).hexdigest()
         return digest[:16]
 
     @classmethod
@@ -334,4 +390,6 @@ class LeadSquaredConfig:
             max_retries=read.number("max_retries", int, 5, allow_zero=True),
             retry_wait_seconds=read.number("retry_wait_seconds", float, 1.0),
             api_host=read.host("api_host", _extra(read.extras, "api_host")),
+            bulk_rate_limit_calls=read.number("bulk_rate_limit_calls", int, 1),
+            bulk_rate_limit_period_seconds=read.number("bulk_rate_limit_period_seconds", float, 5.0),
         )

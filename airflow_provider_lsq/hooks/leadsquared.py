@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import requests
 import tenacity
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError
 
 from airflow_provider_lsq import __version__, metrics
 from airflow_provider_lsq.connection_form import UI_FIELD_BEHAVIOUR, connection_form_widgets
@@ -31,9 +32,11 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredRequestError,
     LeadSquaredStoppedError,
     LeadSquaredTransientError,
+    LeadSquaredUnconfirmedError,
     LeadSquaredValidationError,
 )
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url, is_redis_uri
+from airflow_provider_lsq.hooks.lead_api import LeadApiMixin
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, build_lead_fields
 from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter
 from airflow_provider_lsq.hooks.rate_limit.stores import BudgetLocationError
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping
 
     from airflow_provider_lsq.hooks.rate_limit import Lease
+    from airflow_provider_lsq.hooks.rate_limit.paired import CallBudget
 
 T = TypeVar("T")
 PUBLIC_TOKEN_PATH = "/api/Access/PublicToken"
@@ -103,6 +107,52 @@ def _unsendable_part(url: str, query: Mapping[str, Any], headers: Mapping[str, s
     return "host" if not _carriable(url) or " " in url else "request"
 
 
+# What requests raises when no connection was made: the request never left (refused, DNS, connect
+# timeout, the TLS handshake, the proxy). urllib3's NewConnectionError and NameResolutionError are
+# ConnectTimeoutErrors too.
+_NEVER_SENT = (
+    requests.exceptions.ConnectTimeout,
+    requests.exceptions.SSLError,
+    requests.exceptions.ProxyError,
+)
+
+
+def _never_sent(error: requests.RequestException) -> bool:
+    """Whether ``error`` happened before the request left: else LeadSquared may have carried it out
+    (a read timeout, a connection dropped after sending, a body cut short)."""
+    if isinstance(error, _NEVER_SENT):
+        return True
+    if not isinstance(error, requests.exceptions.ConnectionError):
+        return False
+    cause: BaseException | None = error
+    for _ in range(4):  # requests' ConnectionError(MaxRetryError(reason=NewConnectionError(...)))
+        reason = getattr(cause, "reason", None)
+        if reason is None and cause is not None and cause.args and isinstance(cause.args[0], BaseException):
+            reason = cause.args[0]
+        if not isinstance(reason, BaseException):
+            return False
+        if isinstance(reason, ConnectTimeoutError):
+            return True
+        cause = reason
+    return False
+
+
+def _proves_nothing(error: LeadSquaredError) -> bool:
+    """An attempt's error that says nothing about an earlier attempt's unproven call: a refusal, a
+    failure before sending, a gateway's error, a stop. LeadSquared's own answer (an ``MX...``
+    refusal, a 4xx) is proof of what it did with the call."""
+    return not isinstance(error, LeadSquaredAPIError)
+
+
+def _has_lead_id(body: Any) -> None:
+    """A Register answer proves the registration only with the lead's id: anything else is unproven."""
+    if not (isinstance(body, dict) and body.get("LeadId")):
+        raise LeadSquaredUnconfirmedError(
+            "LeadSquared answered the registration without a LeadId: it does not say whether the lead "
+            "was registered."
+        )
+
+
 def _should_retry(error: BaseException) -> bool:
     """Refusals and transient failures retry; a spent daily cap will not lift within the retries."""
     return isinstance(error, _RETRYABLE) and not isinstance(error, LeadSquaredDailyLimitError)
@@ -144,8 +194,9 @@ _FROM_HERE = (
 )
 
 
-class LeadSquaredHook(BaseHook):
-    """Talk to LeadSquared's portal API through a ``leadsquared`` connection.
+class LeadSquaredHook(LeadApiMixin, BaseHook):
+    """Talk to LeadSquared's portal API (and its lead APIs, :class:`LeadApiMixin`) through a
+    ``leadsquared`` connection.
 
     No network I/O happens until the first call. One pooled ``requests`` session serves every thread
     of the hook, and every call passes the account's rate limit.
@@ -287,11 +338,22 @@ class LeadSquaredHook(BaseHook):
         host: str | None = None,
         secrets: Iterable[str] = (),
         may_send: Callable[[], bool] | None = None,
+        budget: CallBudget | None = None,
+        check: Callable[[Any], None] | None = None,
     ) -> tuple[Any, int]:
         """:meth:`request`, also returning how many attempts it took. ``secrets`` are redacted too.
 
         ``may_send`` is asked before every attempt, once its place in the rate limit is granted: False
         means the call must not be made now (:class:`LeadSquaredStoppedError`, never retried).
+        ``budget`` replaces the account's window (:attr:`rate_limiter`), e.g. the bulk call's pair.
+        ``check`` sees each decoded body and raises (e.g. :class:`LeadSquaredUnconfirmedError`) when
+        it does not answer the call; its error is retried like the answer's.
+
+        Every attempt sends the same request. Once an attempt was sent and not answered in a way
+        that proves what happened (:class:`LeadSquaredUnconfirmedError`), the call ends
+        :class:`LeadSquaredUnconfirmedError` unless a later attempt proves it (an answer, or
+        LeadSquared's own refusal): a later refusal, a failure before sending, a stop or a spent
+        budget says nothing about that earlier call.
         """
         config = self.config
         url = (base_url(host) if host else config.base_url) + "/" + path.lstrip("/")
@@ -328,14 +390,31 @@ class LeadSquaredHook(BaseHook):
             before_sleep=log_retry,
             reraise=True,
         )
-        attempts = 0
+        attempts = unproven = 0
         try:
             for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    return self._attempt(method, url, query, json, headers, extra_secrets, may_send), attempts
+                    try:
+                        body = self._attempt(
+                            method, url, query, json, headers, extra_secrets, may_send, budget
+                        )
+                        if check is not None:
+                            check(body)
+                    except LeadSquaredUnconfirmedError:
+                        unproven += 1
+                        raise
+                    return body, attempts
         except LeadSquaredError as error:
             error.attempts = attempts
+            if unproven and not isinstance(error, LeadSquaredUnconfirmedError) and _proves_nothing(error):
+                unconfirmed = LeadSquaredUnconfirmedError(
+                    f"{unproven} of {attempts} attempts were sent and not answered in a way that says "
+                    f"what happened, and the last one proved nothing either ({error.message})",
+                    status_code=error.status_code,  # type: ignore[arg-type]
+                    attempts=attempts,
+                )
+                raise unconfirmed from None
             if isinstance(error, _RETRYABLE) and attempts > 1:
                 error.message = f"{error.message} Gave up after {attempts} attempts."
                 error.args = (error.message,)
@@ -355,9 +434,10 @@ class LeadSquaredHook(BaseHook):
         headers: Mapping[str, str] | None,
         secrets: Iterable[str],
         may_send: Callable[[], bool] | None = None,
+        budget: CallBudget | None = None,
     ) -> Any:
         """One call inside the account's window: it holds its place from send until answer + period."""
-        limiter = self.rate_limiter
+        limiter = budget if budget is not None else self.rate_limiter
         with metrics.rate_limit_wait(self.leadsquared_conn_id):
             try:
                 lease = limiter.acquire(stop=self.stopping)
@@ -432,8 +512,13 @@ class LeadSquaredHook(BaseHook):
             ) from None
         except requests.RequestException as error:
             message = redact(f"{type(error).__name__}: {error}", secrets)
-            raise LeadSquaredTransientError(
-                f"Could not reach LeadSquared at {self.config.base_url}: {message}"
+            if _never_sent(error):
+                raise LeadSquaredTransientError(
+                    f"Could not reach LeadSquared at {self.config.base_url} (nothing was sent): {message}"
+                ) from None
+            raise LeadSquaredUnconfirmedError(
+                f"LeadSquared at {self.config.base_url} was sent the call but did not answer it ({message}): "
+                "it may have carried it out."
             ) from None
 
     # -- the auth flow ---------------------------------------------------------------------------
@@ -632,12 +717,9 @@ class LeadSquaredHook(BaseHook):
             headers=headers,
             secrets=(password,),
             may_send=may_send,
+            check=_has_lead_id,
         )
-        lead_id = body.get("LeadId") if isinstance(body, dict) else None
-        if not lead_id:
-            raise LeadSquaredAPIError(
-                "LeadSquared answered the registration without a LeadId.", attempts=attempts
-            )
+        lead_id = body["LeadId"]
         return RegistrationResult(
             lead_id=str(lead_id), message=str(body.get("Message", "")), attempts=attempts
         )
@@ -762,6 +844,8 @@ class LeadSquaredHook(BaseHook):
             result = self._register(lead, password, only_new_leads, identifier_attribute, may_send)
         except LeadSquaredValidationError as error:
             return RegistrationOutcome.invalid(key, error.message, error_type=error.error_type)
+        except LeadSquaredUnconfirmedError as error:  # sent, and no answer said what happened
+            return RegistrationOutcome.unconfirmed(key, error.error_type, error.message, error.attempts)
         except (LeadSquaredAuthenticationError, LeadSquaredBudgetUnavailableError):
             raise  # no row can get past it: the run stops, once every call made has its outcome
         except LeadSquaredStoppedError as error:

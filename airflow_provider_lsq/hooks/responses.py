@@ -18,6 +18,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredLeadExistsError,
     LeadSquaredRateLimitError,
     LeadSquaredTransientError,
+    LeadSquaredUnconfirmedError,
 )
 
 if TYPE_CHECKING:
@@ -88,9 +89,17 @@ def parse_response(response: requests.Response, secrets: Iterable[str]) -> Any:
     body = _json_body(response)
     envelope = _envelope(body)
     if envelope is None and 200 <= status < 300:
+        # A success that does not say what happened: the call may have been carried out, or not.
         if body is None and response.content:
-            raise LeadSquaredTransientError(
-                f"LeadSquared answered {status} with a body that is not JSON; a gateway may be in the way.",
+            raise LeadSquaredUnconfirmedError(
+                f"LeadSquared answered {status} with a body that is not JSON (a gateway may be in the "
+                "way): it does not say whether the call was carried out.",
+                status_code=status,
+            )
+        if body is None and not response.content.strip():
+            raise LeadSquaredUnconfirmedError(
+                f"LeadSquared answered {status} with an empty body: it does not say whether the call "
+                "was carried out.",
                 status_code=status,
             )
         return body
@@ -127,6 +136,12 @@ def parse_response(response: requests.Response, secrets: Iterable[str]) -> Any:
             404: " The path is wrong, or the host is not a LeadSquared portal API host.",
         }.get(status, "")
         error = LeadSquaredAPIError(f"{said}.{hint} Retrying will not help.", **kwargs)
+    elif status in (502, 504):  # a gateway forwarded the call and got no usable answer (502) or none (504)
+        error = LeadSquaredUnconfirmedError(
+            f"{said}. The gateway forwarded the call and got no answer it could pass on: the call may have "
+            "been carried out.",
+            **kwargs,
+        )
     else:
         error = LeadSquaredTransientError(f"{said}.", **kwargs)
     raise error

@@ -33,7 +33,8 @@ MAX_LOGGED_DUPLICATES = 50  # duplicate rows logged one by one, then only counte
 class RegisterPortalUserOperator(BaseOperator):
     """Register leads as portal users of the connection's portal; return counts by status.
 
-    Each row ends in one outcome (registered, already_registered, invalid or failed). The list of
+    Each row ends in one outcome (registered, already_registered, invalid, failed or unconfirmed:
+    sent, and no answer said what happened). The list of
     outcome dicts is pushed to XCom under ``outcomes`` (keyed by ``key_field``: keep that in mind if
     the key is personal data). Passwords are generated per lead and stored nowhere, unless
     ``password_callable`` makes them.
@@ -57,6 +58,10 @@ class RegisterPortalUserOperator(BaseOperator):
     registering a lead again resets the password the first call set. It is counted in the summary's
     ``duplicates``, logged at WARNING with both row keys, and has no entry in ``outcomes`` (the first
     row's entry is the lead's).
+
+    Any ``unconfirmed`` row fails the task, whatever ``max_failure_ratio``, without an Airflow retry
+    (``AirflowFailException``): a retry would send every row again, those with new passwords. Its
+    outcome in ``outcomes`` says what happened; a person decides whether to send it again.
 
     ``on_kill`` (Airflow stopping the task) stops taking rows, lets the calls in flight finish and
     pushes every outcome made so far to XCom; the task then fails.

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         "out for a window (default 25/5)",
     )
     parser.add_argument(
+        "--bulk-rate-limit",
+        type=_rate_limit,
+        default=(5, 5.0),
+        metavar="N/P",
+        help="the bulk call's (Lead/Bulk/CreateOrUpdate) own, lower limit: N calls per P seconds "
+        "(default 5/5)",
+    )
+    parser.add_argument(
         "--daily-limit", type=int, default=None, metavar="N", help="calls allowed per day (default: none)"
     )
     parser.add_argument(
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             portal_id=args.portal_id,
             rate_limit_calls=calls,
             rate_limit_period=period,
+            bulk_rate_limit_calls=args.bulk_rate_limit[0],
+            bulk_rate_limit_period=args.bulk_rate_limit[1],
             daily_call_limit=args.daily_limit,
             refusal_form=args.refusal_form,
             latency=args.latency,

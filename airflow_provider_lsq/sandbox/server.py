@@ -22,6 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from airflow_provider_lsq.sandbox import lead_api
+from airflow_provider_lsq.sandbox.lead_api import BulkWindow, LeadApi, SandboxField, default_fields
 from airflow_provider_lsq.sandbox.state import (
     DEFAULT_KNOWN_ATTRIBUTES,
     DEFAULT_UNIQUE_ATTRIBUTES,
@@ -192,12 +194,17 @@ class _Handler(BaseHTTPRequestHandler):
         if delay > 0:
             time.sleep(delay)
         sandbox.state.record(CallRecord(at, self.command, path, answer.status, answer.outcome))
+        if answer.outcome == "dropped":  # carried out, then the connection closes without an answer
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         self._write(answer)
 
     def _dispatch(self, at: float, path: str, query: str, body: bytes) -> tuple[_Answer, float]:
         sandbox = self.server.sandbox
         state = sandbox.state
-        route = _ROUTES.get(path.rstrip("/").lower())
+        route = _ROUTES.get(path.rstrip("/").lower()) or lead_api.route(path)
         if route is None:
             message = f"No HTTP resource was found that matches the request URI '{path}'."
             return _Answer(404, {"Message": message}, "error"), 0.0
@@ -212,6 +219,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._keys_ok(query):
             message = "Invalid access key or secret key"
             return _Answer(401, _envelope("MXUnAuthorisedException", message), "unauthorized"), 0.0
+        if endpoint == lead_api.BULK:  # its own, lower limit first; then the account's, like any call
+            refusal = sandbox.lead_api.bulk_window.admit(at)
+            if refusal is not None:
+                payload = _envelope("MXAPIRateLimitExceededException", refusal.message)
+                return _Answer(refusal.status, payload, "refused"), 0.0
         decision = state.admit(at, path)
         if decision.kind == "refuse":
             payload = _envelope("MXAPIRateLimitExceededException", decision.message)
@@ -219,9 +231,21 @@ class _Handler(BaseHTTPRequestHandler):
         if decision.kind == "fault":
             raw = _gateway_body(decision.status) if decision.html else b""
             return _Answer(decision.status, raw=raw, outcome="fault"), decision.delay
-        answer = self._endpoint(endpoint, body)
+        if endpoint in lead_api.ENDPOINTS:
+            content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            status, payload, outcome = sandbox.lead_api.handle(endpoint, query, body, content_type)
+            answer = _Answer(status, payload, outcome)
+        else:
+            answer = self._endpoint(endpoint, body)
+        # Carried out (the endpoint ran), then an answer that does not say so.
         if decision.kind == "lost":
             return _Answer(502, raw=_gateway_body(502), outcome="lost"), decision.delay
+        if decision.kind == "empty":
+            return _Answer(200, raw=b"", outcome="empty"), decision.delay
+        if decision.kind == "html":
+            return _Answer(200, raw=_gateway_body(200), outcome="html"), decision.delay
+        if decision.kind == "drop":
+            return _Answer(0, raw=b"", outcome="dropped"), decision.delay
         return answer, decision.delay
 
     def _keys_ok(self, query: str) -> bool:
@@ -307,6 +331,9 @@ class Sandbox:
 
     Faithful to the portal API contract including its failure modes: per-account moving-window rate
     limit with lockout, refusals as 429/403/200, gateway faults, lost responses and wrong-region 401s.
+    The lead APIs (``/v2/LeadManagement.svc/...``, :mod:`.lead_api`) share its leads; ``lead_fields``
+    sets the account's fields (default: the known attributes, typed as a university's account would
+    have them) and ``bulk_rate_limit_calls``/``bulk_rate_limit_period`` the bulk call's own window.
     ``background_rate`` (calls per second, random arrivals) plays the account's other integrations:
     they spend the same budget, are locked out like us, and their refusals are counted apart
     (:attr:`refusals_by_caller`).
@@ -327,12 +354,22 @@ class Sandbox:
         lost_response_rate: float = 0.0,
         seed: int | None = None,
         background_rate: float = 0.0,
-        unique_attributes: tuple[str, ...] = DEFAULT_UNIQUE_ATTRIBUTES,
+        unique_attributes: tuple[str, ...] | None = None,
         known_attributes: tuple[str, ...] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        lead_fields: tuple[SandboxField, ...] | None = None,
+        bulk_rate_limit_calls: int = 5,
+        bulk_rate_limit_period: float = 5.0,
     ) -> None:
+        if lead_fields is not None:  # the account's fields say which are known and which unique
+            if known_attributes is not None or unique_attributes is not None:
+                raise ValueError("pass lead_fields, or known_attributes/unique_attributes, not both")
+            known_attributes = tuple(f.schema_name for f in lead_fields)
+            unique_attributes = tuple(f.schema_name for f in lead_fields if f.is_lead_identifier)
         known = tuple(known_attributes) if known_attributes is not None else DEFAULT_KNOWN_ATTRIBUTES
+        if unique_attributes is None:
+            unique_attributes = DEFAULT_UNIQUE_ATTRIBUTES
         self.config = SandboxConfig(
             rate_limit_calls=rate_limit_calls,
             rate_limit_period=float(rate_limit_period),
@@ -347,6 +384,12 @@ class Sandbox:
             known_attributes=known,
         )
         self.state = SandboxState(self.config, seed)
+        fields = lead_fields if lead_fields is not None else default_fields(known, unique_attributes)
+        self.lead_api = LeadApi(
+            self.state,
+            fields,
+            BulkWindow(bulk_rate_limit_calls, bulk_rate_limit_period, self.config.refusal_form),
+        )
         self.access_key = access_key if access_key is not None else _random_key("u$r")
         self.secret_key = secret_key if secret_key is not None else _random_key("")
         self.portal_id = portal_id
@@ -428,6 +471,8 @@ class Sandbox:
                 "portal_id": self.portal_id,
                 "rate_limit_calls": self.config.rate_limit_calls,
                 "rate_limit_period_seconds": self.config.rate_limit_period,
+                "bulk_rate_limit_calls": self.lead_api.bulk_window.calls,
+                "bulk_rate_limit_period_seconds": self.lead_api.bulk_window.period,
             },
         }
 
@@ -472,7 +517,14 @@ class Sandbox:
         return self.state.add_lead(fields)
 
     def inject(self, *faults: str | int, path: str | None = None) -> None:
-        """Script faults for the next matching calls: 500/502/503/504, "lost", "ratelimit", "slow:<s>"."""
+        """Script faults for the next matching calls (one each, in order).
+
+        500/502/503/504 (a gateway's answer; the call is not carried out), "ratelimit" (a refusal),
+        "slow:<s>" (carried out, answered ``s`` seconds late), and four that carry the call out and
+        then answer without saying so: "lost" (a gateway's 502), "empty" (200, no body), "html" (200,
+        an HTML page), "drop" (the connection closes, no answer). Those four take "+slow:<s>" too:
+        ``inject("drop+slow:1.6")`` hangs up 1.6 s after carrying the call out.
+        """
         self.state.inject(faults, path)
 
     def set_wrong_region(self, correct_host: str | None) -> None:
@@ -481,3 +533,19 @@ class Sandbox:
 
     def reset_calls(self) -> None:
         self.state.reset_calls()
+        self.lead_api.bulk_window.reset()
+
+    @property
+    def lead_fields(self) -> tuple[SandboxField, ...]:
+        """The account's lead fields, as ``LeadsMetaData.Get`` describes them."""
+        return self.lead_api.fields
+
+    @property
+    def bulk_refusals(self) -> int:
+        """Bulk calls refused for the bulk call's own rate limit (not counted in :attr:`refusals`)."""
+        return self.lead_api.bulk_window.refusals
+
+    def calls_to(self, endpoint_path: str) -> list[CallRecord]:
+        """The calls whose path ends with ``endpoint_path`` (case-insensitive), e.g. ``"Lead.Update"``."""
+        wanted = endpoint_path.rstrip("/").lower()
+        return [c for c in self.calls if c.path.rstrip("/").lower().endswith(wanted)]

@@ -59,7 +59,7 @@ class CallRecord:
     method: str
     path: str
     status: int
-    outcome: str  # "ok", "refused", "fault", "lost", "error", "unauthorized"
+    outcome: str  # "ok", "refused", "fault", "lost", "empty", "html", "dropped", "error", "unauthorized"
 
 
 class ApiError(Exception):
@@ -75,8 +75,11 @@ class ApiError(Exception):
 class Decision:
     """What to do with an admitted call: refuse it, fault it, lose its answer, or serve it.
 
-    ``kind`` is "refuse", "fault", "lost" or "serve"; ``status`` is the HTTP status for a refusal or a
-    fault; ``html`` says whether a fault carries an HTML body; ``delay`` is the sleep before answering.
+    ``kind`` is "refuse", "fault", "lost", "empty", "html", "drop" or "serve"; the last four and
+    "lost" carry the call out first ("lost" then answers a gateway's 502, "empty" a 200 with no body,
+    "html" a 200 with an HTML page, "drop" hangs up without an answer); ``status`` is the HTTP status
+    for a refusal or a fault; ``html`` says whether a fault carries an HTML body; ``delay`` is the
+    sleep before answering.
     """
 
     kind: str
@@ -86,17 +89,35 @@ class Decision:
     delay: float = 0.0
 
 
+# Scripted faults after which the call is carried out but the answer does not say so: the fault's
+# name is the decision's kind ("lost": a gateway's 502; "empty": a 200 without a body; "html": a 200
+# with an HTML page; "drop": the connection closed without any answer).
+AFTER_ACTING = ("lost", "empty", "html", "drop")
+
+
 def parse_fault(fault: str | int) -> str:
-    """Normalise an injectable fault to its canonical string, or raise ValueError."""
+    """Normalise an injectable fault to its canonical string, or raise ValueError.
+
+    A fault may end in ``+slow:<seconds>`` ("drop+slow:1.6"): the call is carried out and its
+    answer (or the hang-up) comes that much later.
+    """
     text = str(fault).strip().lower()
-    if text in {str(s) for s in GATEWAY_STATUSES} or text in {"lost", "ratelimit"}:
+    base, plus, delay = text.partition("+")
+    if plus:
+        if base not in AFTER_ACTING or not delay.startswith("slow:"):
+            raise ValueError(f"unknown fault {fault!r}: only {AFTER_ACTING} take '+slow:<seconds>'")
+        return f"{base}+{parse_fault(delay)}"
+    if text in {str(s) for s in GATEWAY_STATUSES} or text in {*AFTER_ACTING, "ratelimit"}:
         return text
     if text.startswith("slow:"):
         seconds = float(text[5:])
         if seconds < 0:
             raise ValueError(f"negative delay in fault {fault!r}")
         return f"slow:{seconds}"
-    raise ValueError(f"unknown fault {fault!r}: use 500/502/503/504, 'lost', 'ratelimit' or 'slow:<seconds>'")
+    raise ValueError(
+        f"unknown fault {fault!r}: use 500/502/503/504, 'lost', 'empty', 'html', 'drop', 'ratelimit' "
+        "or 'slow:<seconds>' (the four that carry the call out may add '+slow:<seconds>')"
+    )
 
 
 @dataclass
@@ -182,8 +203,9 @@ class SandboxState:
             if scripted is not None:
                 if scripted.startswith("slow:"):
                     return Decision("serve", delay=float(scripted[5:]))
-                if scripted == "lost":
-                    return Decision("lost", status=502)
+                kind, _, slow = scripted.partition("+slow:")
+                if kind in AFTER_ACTING:
+                    return Decision(kind, status=502 if kind == "lost" else 200, delay=float(slow or 0))
                 status = int(scripted)
                 return Decision("fault", status=status, html=status != 500)
             if cfg.fault_rate and self._rng.random() < cfg.fault_rate:

@@ -19,7 +19,8 @@ Plain DB-API, portable across SQLite and PostgreSQL (and kept generic for other 
 are a DELETE of the batch's keys then an INSERT, in one transaction, with the hook's placeholder and
 dialect (common-sql's ``DbApiHook.placeholder`` and ``dialect_name``).
 
-Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``) and
+Statuses: the outcomes' (``registered``, ``already_registered``, ``invalid``, ``failed``,
+``unconfirmed``: sent, and no answer said what happened; never re-sent without a person deciding) and
 ``pending``, written before a row is handed over for its call, so a run that dies without warning
 leaves its in-flight rows visible. Every write retries with backoff (and a busy timeout on SQLite)
 for up to ``write_timeout`` seconds before it raises :class:`LedgerUnavailableError`.
@@ -55,6 +56,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 PENDING = "pending"  # handed over for a call whose outcome is not recorded yet
+UNCONFIRMED = RegistrationStatus.UNCONFIRMED.value  # sent; no answer said whether it was carried out
+# A row of another key in one of these holds its lead: registered, maybe registered, or being sent.
+LEAD_HOLDER_STATUSES = frozenset(
+    {RegistrationStatus.REGISTERED.value, RegistrationStatus.ALREADY_REGISTERED.value, PENDING, UNCONFIRMED}
+)
 # How long after its holder's last heartbeat a pending row is judged abandoned (see the transfer's
 # ``pending_timeout``).
 DEFAULT_PENDING_TIMEOUT = dt.timedelta(minutes=2)
@@ -62,9 +68,22 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S"
 _LOOKUP_CHUNK = 400  # keys per SELECT/DELETE: well under SQLite's oldest 999-parameter limit
+# Parameters per batch lookup (keys and fingerprints in one SELECT): SQLite since 3.32 takes 32766,
+# PostgreSQL's psycopg interpolates them client-side; other databases keep the oldest limit.
+_BATCH_PARAMETERS = {
+    "sqlite": 32_000 if sqlite3.sqlite_version_info >= (3, 32) else 990,
+    "postgresql": 30_000,
+}
+# Text a value may have to be written into the anti-join's SQL as a literal ('' doubled): no backslash
+# (an escape in MySQL), no % (psycopg's placeholder mark when the query has parameters), no control.
+_UNSAFE_LITERAL = re.compile(r"[\\%\x00-\x1f\x7f]")
 _INSERT_CHUNK = 50  # rows per INSERT: 17 columns, 850 parameters (under SQLite's oldest 999)
 PG_LOCK_TIMEOUT = "5s"  # a migration waits this long for the table's lock, then retries (backoff)
 OK_STATUSES = frozenset({RegistrationStatus.REGISTERED.value, RegistrationStatus.ALREADY_REGISTERED.value})
+# Settled: a later run neither sends the row nor needs to read it again, so the transfer leaves it out
+# of its query in the database (see RegistrationLedger.anti_join). The one place to add a status to.
+SETTLED_STATUSES = OK_STATUSES
+POSITION_COLUMN = "lsq_row_position"  # the anti-join's numbering of an ordered query's rows (not sent)
 COLUMNS = (
     "portal_id",
     "row_key",
@@ -187,6 +206,7 @@ class RegistrationLedger:
         self.taken_over: set[str] = set()  # claimed keys the last record() left to another execution
         name = str(getattr(db_hook, "dialect_name", "") or "")
         self._dialect = name if name in _TYPES else "generic"
+        self._dialect_name = name  # the hook's own (mysql, mssql, ...): for the anti-join's SQL
         self._placeholder = str(getattr(db_hook, "placeholder", None) or "%s")
 
     # -- connection ------------------------------------------------------------------------------
@@ -473,13 +493,14 @@ class RegistrationLedger:
         )
 
     def lookup_identifiers(self, fingerprints: Iterable[str]) -> dict[str, list[LedgerRow]]:
-        """This portal's rows holding each fingerprint as registered, already registered or pending.
+        """This portal's rows holding each fingerprint as registered, already registered, unconfirmed
+        or pending.
 
         One query per 400 fingerprints (uses the ``(portal_id, lead_identifier)`` index); fingerprints
         no such row holds are left out. Rows of every key are returned: the caller leaves its own out.
         """
         wanted = list(dict.fromkeys(fingerprints))
-        statuses = sorted(OK_STATUSES | {PENDING})
+        statuses = sorted(LEAD_HOLDER_STATUSES)
 
         def read() -> dict[str, list[LedgerRow]]:
             found: dict[str, list[LedgerRow]] = {}
@@ -507,6 +528,112 @@ class RegistrationLedger:
         if not wanted:
             return {}
         return self._with_retries("lookup of lead identifiers", read)
+
+    def lookup_batch(
+        self, keys: Iterable[str], fingerprints: Iterable[str]
+    ) -> tuple[dict[str, LedgerRow], dict[str, list[LedgerRow]]]:
+        """A batch's ledger rows in one read: :meth:`lookup` of ``keys`` and
+        :meth:`lookup_identifiers` of ``fingerprints`` together.
+
+        One SELECT per batch (on PostgreSQL it reads the database's clock too); more only past the
+        database's parameter limit (SQLite before 3.32, and databases other than SQLite and
+        PostgreSQL, take about 400 keys and 400 fingerprints a statement).
+        """
+        wanted = list(dict.fromkeys(str(key) for key in keys))
+        prints = list(dict.fromkeys(fingerprints))
+        if not wanted and not prints:
+            return {}, {}
+        statuses = sorted(LEAD_HOLDER_STATUSES)
+        limit = _BATCH_PARAMETERS.get(self._dialect, 2 * _LOOKUP_CHUNK)
+        size = max(1, (limit - 1 - len(statuses)) // 2)
+        p = self._placeholder
+        clock = ", timezone('UTC', clock_timestamp())" if self._dialect == "postgresql" else ""
+        select = f"SELECT {', '.join(COLUMNS[1:])}{clock} FROM {self.table} WHERE portal_id = {p} AND "
+        key_set, print_set, held = set(wanted), set(prints), set(statuses)
+
+        def read() -> tuple[dict[str, LedgerRow], dict[str, list[LedgerRow]]]:
+            by_key: dict[str, LedgerRow] = {}
+            holders: dict[str, dict[str, LedgerRow]] = {}
+            conn = self.conn
+            cursor = conn.cursor()
+            try:
+                local_now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+                for start in range(0, max(len(wanted), len(prints)), size):
+                    key_chunk, print_chunk = wanted[start : start + size], prints[start : start + size]
+                    where: list[str] = []
+                    params: list[Any] = [self.portal_id]
+                    if key_chunk:
+                        where.append(f"row_key IN ({self._marks(len(key_chunk))})")
+                        params += key_chunk
+                    if print_chunk:
+                        where.append(
+                            f"({IDENTIFIER_COLUMN} IN ({self._marks(len(print_chunk))}) "
+                            f"AND status IN ({self._marks(len(statuses))}))"
+                        )
+                        params += [*print_chunk, *statuses]
+                    cursor.execute(f"{select}({' OR '.join(where)})", params)
+                    for record in cursor.fetchall():
+                        read_at = local_now
+                        if clock:
+                            read_at = record[-1].replace(tzinfo=dt.timezone.utc, microsecond=0)
+                        row = self._row(record[: len(COLUMNS) - 1], read_at)
+                        if row.row_key in key_set:
+                            by_key[row.row_key] = row
+                        if row.lead_identifier in print_set and row.status in held:
+                            holders.setdefault(str(row.lead_identifier), {})[row.row_key] = row
+            finally:
+                cursor.close()
+                conn.commit()  # end the read transaction: no snapshot or lock held between batches
+            return by_key, {fingerprint: list(rows.values()) for fingerprint, rows in holders.items()}
+
+        return self._with_retries("lookup", read)
+
+    def anti_join(
+        self, sql: str, key_column: str, execution: Execution, *, ordered: bool = False
+    ) -> str | None:
+        """``sql`` wrapped so that the database leaves out the rows this portal's ledger holds as
+        settled (:data:`SETTLED_STATUSES`), so a run reads only rows that may need it.
+
+        Still returned: rows ``execution``'s task instance recorded (an earlier try: a retry counts
+        them again, ``from_earlier_tries``), and settled rows without a lead fingerprint (an earlier
+        release's: the run gives them one). The key is compared as the ledger stores it, as text
+        (``CAST(q.<key_column> AS <text>)``). ``key_column`` is written unquoted when it is a plain
+        lower-case name (a database that folds names folds it as it folded the query's unquoted
+        alias), quoted as given otherwise. None when a value (the portal id, the task instance's
+        names) cannot be written into SQL text safely: the caller then reads ``sql`` as written.
+
+        ``ordered`` keeps ``sql``'s order (a hash anti-join that spills to disk does not): the rows
+        are numbered as ``sql`` returns them, in a last column :data:`POSITION_COLUMN`, and the
+        result is sorted by it (a sort of the rows left only).
+        """
+        names = (self.portal_id, execution.dag_id, execution.run_id, execution.task_id or "")
+        if any(_UNSAFE_LITERAL.search(name) for name in names):
+            return None
+
+        def literal(text: str) -> str:
+            return "'" + text.replace("'", "''") + "'"
+
+        portal, dag_id, run_id, task_id = map(literal, names)
+        mark = "`" if self._dialect_name == "mysql" else '"'
+        key = key_column
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", key_column):
+            key = mark + key_column.replace(mark, mark * 2) + mark
+        text = {"sqlite": "TEXT", "postgresql": "TEXT", "mysql": "CHAR"}.get(
+            self._dialect_name, "VARCHAR(255)"
+        )
+        settled = ", ".join(map(literal, sorted(SETTLED_STATUSES)))
+        # Newlines around the query: a comment on its last line does not swallow the rest.
+        inner = f"(\n{sql}\n) q"
+        if ordered:
+            inner = f"(SELECT s.*, ROW_NUMBER() OVER () AS {POSITION_COLUMN} FROM (\n{sql}\n) s) q"
+        return (
+            f"SELECT q.* FROM {inner} WHERE NOT EXISTS (SELECT 1 FROM {self.table} l "
+            f"WHERE l.portal_id = {portal} AND l.row_key = CAST(q.{key} AS {text}) "
+            f"AND l.status IN ({settled}) AND l.{IDENTIFIER_COLUMN} IS NOT NULL "
+            f"AND NOT (COALESCE(l.dag_id, '') = {dag_id} AND COALESCE(l.run_id, '') = {run_id} "
+            f"AND COALESCE(l.task_id, '') = {task_id} AND COALESCE(l.map_index, -1) = {execution.map_index}))"
+            + (f" ORDER BY q.{POSITION_COLUMN}" if ordered else "")
+        )
 
     @staticmethod
     def _from_db(value: Any) -> dt.datetime | None:
@@ -654,10 +781,11 @@ class RegistrationLedger:
 
         ``identifiers`` gives each key's :func:`lead_fingerprint`, written with the claim; a key is not
         claimed when another key of this portal holds its fingerprint as registered, already
-        registered, or pending for another execution within ``in_flight_for`` (the same lead, being
-        sent right now): no lead is sent twice either. On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a
-        transaction-level advisory lock per table and portal) claims are serialised, so that check
-        cannot race another execution's claim; other databases only narrow the window.
+        registered, unconfirmed (the lead may be a portal user), or pending for another execution
+        within ``in_flight_for`` (the same lead, being sent right now): no lead is sent twice either.
+        On SQLite (``BEGIN IMMEDIATE``) and PostgreSQL (a transaction-level advisory lock per table
+        and portal) claims are serialised, so that check cannot race another execution's claim; other
+        databases only narrow the window.
         """
         if not previous:
             return set()
@@ -764,13 +892,14 @@ class RegistrationLedger:
             )
 
     def _held_elsewhere(self, cursor: Any, key: str, fingerprint: str, token: str, since: Any) -> bool:
-        """Another key holds ``fingerprint``: registered, or pending for another execution since ``since``."""
+        """Another key holds ``fingerprint``: registered, unconfirmed (the lead may be a portal user),
+        or pending for another execution since ``since``."""
         p = self._placeholder
         cursor.execute(
             f"SELECT row_key FROM {self.table} WHERE portal_id = {p} AND {IDENTIFIER_COLUMN} = {p} "
-            f"AND row_key <> {p} AND (status IN ({p}, {p}) OR (status = {p} "
+            f"AND row_key <> {p} AND (status IN ({p}, {p}, {p}) OR (status = {p} "
             f"AND COALESCE(execution_id, '') <> {p} AND last_attempt_at >= {p}))",
-            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES), PENDING, token, since],
+            [self.portal_id, fingerprint, key, *sorted(OK_STATUSES | {UNCONFIRMED}), PENDING, token, since],
         )
         return cursor.fetchone() is not None
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.providers.common.sql.hooks.sql import DbApiHook
@@ -28,11 +30,17 @@ from airflow_provider_lsq.hooks.payload import (
     lead_fingerprint,
 )
 from airflow_provider_lsq.lineage import prepare_transfer_lineage, transfer_lineage
-from airflow_provider_lsq.outcomes import RegistrationOutcome
+from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.registration_run import OutcomeSink, RegistrationRun, check_lead
 from airflow_provider_lsq.transfers.executions import Execution
-from airflow_provider_lsq.transfers.ledger import DEFAULT_PENDING_TIMEOUT, LedgerRow, RegistrationLedger
+from airflow_provider_lsq.transfers.ledger import (
+    DEFAULT_PENDING_TIMEOUT,
+    POSITION_COLUMN,
+    UNCONFIRMED,
+    LedgerRow,
+    RegistrationLedger,
+)
 from airflow_provider_lsq.version_compat import AirflowFailException, BaseHook, BaseOperator
 
 if TYPE_CHECKING:
@@ -43,6 +51,7 @@ if TYPE_CHECKING:
 
 MAX_LOGGED_KEYS = 50  # duplicate keys and leads, NULL-key positions: logged one by one, then counted
 MAX_LOGGED_PENDING = 1000  # pending rows the query no longer returns: logged one by one, then counted
+_ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)  # the query orders its rows: keep that order
 # LeadSquared's standard attribute schema names: a result column equal to one but for case was folded
 # (PostgreSQL lower-cases unquoted aliases) and would be refused on every row.
 STANDARD_ATTRIBUTES = (
@@ -111,11 +120,19 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     created first, so the query may anti-join it. Rows then stream in batches of ``batch_size``
     (a server-side cursor on PostgreSQL), so memory stays flat however large the result:
 
-    - a key the ledger holds as registered (or already registered) is skipped: no call;
+    - a key the ledger holds as registered (or already registered) is skipped: no call. When the
+      ledger is on the query's connection, the database leaves those rows out (the query is wrapped
+      in an anti-join on the ledger, see ``docs/operators.md``), so a grown ledger costs nothing;
     - a key recorded as invalid is validated again (the data may have been fixed): no call if still bad;
     - a key recorded as failed is skipped unless the failure was transient (``retryable``) or
       ``retry_failed`` is set; skipped ones are counted (``skipped_failed``) and logged at WARNING.
       A retry of the same run counts its own failed rows again, so it ends the way the first try did;
+    - a key recorded as ``unconfirmed`` (its registration was sent and no answer said what happened:
+      the lead may be a portal user with the password that call set) is never sent again by a later
+      run: it is skipped, counted (``skipped_unconfirmed``) and logged at WARNING by row key, until a
+      person resolves it in the ledger (see the troubleshooting guide) or sets ``resend_unconfirmed``.
+      Another key of the same lead is not sent either while that holds. A retry of the same run
+      counts its own unconfirmed rows again;
     - a key left ``pending`` by an execution of this task that ended (a run or try died with its
       call in flight) is sent again **first**, before the query's other rows, and logged at WARNING;
       one the query no longer returns stays ``pending``, is logged at WARNING by row key and lead id
@@ -139,6 +156,8 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     write, the execution's ``pending`` rows get a fresh ``last_attempt_at`` (its heartbeat). The task
     returns counts only and fails when more than ``max_failure_ratio`` of the rows its task instance
     (this try and its earlier tries; not the DAG run's other tasks) recorded are invalid or failed.
+    It fails without an Airflow retry (``AirflowFailException``) when any of them is ``unconfirmed``,
+    whatever ``max_failure_ratio``: a person must look at those rows, and a retry cannot confirm them.
     Errors no retry can fix (bad keys, no ``portal_id``, unusable columns) raise
     ``AirflowFailException``.
 
@@ -159,7 +178,10 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
     :param ledger_table: the ledger table, optionally schema-qualified. Templated.
     :param ledger_conn_id: where the ledger lives (default: ``sql_conn_id``). Templated.
     :param batch_size: rows fetched per batch, and outcomes written to the ledger per transaction.
-    :param retry_failed: also retry rows recorded as permanently failed.
+    :param retry_failed: also retry rows recorded as permanently failed (not ``unconfirmed`` ones).
+    :param resend_unconfirmed: send rows recorded ``unconfirmed`` again, with a new password. Only
+        after checking that those leads are not portal users, or accepting that a registration resets
+        the password an applicant may have set since. Off by default.
     :param flush_interval_seconds: outcomes wait at most this long (seconds) before they are written.
     :param ledger_write_timeout: seconds a ledger write keeps retrying before the task stops and fails.
     :param pending_timeout: how long after its last heartbeat a ``pending`` row of another execution
@@ -205,6 +227,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         ledger_conn_id: str | None = None,
         batch_size: int = 500,
         retry_failed: bool = False,
+        resend_unconfirmed: bool = False,
         flush_interval_seconds: float = 2.0,
         ledger_write_timeout: float = 60.0,
         pending_timeout: dt.timedelta = DEFAULT_PENDING_TIMEOUT,
@@ -239,6 +262,7 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
         self.ledger_conn_id = ledger_conn_id
         self.batch_size = batch_size
         self.retry_failed = retry_failed
+        self.resend_unconfirmed = resend_unconfirmed
         self.flush_interval_seconds = flush_interval_seconds
         self.ledger_write_timeout = ledger_write_timeout
         self.pending_timeout = pending_timeout
@@ -285,7 +309,11 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
             time.monotonic() - started,
             self.max_failure_ratio,
             verdict=transfer.verdict,
+            unconfirmed_rows=transfer.unconfirmed,
+            recorded_in=f"the ledger {self.ledger_table}",
             skipped_failed=transfer.skipped_failed,
+            skipped_unconfirmed=transfer.skipped_unconfirmed,
+            resent_unconfirmed=transfer.resent_unconfirmed,
             resent_pending=transfer.resent_pending,
             pending_not_returned=transfer.pending_not_returned,
             duplicate_leads=transfer.duplicate_leads,
@@ -340,6 +368,21 @@ class SqlToLeadSquaredPortalOperator(BaseOperator):
 
 
 _LATEST = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+
+
+def _plan_for_every_row(conn: Any) -> None:
+    """Plan the server-side cursor for reading every row, not the first 10% fast (PostgreSQL's
+    ``cursor_tuple_fraction``): the anti-join over a grown ledger is a hash anti-join then, not an index
+    probe per row (a third of the time on 1,000,000 rows). For this read's transaction only."""
+    cursor = conn.cursor()
+    try:
+        cursor.execute("SET LOCAL cursor_tuple_fraction = 1.0")
+    except Exception:  # a PostgreSQL-like database without the setting: the default plan
+        with contextlib.suppress(Exception):
+            conn.rollback()
+    finally:
+        with contextlib.suppress(Exception):
+            cursor.close()
 
 
 class _Keyed(NamedTuple):
@@ -541,6 +584,9 @@ class _Transfer:
         self.execution = execution
         self.run_id = execution.run_id
         self.verdict: tuple[int, int] | None = None  # (considered, failures) of the whole task instance
+        self.unconfirmed: int | None = None  # unconfirmed rows of the whole task instance
+        self.skipped_unconfirmed = self.resent_unconfirmed = 0
+        self.reported_unconfirmed = 0
         self.null_keys = 0
         self.skipped_done = self.skipped_failed = self.earlier_tries = 0
         self.resent_pending = self.pending_elsewhere = self.pending_not_returned = 0
@@ -548,6 +594,10 @@ class _Transfer:
         self.duplicate_leads = self.same_lead = 0  # rows of a lead met earlier in this run / held by a key
         self.reported_duplicate_leads = self.reported_same_lead = 0
         self.filled_identifiers = 0  # registered rows of an earlier release given their lead identifier
+        self.rows_read = 0  # rows the query returned, every pass
+        # Why the database does not leave the settled rows out (None: it does; see _left_out_settled).
+        self.not_left_out: str | None = None
+        self.positioned = False  # the query read numbers its rows in a last column (not sent)
 
     # -- the whole run (in the engine's thread: database connections stay in it) -------------------
 
@@ -559,24 +609,33 @@ class _Transfer:
             cursors: list[Any] = []
             # A named cursor is server-side on psycopg: rows come batch by batch. sqlite3 is lazy.
             is_postgres = self.ledger.dialect == "postgresql" or sql_hook.dialect_name == "postgresql"
+            read, counted = self._left_out_settled(sql)
 
             def query(name: str) -> Any:
+                nonlocal read
+                if is_postgres:
+                    _plan_for_every_row(conn)
                 cursor = conn.cursor(name=name) if is_postgres else conn.cursor()
                 cursors.append(cursor)
                 try:
-                    self.op._execute(cursor, sql)
+                    self.op._execute(cursor, read)
                 except Exception as error:
-                    raise self._read_failed(error, 0) from None
+                    if read == sql:
+                        raise self._read_failed(error, 0) from None
+                    self._anti_join_failed(error, conn, cursor)
+                    read, self.positioned = sql, False
+                    return query(name)
                 return cursor
 
             try:
-                self.progress.total = self.op._count(conn, sql)
+                self.progress.total = self.op._count(conn, counted)
                 self.log.info(
-                    "%s rows of %r as portal users of portal %r (%s rows; ledger %s on %r).",
+                    "%s rows of %r as portal users of portal %r (%s rows%s; ledger %s on %r).",
                     "Validating (dry run)" if self.op.is_dry_run else "Registering",
                     self.op.sql_conn_id,
                     portal_id,
                     "unknown" if self.progress.total is None else self.progress.total,
+                    "" if self.not_left_out else ", those the ledger holds as registered left out",
                     self.op.ledger_table,
                     self.op.ledger_conn_id or self.op.sql_conn_id,
                 )
@@ -590,7 +649,7 @@ class _Transfer:
                 else:
                     rows = self._rows(query("lsq_transfer"), seen)
                 self.engine.register(rows)
-                self.verdict = self._run_verdict()
+                self.verdict, self.unconfirmed = self._run_verdict()
             finally:
                 for cursor in cursors:
                     with contextlib.suppress(Exception):
@@ -601,17 +660,62 @@ class _Transfer:
                     conn.close()
                 self._log_skips()
 
-    def _run_verdict(self) -> tuple[int, int]:
-        """``(considered, failures)`` over every row this task instance recorded, in this try or an
-        earlier one (not the rows of the DAG run's other tasks).
+    def _left_out_settled(self, sql: str) -> tuple[str, str]:
+        """The query to read and the query to count: ``sql`` with the rows the ledger holds as
+        settled left out by the database (an anti-join, see :meth:`RegistrationLedger.anti_join`), so
+        a run's cost follows the rows that may need it, not the ledger's size. ``sql`` itself when
+        the ledger is on another connection (the database cannot join it) or a name cannot be written
+        into SQL text; the rows are then left out here, each read and skipped (a warning says so when
+        they are most of the query)."""
+        op = self.op
+        if (op.ledger_conn_id or op.sql_conn_id) != op.sql_conn_id:
+            self.not_left_out = "the ledger is on another connection (ledger_conn_id)"
+            return sql, sql
+        ordered = bool(_ORDER_BY.search(sql))
+        read = self.ledger.anti_join(sql, op.key_column, self.execution, ordered=ordered)
+        counted = self.ledger.anti_join(sql, op.key_column, self.execution)
+        if read is None or counted is None:
+            self.not_left_out = (
+                "the portal id or the task instance's names hold a backslash, a % or a control "
+                "character, which the transfer does not write into SQL text"
+            )
+            return sql, sql
+        self.positioned = ordered
+        return read, counted
+
+    def _anti_join_failed(self, error: Exception, conn: Any, cursor: Any) -> None:
+        """The query with the ledger's anti-join failed: end the transaction, say why (the error's
+        type only: its message may quote the query), and read the query as written from then on."""
+        with contextlib.suppress(Exception):
+            cursor.close()
+        with contextlib.suppress(Exception):
+            conn.rollback()  # PostgreSQL: the failed statement aborted the transaction
+        code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        self.not_left_out = (
+            f"the database refused the query wrapped in the ledger's anti-join ({type(error).__name__})"
+        )
+        self.log.warning(
+            "The database refused the query wrapped in the ledger's anti-join (%s%s): reading the query "
+            "as written; rows the ledger holds as registered are read and skipped. key_column %r must "
+            "be the column's name as the database spells it.",
+            type(error).__name__,
+            f", {code}" if code else "",
+            self.op.key_column,
+        )
+
+    def _run_verdict(self) -> tuple[tuple[int, int], int]:
+        """``((considered, failures), unconfirmed)`` over every row this task instance recorded, in
+        this try or an earlier one (not the rows of the DAG run's other tasks).
 
         Read from the ledger, so a retry ends the way the first try did even when the query leaves out
         the rows registered by then (an anti-join on the ledger). Rows without a key count too.
         """
         counts = self.ledger.run_counts(execution=self.execution)
         failures = counts.get("invalid", 0) + counts.get("failed", 0) + self.null_keys
-        considered = failures + counts.get("registered", 0) + counts.get("already_registered", 0)
-        return considered, failures
+        unconfirmed = counts.get(UNCONFIRMED, 0)
+        done = counts.get("registered", 0) + counts.get("already_registered", 0)
+        considered = failures + unconfirmed + done
+        return (considered, failures), unconfirmed
 
     def _pending_rows(self) -> dict[str, LedgerRow]:
         """The ``pending`` rows that executions of this task left when they ended (by key): this run
@@ -718,9 +822,13 @@ class _Transfer:
         if not records:
             return iter(())
         columns = [str(column[0]) for column in cursor.description]  # psycopg: known after a fetch
+        width = None
+        if self.positioned and columns[-1].lower() == POSITION_COLUMN:
+            columns = columns[:-1]  # the anti-join's numbering: not a lead attribute
+            width = len(columns)
         key_index = self._key_index(columns)
         self._check_columns(columns, key_index)
-        return self._stream(cursor, records, columns, key_index, seen, only=only, skip=skip)
+        return self._stream(cursor, records, columns, key_index, seen, only=only, skip=skip, width=width)
 
     def _stream(
         self,
@@ -732,14 +840,18 @@ class _Transfer:
         *,
         only: set[str] | None = None,
         skip: set[str] | None = None,
+        width: int | None = None,
     ) -> Iterator[Row]:
         position = 0
         skip = set(skip or ())
         while records:
             keyed: list[_Keyed] = []
+            self.rows_read += len(records)
             for row in records:
                 position += 1
                 record = tuple(row.values()) if isinstance(row, Mapping) else row  # dict cursors too
+                if width is not None:
+                    record = record[:width]
                 value = record[key_index]
                 if only is not None or skip:
                     text = None if value is None else str(value)
@@ -753,10 +865,11 @@ class _Transfer:
                 key = self._key(position, value, seen)
                 if key is not None:
                     keyed.append(self._keyed(key, self._lead(columns, key_index, record)))
-            # One query each per batch: the rows' keys, and the leads other keys hold.
-            known = self.ledger.lookup(item.key for item in keyed)
-            self._fill_identifiers(keyed, known)
-            holders = self.ledger.lookup_identifiers(item.fingerprint for item in keyed if item.fingerprint)
+            # One ledger read per batch: the rows' keys, and the leads other keys hold.
+            known, holders = self.ledger.lookup_batch(
+                (item.key for item in keyed), (item.fingerprint for item in keyed if item.fingerprint)
+            )
+            self._fill_identifiers(keyed, known, holders)
             for item in keyed:
                 previous = known.get(item.key)
                 if not self._wanted(item.key, item.lead, previous):
@@ -793,10 +906,13 @@ class _Transfer:
             "it is not repeated here)."
         )
 
-    def _fill_identifiers(self, keyed: list[_Keyed], known: Mapping[str, LedgerRow]) -> None:
+    def _fill_identifiers(
+        self, keyed: list[_Keyed], known: Mapping[str, LedgerRow], holders: dict[str, list[LedgerRow]]
+    ) -> None:
         """Give rows an earlier release recorded as registered their lead's fingerprint (no call).
 
-        From then on another key of the same lead is recorded ``already_registered`` instead of sent.
+        From then on another key of the same lead is recorded ``already_registered`` instead of sent;
+        in this batch too: each such row joins ``holders`` (read before it had its fingerprint).
         Not in a dry run (it writes nothing).
         """
         missing = {
@@ -810,6 +926,8 @@ class _Transfer:
         if missing and not self.op.is_dry_run:
             self.ledger.fill_identifiers(missing)
             self.filled_identifiers += len(missing)
+            for key, fingerprint in missing.items():
+                holders.setdefault(fingerprint, []).append(replace(known[key], lead_identifier=fingerprint))
 
     def _keyed(self, key: str, lead: dict[str, Any]) -> _Keyed:
         identifier = first_identifier(lead, self.op.identifier_attribute)
@@ -878,6 +996,14 @@ class _Transfer:
                 lead_id=holder.lead_id,
                 registered=holder.status == "registered",
             )
+        unconfirmed = [row for row in others if row.status == UNCONFIRMED]
+        if unconfirmed and not self.op.resend_unconfirmed:
+            self._skip_unconfirmed(
+                item.key,
+                f"the same lead (same {item.attribute}) as row key {unconfirmed[0].row_key}, "
+                "whose registration is unconfirmed",
+            )
+            return None
         if any(self._in_flight_elsewhere(row) for row in others):
             self.pending_elsewhere += 1  # another execution is sending this lead under another key
             self.progress.add_skipped()
@@ -905,6 +1031,8 @@ class _Transfer:
             return False
         if previous.status == "invalid":
             return True  # this run's own invalid row: validated and counted again
+        if previous.status == UNCONFIRMED:
+            return self._wanted_unconfirmed(previous, own)
         if own and previous.registered:
             self.earlier_tries += 1  # an earlier try of this run registered it (the verdict counts it)
             self.skipped_done += 1
@@ -940,6 +1068,40 @@ class _Transfer:
         self.skipped_failed += 1
         self.progress.add_skipped()
         return False
+
+    def _wanted_unconfirmed(self, previous: LedgerRow, own: bool) -> bool:
+        """An ``unconfirmed`` row: sent again only with ``resend_unconfirmed`` (a person decided). An
+        earlier try of this run's counts again, without a call; another run's is skipped."""
+        if self.op.resend_unconfirmed:
+            self.resent_unconfirmed += 1
+            return True
+        if own:
+            self.earlier_tries += 1
+            self.progress.add(
+                RegistrationOutcome.recorded(
+                    previous.row_key,
+                    RegistrationStatus.UNCONFIRMED.value,
+                    lead_id=previous.lead_id,
+                    error_type=previous.error_type,
+                    error_message=previous.error_message,
+                    retryable=False,
+                )
+            )
+            return False
+        self._skip_unconfirmed(previous.row_key, "its registration is unconfirmed")
+        return False
+
+    def _skip_unconfirmed(self, key: str, why: str) -> None:
+        self.skipped_unconfirmed += 1
+        self.progress.add_skipped()
+        if self.reported_unconfirmed < MAX_LOGGED_KEYS:
+            self.reported_unconfirmed += 1
+            self.log.warning(
+                "Row key %s is not sent: %s (it was sent and no answer said whether LeadSquared "
+                "registered it). Resolve it in the ledger, or set resend_unconfirmed=True.",
+                key,
+                why,
+            )
 
     def _key_index(self, columns: list[str]) -> int:
         wanted = self.op.key_column
@@ -995,11 +1157,40 @@ class _Transfer:
     def _log_skips(self) -> None:
         if self.skipped_done:
             self.log.info("%d rows skipped: the ledger has them registered.", self.skipped_done)
+        settled_read = self.skipped_done - self.filled_identifiers  # filled: read once, to fill them
+        if settled_read >= self.op.batch_size and settled_read * 2 > self.rows_read:
+            why = self.not_left_out or (
+                "the database's text of key_column differs from the ledger's row_key (the key as "
+                "Python writes it, e.g. 1.0 for a float): return the key as text, e.g. "
+                "CAST(id AS TEXT) AS applicant_id"
+            )
+            self.log.warning(
+                "%d of the %d rows the query returned are registered in the ledger already: each was read "
+                "and skipped, so runs slow down as the ledger grows. The database did not leave them out "
+                "because %s. Leave them out in the query (NOT EXISTS on the ledger, see the docs) or "
+                "narrow it to the rows that may be new.",
+                settled_read,
+                self.rows_read,
+                why,
+            )
         if self.skipped_failed:
             self.log.warning(
                 "%d rows skipped: an earlier run recorded them as failed for good or invalid (and they still "
                 "are), so they are not portal users (fix them; failed ones need retry_failed=True).",
                 self.skipped_failed,
+            )
+        if self.skipped_unconfirmed:
+            self.log.warning(
+                "%d rows skipped: recorded unconfirmed by an earlier run (or the same lead as such a row). "
+                "They may or may not be portal users: check them in LeadSquared and resolve them in the "
+                "ledger (status 'unconfirmed'), or set resend_unconfirmed=True to send them again with "
+                "new passwords.",
+                self.skipped_unconfirmed,
+            )
+        if self.resent_unconfirmed:
+            self.log.warning(
+                "%d rows recorded unconfirmed were sent again (resend_unconfirmed=True).",
+                self.resent_unconfirmed,
             )
         if self.earlier_tries:
             self.log.warning(
