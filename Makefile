@@ -10,7 +10,7 @@ AIRFLOW_SPEC ?= apache-airflow>=2.11.0
 # uv's resolution strategy: `lowest-direct` installs the oldest version every declared floor allows.
 RESOLUTION ?= highest
 # A constraints file for the install (uv -c), as Airflow's own are used, e.g.
-# CONSTRAINTS=constraints/airflow-3.0.0.txt AIRFLOW_SPEC='apache-airflow==3.0.0' (constraints/).
+# CONSTRAINTS=constraints/airflow-3.0.6.txt AIRFLOW_SPEC='apache-airflow==3.0.6' (constraints/).
 CONSTRAINTS ?=
 # What pytest runs (default: the whole suite), e.g. TESTS='tests/test_hook.py tests/test_provider.py'.
 TESTS ?=
