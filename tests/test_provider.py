@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -158,7 +159,11 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
     try:
         shown = _airflow("connections", "get", conn_id, "--output", "json")
         assert shown.returncode == 0, shown.stderr
-        stored = json.loads(shown.stdout)[0]
+        # The JSON document, after any log line Airflow's logging sends to stdout first (3.2.2 with its
+        # pinned alembic logs "setup plugin alembic..." at INFO there).
+        start = re.search(r"^\[\s*\{", shown.stdout, re.MULTILINE)
+        assert start is not None, shown.stdout[-2000:]
+        stored = json.loads(shown.stdout[start.start() :])[0]
         assert stored["conn_type"] == "leadsquared"
         # The connection as the metadata DB holds it, read back by Airflow's own CLI.
         from airflow_provider_lsq.version_compat import Connection
