@@ -29,6 +29,25 @@ def get_db_hook(conn_id: str, parameter: str) -> DbApiHook:
     return hook
 
 
+def statement_text(sql: str) -> str:
+    """``sql`` without what may end it after its last token: semicolons, comments and blank space
+    (``SELECT ...; -- done``), so it can be wrapped in a subquery (the ledger's anti-join, the count).
+
+    Read with sqlparse's lexer (a common-sql dependency), so a ``;`` or ``--`` inside a string or a
+    quoted name is not taken for one; a query with nothing but those is returned stripped.
+    """
+    from sqlparse import lexer, tokens
+
+    parts = list(lexer.tokenize(sql))
+    end = len(parts)
+    while end:
+        kind, text = parts[end - 1]
+        if not (kind in tokens.Whitespace or kind in tokens.Comment or text == ";"):
+            break
+        end -= 1
+    return "".join(text for _kind, text in parts[:end]).strip() or sql.strip()
+
+
 def plan_for_every_row(conn: Any) -> None:
     """Plan the server-side cursor for reading every row, not the first 10% fast (PostgreSQL's
     ``cursor_tuple_fraction``): the anti-join over a grown ledger is a hash anti-join then, not an index
@@ -63,7 +82,8 @@ class WarehouseQuery:
         """Rows the query will return, for progress and ETA; None when the database cannot say."""
         cursor = conn.cursor()
         try:
-            self.execute(cursor, f"SELECT COUNT(*) FROM ({sql}) lsq_count")
+            # Newlines around the query: a comment on its last line does not swallow the rest.
+            self.execute(cursor, f"SELECT COUNT(*) FROM (\n{sql}\n) lsq_count")
             return int(cursor.fetchone()[0])
         except Exception as error:  # the message may quote data: log its type only
             self.log.info("Could not count the rows first (%s): progress shows no ETA.", type(error).__name__)

@@ -257,3 +257,23 @@ def test_a_query_the_anti_join_cannot_wrap_is_read_as_written(
     else:
         assert summary["total"] == 12 and summary["skipped"] == 10 and refused
         assert "10 of the 12 rows the query returned are registered in the ledger already" in task_log()
+
+
+@pytest.mark.parametrize(
+    "ending", [";", " ;\n", "; -- the end", " -- the end\n;", "; /* done */ ;", ";\n-- a; b\n"]
+)
+def test_a_query_ending_in_semicolons_and_comments_is_still_anti_joined(
+    warehouse: Warehouse, lsq: Callable[..., Sandbox], statements: list[str], task_log: TaskLog, ending: str
+) -> None:
+    """A query pasted from an SQL editor (``...; -- done``): the anti-join and the count still wrap
+    it, so the settled rows are left out in the database, not read and skipped one by one."""
+    sb = lsq()
+    warehouse.seed(applicants(15))
+    settle(warehouse, sb.portal_id, range(1, 11))
+
+    summary = transfer(warehouse, sql=warehouse.sql() + ending, batch_size=10).execute(context())
+
+    assert summary["registered"] == summary["total"] == 5 and sb.register_calls == 5
+    assert summary["skipped"] == 0
+    assert "refused the query wrapped" not in task_log() and "Could not count" not in task_log()
+    assert all("NOT EXISTS" in sql for sql in reads(statements))

@@ -27,7 +27,7 @@ from airflow_provider_lsq.transfers.planner import (
     RowPlanner,
     TransferSettings,
 )
-from airflow_provider_lsq.warehouse import get_db_hook
+from airflow_provider_lsq.warehouse import get_db_hook, statement_text
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -207,7 +207,7 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
         started = time.monotonic()
         # First: a task failing on its checks below still has its lineage (see lineage.py).
         self.start_execution()
-        sql = self.sql.strip().rstrip(";").strip()
+        sql = statement_text(self.sql)
         sql_hook = get_db_hook(self.sql_conn_id, "sql_conn_id")
         ledger_hook = get_db_hook(self.ledger_conn_id or self.sql_conn_id, "ledger_conn_id")
         lsq_hook = LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id)
