@@ -199,21 +199,22 @@ def console_line(line: str) -> str | None:
 def stream(proc: subprocess.Popen[str], log: IO[str]) -> tuple[list[str], dict[str, Any], str | None]:
     """Copy the child's output to the log and show the provider's lines.
 
-    Returns a tail of the log, the summary, and the first exception line (the task's own error, in
-    full: the lines shown as they come are shortened, and the tail may hold only a failure callback's
-    traceback).
+    Returns a tail of the log, the summary, and the task's error in full: the lines shown as they come
+    are shortened, and the tail may hold only a failure callback's traceback. That is the first line
+    naming one of the provider's exceptions, else the first naming any exception (Airflow 2's CLI logs
+    one of its own first when the executor's provider is missing).
     """
     tail: list[str] = []
     summary: dict[str, Any] = {}
-    first_error: str | None = None
+    errors: dict[bool, str] = {}  # is it the provider's exception -> its first line
     last = None
     assert proc.stdout is not None
     for raw in proc.stdout:
         log.write(raw)
         line = raw.rstrip()
         tail = [*tail[-39:], line]
-        if first_error is None and EXCEPTION_LINE.match(line):
-            first_error = line.strip()
+        if EXCEPTION_LINE.match(line):
+            errors.setdefault(line.strip().startswith("airflow_provider_lsq."), line.strip())
         if found := SUMMARY.search(line):
             with contextlib.suppress(ValueError, SyntaxError):
                 summary = ast.literal_eval(found[1])
@@ -221,7 +222,7 @@ def stream(proc: subprocess.Popen[str], log: IO[str]) -> tuple[list[str], dict[s
         if shown is not None and shown != last:  # Airflow 2 logs a task's lines twice, in two formats
             say("  | " + shorten(shown))
             last = shown
-    return tail, summary, first_error
+    return tail, summary, errors.get(True, errors.get(False))
 
 
 def shorten(line: str, width: int | None = None) -> str:
