@@ -220,11 +220,12 @@ class RegistrationProgress:
         raise AirflowFailException(
             f"{unconfirmed} rows are unconfirmed: their registration was sent (every attempt with the "
             "same password) and no answer said whether LeadSquared carried it out (a timeout after "
-            "sending, a dropped connection, an empty or unreadable answer). They may be portal users "
-            f"already, so they are not sent again: they are recorded 'unconfirmed' in {where} and "
-            "logged above at WARNING by row key. Check each lead in LeadSquared and resolve it (see "
-            "'Unconfirmed rows' in the provider's troubleshooting guide). No retry: a retry cannot "
-            "confirm them."
+            "sending, a dropped connection, an empty or unreadable answer, a gateway's 502 or 504). "
+            "They may be portal users already, so they are not sent again: they are recorded "
+            f"'unconfirmed' in {where} and logged above at WARNING by row key. Check each lead in "
+            "LeadSquared and resolve it (the provider's docs, operators page, section 'Answers that do "
+            "not say what happened': the ledger update to make, or resend_unconfirmed=True). No "
+            "retry: a retry cannot confirm them."
         )
 
     # -- logging ---------------------------------------------------------------------------------

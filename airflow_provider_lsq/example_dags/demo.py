@@ -32,6 +32,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -74,6 +75,9 @@ PROVIDER_SOURCES = (
     "ledger.py",
 )
 SUMMARY = re.compile(r"LeadSquared registration summary: (\{.*\})")
+# The line of a traceback that names the exception and holds its message, e.g.
+# ``airflow.sdk.exceptions.AirflowFailException: Connection 'leadsquared_default': ...``.
+EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Exception|Error): \S")
 
 
 def say(text: str = "") -> None:
@@ -221,16 +225,25 @@ def console_line(line: str) -> str | None:
     return None
 
 
-def stream(proc: subprocess.Popen[str], log: IO[str]) -> tuple[list[str], dict[str, Any]]:
-    """Copy the child's output to the log and show the provider's lines; return a tail and the summary."""
+def stream(proc: subprocess.Popen[str], log: IO[str]) -> tuple[list[str], dict[str, Any], str | None]:
+    """Copy the child's output to the log and show the provider's lines.
+
+    Returns a tail of the log, the summary, and the task's error in full: the lines shown as they come
+    are shortened, and the tail may hold only a failure callback's traceback. That is the first line
+    naming one of the provider's exceptions, else the first naming any exception (Airflow 2's CLI logs
+    one of its own first when the executor's provider is missing).
+    """
     tail: list[str] = []
     summary: dict[str, Any] = {}
+    errors: dict[bool, str] = {}  # is it the provider's exception -> its first line
     last = None
     assert proc.stdout is not None
     for raw in proc.stdout:
         log.write(raw)
         line = raw.rstrip()
         tail = [*tail[-39:], line]
+        if EXCEPTION_LINE.match(line):
+            errors.setdefault(line.strip().startswith("airflow_provider_lsq."), line.strip())
         if found := SUMMARY.search(line):
             with contextlib.suppress(ValueError, SyntaxError):
                 summary = ast.literal_eval(found[1])
@@ -238,7 +251,7 @@ def stream(proc: subprocess.Popen[str], log: IO[str]) -> tuple[list[str], dict[s
         if shown is not None and shown != last:  # Airflow 2 logs a task's lines twice, in two formats
             say("  | " + shorten(shown))
             last = shown
-    return tail, summary
+    return tail, summary, errors.get(True, errors.get(False))
 
 
 def shorten(line: str, width: int | None = None) -> str:
@@ -357,12 +370,20 @@ def main() -> int:
             proc = subprocess.Popen(
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=home
             )
-            tail, summary = stream(proc, log)
+            tail, summary, first_error = stream(proc, log)
             code = proc.wait()
         run_seconds = time.monotonic() - run_started
         say()
         if code != 0:
-            say(f"The DAG run FAILED (exit {code}) after {run_seconds:.1f} s. Last lines of the log:")
+            say(f"The DAG run FAILED (exit {code}) after {run_seconds:.1f} s.")
+            if first_error is not None:
+                say("The task's error, in full:")
+                say(
+                    textwrap.fill(
+                        first_error, 100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
+                    )
+                )
+            say("Last lines of the log:")
             for line in tail[-25:]:
                 say("  " + line)
         else:

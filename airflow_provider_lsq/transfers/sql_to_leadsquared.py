@@ -67,7 +67,8 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
     - a key recorded as ``unconfirmed`` (its registration was sent and no answer said what happened:
       the lead may be a portal user with the password that call set) is never sent again by a later
       run: it is skipped, counted (``skipped_unconfirmed``) and logged at WARNING by row key, until a
-      person resolves it in the ledger (see the troubleshooting guide) or sets ``resend_unconfirmed``.
+      person resolves it in the ledger (see ``docs/operators.md``, "Answers that do not say what
+      happened") or sets ``resend_unconfirmed``.
       Another key of the same lead is not sent either while that holds. A retry of the same run
       counts its own unconfirmed rows again;
     - a key left ``pending`` by an execution of this task that ended (a run or try died with its
