@@ -321,7 +321,8 @@ def main() -> int:
     if importlib.util.find_spec("airflow.providers.sqlite") is None:
         say(
             "The demo's warehouse is SQLite, and the SQLite provider is not installed: "
-            "pip install 'airflow-provider-leadsquared[sqlite]'"
+            "install the package's [sqlite] extra (or apache-airflow-providers-sqlite), with your Airflow's "
+            "constraints file"
         )
         return 2
     home = Path(os.environ.get("AIRFLOW_HOME") or ".airflow").resolve()

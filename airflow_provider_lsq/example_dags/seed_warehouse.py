@@ -249,7 +249,8 @@ def _seed_postgres(uri: str, rows: Iterator[tuple[Any, ...]]) -> None:
     except ImportError as error:
         raise SeedError(
             "A PostgreSQL warehouse needs psycopg2, which the PostgreSQL provider installs: "
-            "pip install 'airflow-provider-leadsquared[postgres]'"
+            "install the package's [postgres] extra (or apache-airflow-providers-postgres), with your "
+            "Airflow's constraints file"
         ) from error
 
     try:
