@@ -31,6 +31,7 @@ __all__ = [
     "Context",
     "Param",
     "Stats",
+    "conf",
     "mask_secret",
     "redact",
     "task",
@@ -52,6 +53,7 @@ _CANDIDATES: dict[str, tuple[str, ...]] = {
     "DAG": ("airflow.sdk", "airflow.models.dag"),
     "Param": ("airflow.sdk", "airflow.models.param"),
     "Stats": ("airflow.sdk.observability.stats", "airflow.observability.stats", "airflow.stats"),
+    "conf": ("airflow.sdk.configuration", "airflow.configuration"),
     "mask_secret": (
         "airflow.sdk.log",
         "airflow.sdk.execution_time.secrets_masker",
@@ -99,6 +101,7 @@ if TYPE_CHECKING:
         Context,
         Param,
         Stats,
+        conf,
         mask_secret,
         redact,
         task,

@@ -371,16 +371,23 @@ def test_a_run_whose_ledger_cannot_be_read_mails_so_and_the_query_for_later(
     with _example(tmp_path, monkeypatch):
         gone = {"conn_type": "sqlite", "host": str(tmp_path / "no-such-dir" / "warehouse.db")}
         monkeypatch.setenv("AIRFLOW_CONN_LSQ_WAREHOUSE", json.dumps(gone))
-        message = _failed_run_email(smtp)
+        message = _failed_run_email(smtp, ledger_write_timeout=2.0)
         assert "The ledger could not be read" in message, message
         assert "Once it can be read, this query lists" in message
         assert "FROM lsq_portal_registrations" in message
         assert "rows failed" not in message
 
 
-def _failed_run_email(smtp: _SmtpServer) -> str:
-    """Run the main example DAG, which must fail, and return the text of its one failure email."""
-    dag_run = _run(_dagbag().dags[UPSTREAM], {"lookback_days": 7})
+def _failed_run_email(smtp: _SmtpServer, ledger_write_timeout: float | None = None) -> str:
+    """Run the main example DAG, which must fail, and return the text of its one failure email.
+
+    ``ledger_write_timeout``: how long the transfer retries a ledger it cannot reach before it fails
+    (the example's 60 s default otherwise; the failure is the same after any bound).
+    """
+    dag = _dagbag().dags[UPSTREAM]
+    if ledger_write_timeout is not None:
+        dag.get_task("register_new_applicants").ledger_write_timeout = ledger_write_timeout
+    dag_run = _run(dag, {"lookback_days": 7})
     assert str(dag_run.state) == "failed"
     assert len(smtp.messages) == 1, "one failure email"
     return _body(smtp.messages[0])

@@ -420,6 +420,7 @@ op.execute({"ti": TaskInstance(), "run_id": "scheduled__1"})
 """
 
 
+@pytest.mark.deployment  # a real task process, a real signal
 def test_after_a_sigkill_the_retry_sends_the_killed_tries_pending_rows_first(
     sqlite_warehouse: Warehouse, lsq: Callable[..., Sandbox]
 ) -> None:
@@ -503,12 +504,13 @@ class TaskInstance:
 op = SqlToLeadSquaredPortalOperator(
     task_id="register", sql=sys.argv[1], sql_conn_id=sys.argv[2], key_column="applicant_id",
     ledger_table=sys.argv[3], max_workers=4, flush_interval_seconds=1, ledger_write_timeout=3,
-    pending_timeout=dt.timedelta(seconds=8),
+    pending_timeout=dt.timedelta(seconds=6),
 )
 op.execute({"ti": TaskInstance(), "run_id": "scheduled__1"})
 """
 
 
+@pytest.mark.deployment  # a real task process, a real signal
 def test_a_frozen_task_that_resumes_after_its_rows_were_taken_over_does_not_send_them(
     warehouse: Warehouse, lsq: Callable[..., Sandbox]
 ) -> None:
@@ -522,8 +524,8 @@ def test_a_frozen_task_that_resumes_after_its_rows_were_taken_over_does_not_send
     try:
         wait_for_calls(sb, task, 8)
         task.send_signal(signal.SIGSTOP)
-        time.sleep(10)  # past pending_timeout (8 s) on the ledger's clock: its claims look abandoned
-        retry = transfer(wh, max_workers=4, pending_timeout=dt.timedelta(seconds=8), ledger_write_timeout=3)
+        time.sleep(8)  # past pending_timeout (6 s) on the ledger's clock: its claims look abandoned
+        retry = transfer(wh, max_workers=4, pending_timeout=dt.timedelta(seconds=6), ledger_write_timeout=3)
         started = time.monotonic()
         summary = retry.execute(context("scheduled__1", dag_id="lsq_frozen", try_number=2))
         rate = summary["registered"] / (time.monotonic() - started)  # calls per second, as measured

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -92,11 +93,11 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
     assert listed.returncode == 0, listed.stderr
     assert "airflow-provider-leadsquared" in listed.stdout
 
-    _airflow("connections", "delete", "lsq_cli")
+    conn_id = f"lsq_cli_{uuid.uuid4().hex[:8]}"  # new each run: no CLI call to clear a leftover first
     added = _airflow(
         "connections",
         "add",
-        "lsq_cli",
+        conn_id,
         "--conn-type",
         "leadsquared",
         "--conn-host",
@@ -110,7 +111,7 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
     )
     assert added.returncode == 0, added.stderr
     try:
-        shown = _airflow("connections", "get", "lsq_cli", "--output", "json")
+        shown = _airflow("connections", "get", conn_id, "--output", "json")
         assert shown.returncode == 0, shown.stderr
         stored = json.loads(shown.stdout)[0]
         assert stored["conn_type"] == "leadsquared"
@@ -118,7 +119,7 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
         from airflow_provider_lsq.version_compat import Connection
 
         conn = Connection(
-            conn_id="lsq_cli",
+            conn_id=conn_id,
             conn_type=stored["conn_type"],
             host=stored["host"],
             login=stored["login"],
@@ -135,7 +136,7 @@ def test_cli_lists_the_provider_and_adds_a_leadsquared_connection(airflow_db: ob
         )
         assert "s3cr$t" not in repr(config)
     finally:
-        _airflow("connections", "delete", "lsq_cli")
+        _airflow("connections", "delete", conn_id)
 
 
 # Realistic keys: Airflow 2.11 masks any registered secret, even "a", in every later log line.

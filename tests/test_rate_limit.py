@@ -26,7 +26,7 @@ from airflow_provider_lsq.hooks.rate_limit.window import Policy, WindowState
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.sandbox import Sandbox
 from airflow_provider_lsq.version_compat import Connection
-from tests.helpers import connect
+from tests.helpers import TaskLog, connect
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -80,10 +80,11 @@ WORKER = textwrap.dedent(
     """
     import json, sys, time
     from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
-    prefix, count, start_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    prefix, count = sys.argv[1], int(sys.argv[2])
     hook = LeadSquaredHook("lsq_shared")
     hook.config  # read the connection before the start line, so all workers fire together
-    time.sleep(max(0.0, start_at - time.time()))
+    print("ready", flush=True)
+    sys.stdin.readline()  # the start line: every worker has imported Airflow and read its connection
     leads = ((f"{prefix}{i}", {"EmailAddress": f"{prefix}{i}@example.com"}) for i in range(count))
     print(json.dumps([o.status.value for o in hook.register_portal_users(leads, max_workers=8)]))
     """
@@ -98,16 +99,22 @@ def _run_three_workers(
     env = {**os.environ, "AIRFLOW_CONN_LSQ_SHARED": json.dumps(conn)}
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    start_at = time.time() + 8  # time for three interpreters to import Airflow
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), f"w{n}-", str(per_worker), str(start_at)],
+            [sys.executable, str(script), f"w{n}-", str(per_worker)],
             env=env,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for n in range(workers)
     ]
+    for proc in procs:  # a start line once all are ready, not a guessed import time
+        assert proc.stdout is not None and _read_until(proc.stdout, "ready")
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     statuses: list[str] = []
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
@@ -817,3 +824,194 @@ def test_a_symlink_planted_as_the_budget_file_is_never_followed(
         assert f"{path}{planted}" in str(caught.value) and "rm " in str(caught.value)
     assert victim.read_bytes() == before
     assert not (Path(machine_temp_dir) / "made-by-us.db").exists()
+
+
+# -- where the file budget cannot reach: Kubernetes pods, several workers ----------------------------
+
+
+@pytest.fixture
+def deployment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No deployment hint of this machine's own (a CI runner may be a pod), a fresh budget directory."""
+    from airflow_provider_lsq.hooks.rate_limit import placement
+
+    for name in (placement.K8S_SERVICE_ENV, placement.K8S_EXECUTOR_POD_ENV, placement.FILE_SHARED_ENV):
+        monkeypatch.delenv(name, raising=False)
+    budgets = tmp_path / "budgets"
+    monkeypatch.setenv("LSQ_RATE_LIMIT_DIR", str(budgets))
+    return budgets
+
+
+@pytest.mark.parametrize(
+    ("executor", "environ", "how", "named"),
+    [
+        ("LocalExecutor", {}, None, None),
+        ("SequentialExecutor", {}, None, None),
+        ("KubernetesExecutor", {}, "certain", "KubernetesExecutor"),
+        ("LocalExecutor, KubernetesExecutor", {}, "certain", "KubernetesExecutor"),  # 2.10+ lists
+        ("CeleryKubernetesExecutor", {}, "certain", "CeleryKubernetesExecutor"),
+        ("airflow.providers.amazon.aws.executors.ecs.ecs_executor.AwsEcsExecutor", {}, "certain", "Ecs"),
+        ("CeleryExecutor", {}, "possible", "CeleryExecutor"),
+        (
+            "LocalExecutor,fast:airflow.providers.celery.executors.celery_executor.CeleryExecutor",
+            {},
+            "possible",
+            "CeleryExecutor",
+        ),
+        ("my_company.executors.SshExecutor", {}, "possible", "SshExecutor"),  # unknown: may be anywhere
+        ("LocalExecutor", {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, "possible", "KUBERNETES_SERVICE_HOST"),
+        ("LocalExecutor", {"AIRFLOW_IS_K8S_EXECUTOR_POD": "True"}, "certain", "AIRFLOW_IS_K8S_EXECUTOR_POD"),
+        ("KubernetesExecutor", {"LSQ_RATE_LIMIT_FILE_SHARED": "1"}, None, None),  # a shared volume, said so
+        ("CeleryExecutor", {"LSQ_RATE_LIMIT_FILE_SHARED": "true"}, None, None),  # one worker, said so
+        ("CeleryExecutor", {"LSQ_RATE_LIMIT_FILE_SHARED": "0"}, "possible", "CeleryExecutor"),
+    ],
+)
+def test_what_shows_that_the_file_budget_cannot_reach_every_task(
+    executor: str, environ: dict[str, str], how: str | None, named: str | None
+) -> None:
+    from airflow_provider_lsq.hooks.rate_limit.placement import unshared
+
+    finding = unshared(executor, environ)
+    assert (finding.how if finding else None) == how
+    if finding is not None:
+        assert named is not None and named in finding.why
+
+
+BUDGET_WARNING = "rate-limit budget is a file"
+
+
+@pytest.mark.parametrize("executor", ["KubernetesExecutor", "LocalExecutor,KubernetesExecutor"])
+def test_kubernetes_executor_refuses_the_file_budget_before_any_call_naming_redis(
+    executor: str, deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Airflow's real configuration says each task is a pod of its own: the hook fails before the
+    first call (and before making the file), naming the executor, rate_limit_redis_conn_id and the
+    opt-out; the Test button says the same."""
+    from airflow_provider_lsq.exceptions import LeadSquaredConfigError
+
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    with Sandbox() as sandbox:
+        hook = LeadSquaredHook(connect(monkeypatch, sandbox, conn_id="lsq_k8s"))
+        with pytest.raises(LeadSquaredConfigError) as caught:
+            hook.register_portal_user({"EmailAddress": "pod@example.com"}, "Samplepassword@123")
+        message = str(caught.value)
+        assert caught.value.field == "rate_limit_redis_conn_id"
+        assert "'lsq_k8s'" in message and "KubernetesExecutor" in message
+        assert "rate_limit_redis_conn_id" in message and "LSQ_RATE_LIMIT_FILE_SHARED=1" in message
+        assert sandbox.calls == []
+        assert not deployment.exists()
+        works, said = LeadSquaredHook("lsq_k8s").test_connection()
+        assert not works and "rate_limit_redis_conn_id" in said and "KubernetesExecutor" in said
+
+
+def test_a_kubernetes_executor_pod_is_refused_whatever_its_executor_setting_reads(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker pod whose configuration reads the default executor: KubernetesExecutor's own
+    AIRFLOW_IS_K8S_EXECUTOR_POD still shows it."""
+    from airflow_provider_lsq.exceptions import LeadSquaredConfigError
+
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", "LocalExecutor")
+    monkeypatch.setenv("AIRFLOW_IS_K8S_EXECUTOR_POD", "True")
+    with Sandbox() as sandbox:
+        hook = LeadSquaredHook(connect(monkeypatch, sandbox, conn_id="lsq_k8s_pod"))
+        with pytest.raises(LeadSquaredConfigError, match="KubernetesExecutor pod"):
+            hook.register_portal_user({"EmailAddress": "pod@example.com"}, "Samplepassword@123")
+        assert sandbox.calls == []
+
+
+@pytest.mark.parametrize(
+    ("executor", "pod"), [("CeleryExecutor", False), ("LocalExecutor", True)], ids=["celery", "pod"]
+)
+def test_workers_that_may_be_several_machines_are_warned_before_the_first_call(
+    executor: str, pod: bool, deployment: Path, monkeypatch: pytest.MonkeyPatch, task_log: TaskLog
+) -> None:
+    """Celery (one worker or several?), or a pod running LocalExecutor (one scheduler or several?): the
+    run goes on, after a warning logged before any call that names rate_limit_redis_conn_id."""
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    if pod:
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with Sandbox() as sandbox:
+        hook = LeadSquaredHook(connect(monkeypatch, sandbox, conn_id="lsq_pool"))
+        warned_at_first_send: list[bool] = []
+        real_send = hook._send
+
+        def send(*args: Any, **kwargs: Any) -> Any:
+            if not warned_at_first_send:
+                warned_at_first_send.append(BUDGET_WARNING in task_log())
+            return real_send(*args, **kwargs)
+
+        monkeypatch.setattr(hook, "_send", send)
+        result = hook.register_portal_user({"EmailAddress": "w@example.com"}, "Samplepassword@123")
+        assert result.lead_id and sandbox.register_calls == 1
+        assert warned_at_first_send == [True]
+        assert task_log.count(BUDGET_WARNING) == 1
+        (warning,) = {line for line in task_log().splitlines() if BUDGET_WARNING in line}
+        assert "rate_limit_redis_conn_id" in warning and "LSQ_RATE_LIMIT_FILE_SHARED=1" in warning
+        assert ("CeleryExecutor" if not pod else "KUBERNETES_SERVICE_HOST") in warning
+        assert sandbox.access_key not in warning and sandbox.secret_key not in warning
+
+
+@pytest.mark.redis
+def test_a_stated_shared_file_or_a_redis_budget_is_neither_refused_nor_warned(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch, task_log: TaskLog, redis_url: str
+) -> None:
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", "KubernetesExecutor")
+    with Sandbox() as sandbox:
+        with monkeypatch.context() as shared:
+            shared.setenv("LSQ_RATE_LIMIT_FILE_SHARED", "1")
+            hook = LeadSquaredHook(connect(monkeypatch, sandbox, conn_id="lsq_shared_volume"))
+            hook.register_portal_user({"EmailAddress": "v@example.com"}, "Samplepassword@123")
+        assert deployment.exists()  # the file budget was used
+        monkeypatch.setenv("AIRFLOW_CONN_LSQ_TEST_REDIS", _redis_conn(redis_url))
+        hook = LeadSquaredHook(
+            connect(monkeypatch, sandbox, conn_id="lsq_k8s_redis", rate_limit_redis_conn_id="lsq_test_redis")
+        )
+        hook.register_portal_user({"EmailAddress": "r@example.com"}, "Samplepassword@123")
+        assert sandbox.register_calls == 2
+    assert task_log.count(BUDGET_WARNING) == 0
+
+
+def test_two_pods_with_a_budget_each_are_refused_and_the_warning_names_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_log: TaskLog
+) -> None:
+    """What KubernetesExecutor does to the default budget: two pods, two files, one account. The
+    account refuses them, and the refusal (the limiter's warning and the retried error) names
+    rate_limit_redis_conn_id, not only the reserve; every lead still ends registered."""
+    import threading
+
+    limit = 4
+    with Sandbox(rate_limit_calls=limit, rate_limit_period=1.0) as sandbox:
+        hooks = [
+            LeadSquaredHook(
+                connect(
+                    monkeypatch,
+                    sandbox,
+                    conn_id=f"lsq_pod_{pod}",
+                    rate_limit_calls=limit,
+                    rate_limit_period_seconds=1,
+                    rate_limit_reserve=0,
+                    rate_limit_storage=str(tmp_path / f"pod-{pod}.sqlite3"),
+                    max_retries=10,
+                )
+            )
+            for pod in "ab"
+        ]
+        results: dict[str, list[Any]] = {}
+
+        def run(pod: int) -> None:
+            leads = ((str(i), {"EmailAddress": f"p{pod}-{i}@example.com"}) for i in range(2 * limit))
+            results[str(pod)] = list(hooks[pod].register_portal_users(leads, max_workers=limit))
+
+        threads = [threading.Thread(target=run, args=(pod,)) for pod in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sandbox.refusals > 0
+    outcomes = [o for pod in results.values() for o in pod]
+    assert [o.status for o in outcomes] == [RegistrationStatus.REGISTERED] * (4 * limit)
+    lines = task_log().splitlines()
+    refused = [line for line in lines if "refused a call" in line]
+    assert refused and all("rate_limit_redis_conn_id" in line and "pod-" in line for line in refused)
+    retried = [line for line in lines if "rate limit was exceeded" in line]
+    assert retried and all("rate_limit_redis_conn_id" in line for line in retried)

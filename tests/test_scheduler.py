@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     import psutil
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.deployment]
 
 N = 200  # applicants for each kill test
 SHARED_N = 100  # applicants split between the two DAGs of the shared-budget test

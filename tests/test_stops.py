@@ -5,9 +5,9 @@ runs a one-task DAG with ``dag.test()``, so Airflow's own task runner executes t
 installs Airflow's own SIGTERM handler (Airflow 3: ``task_runner.run`` in process, whose handler calls
 ``on_kill()``; Airflow 2: ``TaskInstance._run_raw_task``, whose handler calls ``on_kill()`` and then
 raises). The test sends SIGTERM, then SIGKILL 5 s later if the process is still there, as Airflow's
-supervisor does. The task's retry (same run id) then runs in-process. The transfer's kill tests run on
-a SQLite warehouse and on a PostgreSQL one, the ledger in it; the same stops under a real scheduler,
-with Airflow's own retries, are in ``test_scheduler.py``.
+supervisor does. The task's retry (same run id) then runs in-process. The transfer's SIGTERM test runs
+on a PostgreSQL warehouse and its SIGKILL test on a SQLite one, the ledger in it; the same stops under
+a real scheduler (PostgreSQL, Airflow's own retries) are in ``test_scheduler.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+pytestmark = pytest.mark.deployment  # every test here stops a real task process with a real signal
 AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 REGISTER = "/api/Authentication/v2/Register"
 SQL = 'SELECT applicant_id, email AS "EmailAddress", first_name AS "FirstName" FROM applicants'
@@ -141,7 +142,10 @@ class StopWarehouse:
         return {str(key): (status, lead_id, run_id) for key, status, lead_id, run_id in rows}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
+
+
+@pytest.fixture(params=["sqlite", POSTGRES])
 def stop_warehouse(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[StopWarehouse]:
@@ -233,6 +237,10 @@ def _retry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sb: Sandbox, run_id:
     return op.execute(context(run_id, dag_id="lsq_stop_test"))  # the killed try's task instance
 
 
+# Each transfer stop runs on one warehouse: the stop path is the same on both, and each dialect's
+# ledger is met by one kind of stop. SIGTERM's last flush crosses a network connection (PostgreSQL);
+# SIGKILL leaves whatever the dead process held (a SQLite file's lock and journal) to its retry.
+@pytest.mark.parametrize("stop_warehouse", [POSTGRES], indirect=True)
 def test_sigterm_records_every_call_made_and_the_retry_registers_nobody_twice(
     tmp_path: Path, stop_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, stop_warehouse: StopWarehouse
 ) -> None:
@@ -273,6 +281,7 @@ def test_sigterm_records_every_call_made_and_the_retry_registers_nobody_twice(
     assert sb.register_calls == n
 
 
+@pytest.mark.parametrize("stop_warehouse", ["sqlite"], indirect=True)
 def test_sigkill_resends_at_most_the_calls_in_flight_and_the_last_flush_interval(
     tmp_path: Path, stop_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, stop_warehouse: StopWarehouse
 ) -> None:

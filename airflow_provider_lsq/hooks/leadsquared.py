@@ -34,7 +34,8 @@ from airflow_provider_lsq.exceptions import (
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url, is_redis_uri
 from airflow_provider_lsq.hooks.lead_api import LeadApiMixin
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, build_lead_fields
-from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter
+from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter, placement
+from airflow_provider_lsq.hooks.rate_limit.storage import file_budget_path
 from airflow_provider_lsq.hooks.rate_limit.stores import BudgetLocationError
 from airflow_provider_lsq.hooks.responses import (
     parse_response,
@@ -251,9 +252,11 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
         """The account's shared budget (opened once per process and account).
 
         :raises LeadSquaredConfigError: the storage the connection names cannot be opened (a file
-            location that cannot be written, a missing ``redis`` connection, a Redis server down).
+            location that cannot be written, a missing ``redis`` connection, a Redis server down), or
+            it is a file and each task runs in a pod of its own (:meth:`_file_budget_reach`).
         """
         config = self.config
+        self._file_budget_reach(config)
         try:
             return AccountRateLimiter.for_account(config)
         except LeadSquaredError:
@@ -285,6 +288,21 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
             if detail:
                 raise failure from error
             raise failure from None
+
+    def _file_budget_reach(self, config: LeadSquaredConfig) -> None:
+        """Before the first call: refuse a file budget where each task runs in its own pod or container
+        (each would count its own calls and the account would be refused), warn where it may be, and
+        name ``rate_limit_redis_conn_id`` (:mod:`~.rate_limit.placement` says what shows it)."""
+        path = file_budget_path(config)
+        finding = placement.check() if path is not None else None
+        if finding is None:
+            return
+        message = f"Connection {self.leadsquared_conn_id!r}: {placement.advice(finding, str(path))}"
+        if finding.how == placement.CERTAIN:
+            raise LeadSquaredConfigError(
+                message, field="rate_limit_redis_conn_id", conn_id=self.leadsquared_conn_id
+            )
+        self.log.warning("%s", message)
 
     def get_conn(self) -> requests.Session:
         """The hook's pooled session (created once)."""
@@ -591,11 +609,16 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
 
         Opens the Redis budget the connection names and reads it once, within ``seconds``: a Redis
         connection that is missing, down or refuses its database would otherwise fail every run while
-        the Test button said the connection works. A file budget is not checked: it belongs to each
-        worker's machine, and the Test button runs on the web server's.
+        the Test button said the connection works. A file budget is not opened: it belongs to each
+        worker's machine, and the Test button runs on the web server's; but where the executor runs each
+        task in a pod of its own, the runs would refuse it, and so does the Test button.
         """
         config = self.config
         if not (config.rate_limit_redis_conn_id or is_redis_uri(config.rate_limit_storage)):
+            try:  # a file budget where each task is a pod of its own: every run would refuse it
+                self._file_budget_reach(config)
+            except LeadSquaredConfigError as error:
+                return error.message
             return None
         field = "rate_limit_redis_conn_id" if config.rate_limit_redis_conn_id else "rate_limit_storage"
         where = (

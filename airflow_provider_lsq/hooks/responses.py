@@ -118,7 +118,9 @@ def parse_response(response: requests.Response, secrets: Iterable[str]) -> Any:
     if exception_type == RATE_LIMIT_TYPE or (status == 429 and envelope is None):
         error = LeadSquaredRateLimitError(
             f"{said}. The account's rate limit was exceeded; it is shared by every integration using "
-            "this account, so raise rate_limit_reserve in the connection extra if this keeps happening.",
+            "this account. If tasks on this account run on several machines or pods (Celery, Kubernetes), "
+            "set rate_limit_redis_conn_id in the connection extra so they share one budget; otherwise "
+            "raise rate_limit_reserve there if this keeps happening.",
             **kwargs,
         )
     elif status == 401:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError, LeadSquaredStoppedError
 from airflow_provider_lsq.hooks.rate_limit.storage import open_store
+from airflow_provider_lsq.hooks.rate_limit.stores import MemoryLeaseStore, SqliteLeaseStore
 from airflow_provider_lsq.hooks.rate_limit.window import Policy
 
 if TYPE_CHECKING:
@@ -142,9 +143,15 @@ class AccountRateLimiter:
     def refused(self, lease: Lease) -> None:
         """LeadSquared refused the call of ``lease``: pause every caller, lower the shared rate."""
         self.store.refused(self.policy, lease.sent_at)
+        local = isinstance(self.store, SqliteLeaseStore | MemoryLeaseStore)
         log.warning(
             "LeadSquared refused a call for the account's rate limit: every caller sharing %s pauses "
-            "for %.1f s and slows down, then speeds up gradually.",
+            "for %.1f s and slows down, then speeds up gradually.%s",
             self.store.description,
             self.policy.pause,
+            " Task processes on other machines or pods do not share it: if tasks on this account run "
+            "there (Celery, Kubernetes), set rate_limit_redis_conn_id in the connection extra so they "
+            "share one budget; otherwise raise rate_limit_reserve."
+            if local
+            else "",
         )

@@ -69,6 +69,14 @@ def _redis_from_uri(uri: str) -> tuple[Any, str]:
     return client, f"Redis at {where} (the deprecated rate_limit_storage URI)"
 
 
+def file_budget_path(config: LeadSquaredConfig) -> Path | None:
+    """The file that holds ``config``'s budget, or None when it lives in memory or in Redis."""
+    storage = config.rate_limit_storage
+    if config.rate_limit_redis_conn_id or is_redis_uri(storage) or storage == "memory":
+        return None
+    return _file_path(storage, config.account_id)
+
+
 def open_store(config: LeadSquaredConfig) -> LeaseStore:
     """The shared store for ``config``'s account (one object per place and account in a process)."""
     account = config.account_id
