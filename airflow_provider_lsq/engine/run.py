@@ -483,7 +483,7 @@ class RegistrationRun:
         ``name_rows`` False: the failure's message names no row key (they are lead values).
         """
         summary = {**self.progress.summary(dry_run, duration), **extra}
-        self.log.info("LeadSquared registration summary: %s", summary)
+        self.log.info("%s summary: %s", self.progress.label, summary)
         if on_summary is not None:
             on_summary(summary)
         if not dry_run:
