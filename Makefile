@@ -9,22 +9,29 @@ VENV ?= .venv
 AIRFLOW_SPEC ?= apache-airflow>=2.11.0
 # uv's resolution strategy: `lowest-direct` installs the oldest version every declared floor allows.
 RESOLUTION ?= highest
+# A constraints file for the install (uv -c), as Airflow's own are used, e.g.
+# CONSTRAINTS=constraints/airflow-3.0.6.txt AIRFLOW_SPEC='apache-airflow==3.0.6' (constraints/).
+CONSTRAINTS ?=
+# What pytest runs (default: the whole suite), e.g. TESTS='tests/test_hook.py tests/test_provider.py'.
+TESTS ?=
 BIN := $(VENV)/bin
-AIRFLOW_HOME ?= $(CURDIR)/.airflow
+# One Airflow home per venv (.venv: .airflow, .venv-af30: .airflow-af30): a metadata database migrated
+# by one Airflow version is not one another can run on.
+AIRFLOW_HOME ?= $(CURDIR)/.airflow$(patsubst .venv%,%,$(notdir $(VENV)))
 export AIRFLOW_HOME
 
 .PHONY: install test lint demo bench docs clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 		echo "$(VENV) runs $$($(BIN)/python -V 2>&1); the package needs Python 3.11+." \
 			"Remove it (make clean) and run again with PYTHON=python3.11 (or a newer one)."; exit 1; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --resolution $(RESOLUTION) \
-		-e '.[dev]' '$(AIRFLOW_SPEC)'
+		$(if $(CONSTRAINTS),-c '$(CONSTRAINTS)') -e '.[dev]' '$(AIRFLOW_SPEC)'
 	touch $@
 
 lint: install
@@ -33,7 +40,7 @@ lint: install
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(TESTS)
 
 demo: install
 	$(BIN)/python -m airflow_provider_lsq.example_dags.demo
@@ -42,7 +49,8 @@ bench: install
 	$(BIN)/python bench/run.py
 
 $(VENV)/.docs-installed: $(VENV)/.installed
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,docs]' '$(AIRFLOW_SPEC)'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(if $(CONSTRAINTS),-c '$(CONSTRAINTS)') \
+		-e '.[dev,docs]' '$(AIRFLOW_SPEC)'
 	touch $@
 
 docs: $(VENV)/.docs-installed

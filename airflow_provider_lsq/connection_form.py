@@ -65,10 +65,15 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     },
     "timeout_seconds": {
         "label": "Timeout (seconds)",
+        "description": "Seconds each HTTP call to LeadSquared may take (1 to 3600; default 30).",
         "schema": {"type": ["number", "null"], "default": 30, "minimum": 1, "maximum": 3600},
     },
     "max_retries": {
         "label": "Max Retries",
+        "description": (
+            "Retries of a rate-limit refusal or transient failure, per call (0 to 100; default 5; "
+            "0 turns retries off)."
+        ),
         "schema": {"type": ["integer", "null"], "default": 5, "minimum": 0, "maximum": 100},
     },
     "api_host": {

@@ -16,7 +16,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
-from airflow_provider_lsq.exceptions import LeadSquaredDailyLimitError, LeadSquaredRateLimitError
+from airflow_provider_lsq.exceptions import (
+    LeadSquaredBudgetUnavailableError,
+    LeadSquaredDailyLimitError,
+    LeadSquaredRateLimitError,
+)
 from airflow_provider_lsq.hooks.config import LeadSquaredConfig
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.hooks.rate_limit import policy_for
@@ -422,14 +426,21 @@ def test_redis_password_is_masked_and_never_in_an_error(
     monkeypatch.setenv("AIRFLOW_CONN_LSQ_REDIS_DOWN", json.dumps(down))
     with Sandbox() as sandbox:
         hook = LeadSquaredHook(connect(monkeypatch, sandbox, rate_limit_redis_conn_id="lsq_redis_pw"))
-        hook.request("GET", "/api/Access/PublicToken")  # our Redis has no password: AUTH is let through
+        refused = ""
+        try:
+            # Our Redis has no password: redis-py 7+ lets the AUTH through; older (the 5.x and 6.x that
+            # the 3.0 and 2.11 constraints pin) is refused, and that error must not show it either.
+            hook.request("GET", "/api/Access/PublicToken")
+        except LeadSquaredBudgetUnavailableError as error:
+            assert "AuthenticationError" in str(error), error
+            refused = f"{error} {error!r}"
         broken = LeadSquaredHook(
             connect(monkeypatch, sandbox, "lsq_test_down", rate_limit_redis_conn_id="lsq_redis_down")
         )
         with pytest.raises(Exception) as err:
             broken.request("GET", "/api/Access/PublicToken")
     assert "127.0.0.1:9" in str(err.value) or "Connection refused" in str(err.value)
-    for text in (str(err.value), repr(err.value), caplog.text, repr(hook.config)):
+    for text in (str(err.value), repr(err.value), caplog.text, repr(hook.config), refused):
         assert REDIS_PASSWORD not in text
     assert REDIS_PASSWORD not in str(redact(f"password={REDIS_PASSWORD}"))  # Airflow's masker knows it
 
@@ -945,10 +956,13 @@ def test_workers_that_may_be_several_machines_are_warned_before_the_first_call(
         assert result.lead_id and sandbox.register_calls == 1
         assert warned_at_first_send == [True]
         assert task_log.count(BUDGET_WARNING) == 1
-        (warning,) = {line for line in task_log().splitlines() if BUDGET_WARNING in line}
-        assert "rate_limit_redis_conn_id" in warning and "LSQ_RATE_LIMIT_FILE_SHARED=1" in warning
-        assert ("CeleryExecutor" if not pod else "KUBERNETES_SERVICE_HOST") in warning
-        assert sandbox.access_key not in warning and sandbox.secret_key not in warning
+        # One warning (counted above), which Airflow 2 writes to both sources, each in its own format.
+        lines = {line for line in task_log().splitlines() if BUDGET_WARNING in line}
+        assert lines
+        for warning in lines:
+            assert "rate_limit_redis_conn_id" in warning and "LSQ_RATE_LIMIT_FILE_SHARED=1" in warning
+            assert ("CeleryExecutor" if not pod else "KUBERNETES_SERVICE_HOST") in warning
+            assert sandbox.access_key not in warning and sandbox.secret_key not in warning
 
 
 @pytest.mark.redis

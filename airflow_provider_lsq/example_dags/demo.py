@@ -9,8 +9,9 @@ airflow_provider_lsq.example_dags.demo`` (``make demo`` in the repository runs t
 2. start the LeadSquared sandbox (25 calls / 5 s, 200 ms answers, 3% gateway faults) as a subprocess;
 3. seed the SQLite warehouse ``$AIRFLOW_HOME/demo_warehouse.db`` with ~150 applicants (only the
    ``applicants`` table: the ledger of registrations survives between runs);
-4. run ``airflow dags test lsq_register_new_applicants <today> -c '{"lookback_days": 7}'``, its full log
-   going to ``$AIRFLOW_HOME/demo-dag-test.log``;
+4. on Airflow 3.0 only, ``airflow dags reserialize`` (3.0's ``dags test`` does not activate the DAG's
+   assets itself, as 3.1's does); then ``airflow dags test lsq_register_new_applicants <today> -c
+   '{"lookback_days": 7}'``, its full log going to ``$AIRFLOW_HOME/demo-dag-test.log``;
 5. print the ledger and the sandbox's counters, and stop the sandbox.
 
 Run it twice: the second run finds everyone in the ledger and makes no register call.
@@ -37,6 +38,8 @@ import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any
+
+from packaging.version import Version
 
 from airflow_provider_lsq.example_dags import seed_warehouse
 
@@ -107,6 +110,32 @@ def migrate(home: Path, env: dict[str, str]) -> None:
         say(f"`airflow db migrate` failed (exit {result.returncode}); see {log_path}")
         raise SystemExit(result.returncode)
     marker.touch()
+
+
+def register_assets(home: Path, env: dict[str, str]) -> None:
+    """On Airflow 3.0, write the DAGs to the metadata DB first, as its DAG processor would.
+
+    A task may only emit events for an active asset (its task runner asks the API server, and an asset
+    with no ``asset_active`` row fails the task with ``AirflowInactiveAssetInInletOrOutletException``).
+    The DAG processor's sync activates a DAG's assets. Airflow 3.1's ``dags test`` syncs the DAGs
+    folder itself before the run; 3.0's does not, so its run of a DAG no processor has parsed fails:
+    ``airflow dags reserialize`` is that sync (``DagBag.sync_to_db``). Airflow 2 has no such check.
+    """
+    airflow_version = Version(version("apache-airflow"))
+    if not Version("3.0") <= airflow_version < Version("3.1"):
+        return
+    log_path = home / "demo-dags-reserialize.log"
+    say("Airflow 3.0: writing the DAGs (and activating their assets) as the DAG processor would ...")
+    with log_path.open("w") as log:
+        result = subprocess.run(
+            [sys.executable, "-m", "airflow", "dags", "reserialize"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if result.returncode != 0:
+        say(f"`airflow dags reserialize` failed (exit {result.returncode}); see {log_path}")
+        raise SystemExit(result.returncode)
 
 
 def port_is_free(port: int) -> bool:
@@ -315,6 +344,7 @@ def main() -> int:
         # The DAG's outlet, the portal's asset, names the sandbox's portal (it gets the run's counts).
         env["LSQ_PORTAL_HOST"] = sandbox.connection["host"]
         env["LSQ_PORTAL_ID"] = sandbox.connection["extra"]["portal_id"]
+        register_assets(home, env)
         command = [
             sys.executable, "-m", "airflow", "dags", "test", DAG_ID, today.isoformat(),
             "-c", json.dumps({"lookback_days": LOOKBACK_DAYS}),

@@ -23,7 +23,6 @@ body and is named in ``SearchBy``.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredError,
     LeadSquaredValidationError,
 )
-from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, format_value
+from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, attribute_values, no_identifier_error
 from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter
 from airflow_provider_lsq.hooks.rate_limit.paired import PairedLimiter
 from airflow_provider_lsq.lead_fields import LeadField, is_portal_field, parse_lead_fields
@@ -55,7 +54,6 @@ GET_BY_EMAIL_PATH = LEAD_API_PATH + "Leads.GetByEmailaddress"
 METADATA_PATH = LEAD_API_PATH + "LeadsMetaData.Get"
 MAX_BULK_RECORDS = 25  # API notes, "Lead APIs": at most 25 records a bulk call
 SEARCH_BY = "SearchBy"
-_ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CREATED, UPDATED, EXISTS, NOT_FOUND, FAILED, INVALID = (
     "created",
     "updated",
@@ -122,18 +120,7 @@ def build_lead_api_fields(
         )
     refuse_portal_fields(lead)
     fields: list[dict[str, str]] = []
-    for attribute, raw in lead.items():
-        if not isinstance(attribute, str) or not _ATTRIBUTE_NAME.fullmatch(attribute):
-            raise LeadSquaredValidationError(
-                f"field {attribute!r}: not an attribute schema name (letters, digits and underscores)",
-                field=str(attribute),
-            )
-        if attribute.lower() == SEARCH_BY.lower():
-            raise LeadSquaredValidationError(
-                f"field {attribute!r}: SearchBy is set by the hook (the identifier attribute)",
-                field=attribute,
-            )
-        value = format_value(attribute, raw)
+    for attribute, value in attribute_values(lead, _refuse_search_by):
         if value is None and attribute in blank:
             value = ""
         if value is not None:
@@ -142,11 +129,7 @@ def build_lead_api_fields(
         (f["Attribute"] for f in fields if f["Attribute"] in UNIQUE_IDENTIFIERS and f["Value"]), None
     )
     if identifier is None:
-        raise LeadSquaredValidationError(
-            "field 'EmailAddress': the lead has no unique identifier; set EmailAddress, Phone or Mobile, "
-            "or name a custom unique field with identifier_attribute",
-            field="EmailAddress",
-        )
+        raise no_identifier_error()
     if not any(f["Attribute"] == identifier and f["Value"] for f in fields):
         raise LeadSquaredValidationError(
             f"field {identifier!r}: the unique identifier is missing or empty", field=identifier
@@ -155,6 +138,13 @@ def build_lead_api_fields(
     if search_by:
         fields.append({"Attribute": SEARCH_BY, "Value": identifier})
     return fields
+
+
+def _refuse_search_by(attribute: str) -> None:
+    if attribute.lower() == SEARCH_BY.lower():
+        raise LeadSquaredValidationError(
+            f"field {attribute!r}: SearchBy is set by the hook (the identifier attribute)", field=attribute
+        )
 
 
 def refuse_portal_fields(lead: Mapping[str, Any]) -> None:

@@ -43,8 +43,9 @@ from airflow_provider_lsq.hooks.responses import (
     redact_key_params_in,
     secret_forms,
 )
+from airflow_provider_lsq.masking import mask
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationResult
-from airflow_provider_lsq.version_compat import BaseHook, mask_secret
+from airflow_provider_lsq.version_compat import BaseHook
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -245,7 +246,7 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
             if secret and secret not in self._secrets:
                 self._secrets.add(secret)
                 for form in secret_forms(secret):  # URL-encoded forms are what a logged URL would show
-                    mask_secret(form)
+                    mask(form)
 
     @cached_property
     def rate_limiter(self) -> AccountRateLimiter:
@@ -696,7 +697,7 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
         Raises ``LeadSquaredValidationError`` before any call when the lead cannot be sent.
         """
         if isinstance(password, str) and password:
-            mask_secret(password)  # only the masker: this call's own errors redact it (``_register``)
+            mask(password)  # only the masker: this call's own errors redact it (``_register``)
         return self._register(lead, password, only_new_leads, identifier_attribute)
 
     def register(

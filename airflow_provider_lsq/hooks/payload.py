@@ -10,7 +10,7 @@ import datetime as dt
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -146,6 +146,49 @@ def _format_value(attribute: str, value: Any) -> str | None:
     )
 
 
+def attribute_values(
+    lead: Mapping[str, Any], refuse: Callable[[str], None] | None = None
+) -> Iterator[tuple[str, str | None]]:
+    """Each attribute of ``lead``, in its order, with the text sent for its value (None: missing).
+
+    ``refuse`` sees each attribute name before its value is read and raises for one the caller's call
+    must not carry.
+
+    :raises LeadSquaredValidationError: naming the field: ``lead`` is not a mapping, a name is not an
+        attribute schema name, or a value cannot be sent (:func:`format_value`).
+    """
+    if not isinstance(lead, Mapping):
+        raise LeadSquaredValidationError(
+            f"a lead must be a mapping of attribute names, got {type(lead).__name__}"
+        )
+    for attribute, raw in lead.items():
+        if not isinstance(attribute, str) or not _ATTRIBUTE_NAME.fullmatch(attribute):
+            raise LeadSquaredValidationError(
+                f"field {attribute!r}: not an attribute schema name (letters, digits and underscores)",
+                field=str(attribute),
+            )
+        if refuse is not None:
+            refuse(attribute)
+        yield attribute, format_value(attribute, raw)
+
+
+def no_identifier_error() -> LeadSquaredValidationError:
+    """The error for a lead without any unique identifier to find it by."""
+    return LeadSquaredValidationError(
+        "field 'EmailAddress': the lead has no unique identifier; set EmailAddress, Phone or Mobile, "
+        "or name a custom unique field with identifier_attribute",
+        field="EmailAddress",
+    )
+
+
+def _refuse_password(attribute: str) -> None:
+    if attribute in (PASSWORD_FIELD, CONFIRM_PASSWORD_FIELD):
+        raise LeadSquaredValidationError(
+            f"field {attribute!r}: pass the portal password separately, never inside the lead",
+            field=attribute,
+        )
+
+
 def build_lead_fields(
     lead: Mapping[str, Any],
     password: str,
@@ -157,25 +200,11 @@ def build_lead_fields(
     LeadSquared finds the lead by the first unique identifier in the list, so ``identifier_attribute``
     (when given) is moved to the front; otherwise the caller's order stands.
     """
-    if not isinstance(lead, Mapping):
-        raise LeadSquaredValidationError(
-            f"a lead must be a mapping of attribute names, got {type(lead).__name__}"
-        )
-    fields: list[dict[str, str]] = []
-    for attribute, raw in lead.items():
-        if not isinstance(attribute, str) or not _ATTRIBUTE_NAME.fullmatch(attribute):
-            raise LeadSquaredValidationError(
-                f"field {attribute!r}: not an attribute schema name (letters, digits and underscores)",
-                field=str(attribute),
-            )
-        if attribute in (PASSWORD_FIELD, CONFIRM_PASSWORD_FIELD):
-            raise LeadSquaredValidationError(
-                f"field {attribute!r}: pass the portal password separately, never inside the lead",
-                field=attribute,
-            )
-        value = format_value(attribute, raw)
-        if value is not None:
-            fields.append({"Attribute": attribute, "Value": value})
+    fields = [
+        {"Attribute": attribute, "Value": value}
+        for attribute, value in attribute_values(lead, _refuse_password)
+        if value is not None
+    ]
 
     present = {f["Attribute"] for f in fields}
     if identifier_attribute is not None:
@@ -186,11 +215,7 @@ def build_lead_fields(
             )
         fields.sort(key=lambda f: f["Attribute"] != identifier_attribute)  # stable: only moves it first
     elif not present.intersection(UNIQUE_IDENTIFIERS):
-        raise LeadSquaredValidationError(
-            "field 'EmailAddress': the lead has no unique identifier; set EmailAddress, Phone or Mobile, "
-            "or name a custom unique field with identifier_attribute",
-            field="EmailAddress",
-        )
+        raise no_identifier_error()
 
     if not isinstance(password, str) or not password.strip():
         raise LeadSquaredValidationError(

@@ -51,12 +51,12 @@ def _redis_from_connection(conn_id: str) -> tuple[Any, str]:
             "provider's redis extra (pip install 'airflow-provider-leadsquared[redis]', which installs "
             "apache-airflow-providers-redis)."
         ) from error
-    from airflow_provider_lsq.version_compat import mask_secret
+    from airflow_provider_lsq.masking import mask
 
     hook = RedisHook(redis_conn_id=conn_id)
     conn = hook.get_connection(conn_id)
     if conn.password:
-        mask_secret(conn.password)
+        mask(conn.password)
     return hook.get_conn(), f"Redis (connection {conn_id!r})"
 
 
