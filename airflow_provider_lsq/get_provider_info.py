@@ -45,7 +45,12 @@ def get_provider_info() -> dict[str, Any]:
                 "source-integration-name": "Common SQL",
                 "target-integration-name": "LeadSquared",
                 "python-module": "airflow_provider_lsq.transfers.sql_to_leadsquared",
-            }
+            },
+            {
+                "source-integration-name": "Common SQL",
+                "target-integration-name": "LeadSquared",
+                "python-module": "airflow_provider_lsq.transfers.sql_to_leadsquared_leads",
+            },
         ],
         # The portal as an Asset (Airflow 3) or Dataset (2.x): scheme, normaliser, factory, OpenLineage.
         "asset-uris": [_PORTAL_URIS],

@@ -122,6 +122,7 @@ class PreparedLineage:
     query: OperatorLineage | None = None
     ledger: OperatorLineage | None = None
     portal: tuple[str, str] | None = None
+    leads: tuple[str, str] | None = None  # the lead-update transfer's: the account's leads
 
 
 def prepare_lineage(operator: LeadSquaredBaseOperator) -> None:
@@ -380,4 +381,50 @@ def _sql_lineage(hook: DbApiHook, sql: str, use_connection: bool | None) -> Oper
         database_info=database_info,
         sqlalchemy_engine=hook.get_sqlalchemy_engine(),
         use_connection=should_use_external_connection(hook) if use_connection is None else use_connection,
+    )
+
+
+# -- the lead-update transfer -------------------------------------------------------------------------
+
+
+def leads_dataset_name(config: LeadSquaredConfig) -> tuple[str, str]:
+    """``(namespace, name)`` of an account's leads: ``("leadsquared://<lead API host>", "leads")``."""
+    return f"{SCHEME}://{urlsplit(config.lead_api_url).netloc.lower()}", "leads"
+
+
+def read_lead_sync_parts(operator: Any, seconds: float, *, look_up_now: bool) -> PreparedLineage:
+    """``SqlToLeadSquaredLeadOperator``'s parts: the query's tables, its ledger table, the leads."""
+    transfer = read_transfer_parts(operator, seconds, look_up_now=look_up_now)
+    leads = _within(
+        seconds, {"the leads": _part(look_up_now, lambda: _lsq_config(operator), leads_dataset_name)}
+    )
+    return PreparedLineage(query=transfer.query, ledger=transfer.ledger, leads=leads.get("the leads"))
+
+
+def lead_sync_lineage(operator: Any) -> OperatorLineage | None:
+    """``SqlToLeadSquaredLeadOperator``'s lineage: the query's inputs; its ledger table and the
+    account's leads as outputs (the leads with ``outputStatistics.rowCount``: rows updated or created)."""
+    if not openlineage_installed():
+        return None
+    from airflow.providers.common.compat.openlineage.facet import (
+        OutputDataset,
+        OutputStatisticsOutputDatasetFacet,
+    )
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    prepared = _prepared(operator)
+    outputs: list[Any] = list(prepared.ledger.outputs) if prepared.ledger is not None else []
+    counts = getattr(operator, "registration_counts", None) or {}
+    if prepared.leads is not None:
+        namespace, name = prepared.leads
+        facets: dict[str, Any] = {}
+        if counts:
+            sent = int(counts.get("updated", 0)) + int(counts.get("created", 0))
+            facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(rowCount=sent)
+        outputs.append(OutputDataset(namespace=namespace, name=name, outputFacets=facets))
+    query = prepared.query
+    if query is None:
+        return OperatorLineage(outputs=outputs)
+    return OperatorLineage(
+        inputs=list(query.inputs), outputs=outputs, run_facets=query.run_facets, job_facets=query.job_facets
     )

@@ -12,6 +12,10 @@ name                                           type     what
 ``leadsquared.registrations.<status>``         counter  rows that ended ``registered``,
                                                         ``already_registered``, ``invalid``,
                                                         ``failed`` or ``unconfirmed``
+``leadsquared.lead_updates.<status>``         counter  rows of ``SqlToLeadSquaredLeadOperator`` that
+                                                        ended ``updated``, ``created``, ``exists``,
+                                                        ``not_found``, ``unchanged``, ``invalid`` or
+                                                        ``failed``
 ``leadsquared.calls``                          counter  HTTP exchanges with the API (each retry counts)
 ``leadsquared.call_duration``                  timer    one exchange, request sent to answer parsed
 ``leadsquared.refusals``                       counter  the API's rate-limit refusals (429 and kin)
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 
 PREFIX = "leadsquared."
 REGISTRATIONS = PREFIX + "registrations"  # + "." + status
+LEAD_UPDATES = PREFIX + "lead_updates"  # + "." + status
 CALLS = PREFIX + "calls"
 CALL_DURATION = PREFIX + "call_duration"
 REFUSALS = PREFIX + "refusals"
@@ -69,6 +74,12 @@ def registration(conn_id: str, status: RegistrationStatus | str) -> None:
     """One row ended with ``status``: ``leadsquared.registrations.<status>``."""
     value = getattr(status, "value", status)
     Stats.incr(f"{REGISTRATIONS}.{value}", tags=_tags(conn_id))
+
+
+def lead_update(conn_id: str, status: RegistrationStatus | str) -> None:
+    """One row of a lead-update run ended with ``status``: ``leadsquared.lead_updates.<status>``."""
+    value = getattr(status, "value", status)
+    Stats.incr(f"{LEAD_UPDATES}.{value}", tags=_tags(conn_id))
 
 
 def retry(conn_id: str) -> None:

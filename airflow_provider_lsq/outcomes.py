@@ -21,9 +21,44 @@ class RegistrationStatus(str, Enum):
     # or unreadable 2xx): the lead may be a portal user with this run's password. Never re-sent
     # without a person deciding (re-sending would reset that password).
     UNCONFIRMED = "unconfirmed"
+    # The lead-update transfer's own ends (SqlToLeadSquaredLeadOperator); never a registration's.
+    UPDATED = "updated"  # the lead's fields were sent and LeadSquared updated it
+    CREATED = "created"  # upsert or create only: LeadSquared created the lead
+    EXISTS = "exists"  # create only: the lead was there and was left as it is
+    NOT_FOUND = "not_found"  # update only: no such lead, and none was created
+    UNCHANGED = "unchanged"  # the fields last sent for this key are the same: no call
 
     def __str__(self) -> str:
         return self.value
+
+
+# The statuses a registration's row ends in (its summary's and metrics' keys); the lead-update
+# transfer's are LEAD_SYNC_STATUSES.
+REGISTRATION_STATUSES = (
+    RegistrationStatus.REGISTERED,
+    RegistrationStatus.ALREADY_REGISTERED,
+    RegistrationStatus.INVALID,
+    RegistrationStatus.FAILED,
+    RegistrationStatus.UNCONFIRMED,
+)
+LEAD_SYNC_STATUSES = (
+    RegistrationStatus.UPDATED,
+    RegistrationStatus.CREATED,
+    RegistrationStatus.EXISTS,
+    RegistrationStatus.NOT_FOUND,
+    RegistrationStatus.UNCHANGED,
+    RegistrationStatus.INVALID,
+    RegistrationStatus.FAILED,
+)
+_OK = frozenset(
+    {
+        RegistrationStatus.REGISTERED,
+        RegistrationStatus.ALREADY_REGISTERED,
+        RegistrationStatus.UPDATED,
+        RegistrationStatus.CREATED,
+        RegistrationStatus.EXISTS,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +89,9 @@ class RegistrationOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status in (RegistrationStatus.REGISTERED, RegistrationStatus.ALREADY_REGISTERED)
+        """The row's lead is as the run wanted it: registered, or (lead updates) updated, created or
+        left as it was by a create-only run."""
+        return self.status in _OK
 
     # -- the one place outcome records are built ------------------------------------------------
 
@@ -152,6 +189,13 @@ class RegistrationOutcome:
             error_message=error_message,
             retryable=retryable,
         )
+
+    @classmethod
+    def lead(
+        cls, key: str, status: RegistrationStatus, lead_id: str | None, attempts: int
+    ) -> RegistrationOutcome:
+        """A lead-update row's end: ``updated``, ``created``, ``exists``, ``not_found`` or ``unchanged``."""
+        return cls(key, status, lead_id=lead_id, attempts=attempts)
 
     @classmethod
     def not_sent(cls, key: str) -> RegistrationOutcome:

@@ -12,11 +12,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_lsq import metrics
-from airflow_provider_lsq.outcomes import RegistrationStatus
+from airflow_provider_lsq.outcomes import REGISTRATION_STATUSES, RegistrationStatus
 from airflow_provider_lsq.version_compat import AirflowException, AirflowFailException
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from types import TracebackType
 
     from airflow_provider_lsq.outcomes import RegistrationOutcome
@@ -56,6 +56,9 @@ class RegistrationProgress:
     :param label: how lines start.
     :param conn_id: the LeadSquared connection: each outcome is counted in the provider's metrics
         under it (``leadsquared.registrations.<status>``). None (dry runs) sends no metric.
+    :param statuses: the statuses rows end in: the summary's counts (default: a registration's).
+    :param metric: ``metric(conn_id, status)`` counts one outcome (default:
+        :func:`~airflow_provider_lsq.metrics.registration`).
     """
 
     def __init__(
@@ -68,8 +71,11 @@ class RegistrationProgress:
         label: str = "LeadSquared registration",
         clock: Callable[[], float] = time.monotonic,
         conn_id: str | None = None,
+        statuses: Iterable[RegistrationStatus] = REGISTRATION_STATUSES,
+        metric: Callable[[str, RegistrationStatus], None] | None = None,
     ) -> None:
         self.total = total
+        self._metric = metric or metrics.registration
         self.interval = interval
         self.log = logger if logger is not None else logging.getLogger(__name__)
         self.track_skips = track_skips
@@ -77,7 +83,7 @@ class RegistrationProgress:
         self._clock = clock
         self.conn_id = conn_id
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {status.value: 0 for status in RegistrationStatus}
+        self._counts: dict[str, int] = {status.value: 0 for status in statuses}
         self._valid = self._skipped = self._duplicates = self._calls = 0
         self._failures: list[str] = []
         self._started = clock()
@@ -90,9 +96,9 @@ class RegistrationProgress:
         """Count one row's outcome; keep (and log) it when it is among the first failures."""
         line, last = "", False
         if self.conn_id is not None:
-            metrics.registration(self.conn_id, outcome.status)
+            self._metric(self.conn_id, outcome.status)
         with self._lock:
-            self._counts[outcome.status.value] += 1
+            self._counts[outcome.status.value] = self._counts.get(outcome.status.value, 0) + 1
             self._calls += outcome.attempts
             keep = outcome.status in _LOGGED and len(self._failures) < MAX_FAILURES_KEPT
             if keep:
@@ -153,7 +159,7 @@ class RegistrationProgress:
 
     def count(self, status: RegistrationStatus | str) -> int:
         with self._lock:
-            return self._counts[RegistrationStatus(status).value]
+            return self._counts.get(RegistrationStatus(status).value, 0)
 
     def summary(self, dry_run: bool, duration: float | None = None) -> dict[str, Any]:
         """Counts only (no lead data): what the operators return. ``total`` is every row read."""

@@ -20,8 +20,15 @@ From one run, printed as compact tables (nothing is asserted; timings depend on 
     fetched whole): the ratio (target at most 3x), the statements the transfer sent, and its peak RSS
     growth. The data is generated inside the bench (a database created and dropped on PostgreSQL).
 
+(g) the lead-update path: ``SqlToLeadSquaredLeadOperator`` over 10,000 rows of a SQLite warehouse
+    whose ledger knows every row's fields, 500 of them changed since: the calls each mode made by
+    endpoint (target: 20 bulk calls in upsert mode, 500 ``Lead.Update`` in update mode, none for the
+    9,500 unchanged rows) and the time against what the ceiling alone allows (the bulk window's
+    calls for upsert, the account's for update), as a share.
+
 Options: ``--leads``, ``--naive-leads``, ``--rows`` (e.g. ``--rows 10000 100000``), ``--skip-memory``,
-``--ledger-rows`` (PostgreSQL, SQLite), ``--skip-ledger``.
+``--ledger-rows`` (PostgreSQL, SQLite), ``--skip-ledger``, ``--update-rows``/``--changed``,
+``--skip-updates``.
 """
 
 from __future__ import annotations
@@ -771,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
         help="(f): applicants per database (0: skip it)",
     )
     parser.add_argument("--skip-ledger", action="store_true", help="skip (f), the grown ledger")
+    parser.add_argument("--update-rows", type=int, default=10_000, help="(g): rows of the warehouse")
+    parser.add_argument("--changed", type=int, default=500, help="(g): rows changed before each run")
+    parser.add_argument("--skip-updates", action="store_true", help="skip (g), the lead-update path")
     parser.add_argument("--memory-child", nargs=2, metavar=("ROWS", "WAREHOUSE"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("PREFIX", "COUNT", "START_AT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -819,7 +829,117 @@ def main(argv: list[str] | None = None) -> int:
             )
     if not args.skip_ledger:
         print_grown_ledger(*args.ledger_rows)
+    if not args.skip_updates:
+        print_lead_updates(args.update_rows, args.changed)
     return 0
+
+
+# -- (g) the lead-update path -----------------------------------------------------------------------------
+
+BULK_CALLS, BULK_PERIOD = 50, 1.0  # the sandbox's bulk window (and the connection's): 1,250 rows/s
+
+
+def bench_lead_updates(rows: int, changed: int) -> list[dict[str, Any]]:
+    """Fill the ledger (an upsert of every row), then change ``changed`` rows before an upsert run
+    and ``changed`` others before an update-only run; count each measured run's calls."""
+    import sqlite3
+
+    from airflow_provider_lsq.sandbox import Sandbox
+    from airflow_provider_lsq.transfers.sql_to_leadsquared_leads import SqlToLeadSquaredLeadOperator
+
+    sandbox = Sandbox(
+        rate_limit_calls=CALLS,
+        rate_limit_period=PERIOD,
+        latency=0.05,
+        bulk_rate_limit_calls=BULK_CALLS,
+        bulk_rate_limit_period=BULK_PERIOD,
+    ).start()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "warehouse.db"
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE applicants (applicant_id INTEGER, email TEXT, program TEXT, city TEXT)")
+        db.executemany(
+            "INSERT INTO applicants VALUES (?, ?, 'BSc Physics', 'Pune')",
+            [(i, f"bench{i}@example.edu") for i in range(1, rows + 1)],
+        )
+        db.commit()
+        os.environ["AIRFLOW_CONN_LEADSQUARED_DEFAULT"] = connection(sandbox, retry_wait_seconds=0.05)
+        os.environ["AIRFLOW_CONN_BENCH_WAREHOUSE"] = json.dumps({"conn_type": "sqlite", "host": str(path)})
+        sql = (
+            'SELECT applicant_id, email AS "EmailAddress", program AS "mx_Program", city AS "mx_City" '
+            "FROM applicants ORDER BY applicant_id"
+        )
+
+        def run(mode: str, run_id: str) -> tuple[dict[str, Any], float, dict[str, int]]:
+            before = len(sandbox.calls)
+            op = SqlToLeadSquaredLeadOperator(
+                task_id="bench_lead_updates",
+                sql=sql,
+                sql_conn_id="bench_warehouse",
+                key_column="applicant_id",
+                mode=mode,
+                batch_size=1000,
+                registration_ledger_table=None,
+            )
+            started = time.monotonic()
+            summary = op.execute({"run_id": run_id})
+            seconds = time.monotonic() - started
+            by_path: dict[str, int] = {}
+            for call in sandbox.calls[before:]:
+                name = call.path.split("?")[0].rsplit("/v2/LeadManagement.svc/", 1)[-1]
+                by_path[name] = by_path.get(name, 0) + 1
+            return summary, seconds, by_path
+
+        run("upsert", "fill")  # every row sent once: the ledger knows their fields
+        for mode, first in (("upsert", 1), ("update", changed + 1)):
+            db.execute(
+                "UPDATE applicants SET program = 'MSc Data' WHERE applicant_id BETWEEN ? AND ?",
+                (first, first + changed - 1),
+            )
+            db.commit()
+            summary, seconds, by_path = run(mode, f"measured_{mode}")
+            sent = summary.get("updated", 0) + summary.get("created", 0)
+            if mode == "upsert":
+                calls = by_path.get("Lead/Bulk/CreateOrUpdate", 0)
+                ideal = max(0, calls - BULK_CALLS) * BULK_PERIOD / BULK_CALLS  # a full window is free
+            else:
+                calls = by_path.get("Lead.Update", 0)
+                ideal = max(0, calls - CALLS) * PERIOD / CALLS
+            results.append(
+                {"mode": mode, "rows": rows, "changed": changed, "sent": sent, "calls": by_path,
+                 "unchanged": summary.get("unchanged", 0), "seconds": seconds, "ideal": ideal,
+                 "call_count": calls}
+            )  # fmt: skip
+        db.close()
+    sandbox.stop()
+    return results
+
+
+def print_lead_updates(rows: int, changed: int) -> None:
+    print(
+        f"\n(g) Lead updates: {rows:,} rows, {changed:,} changed since the last run, SQLite warehouse; "
+        f"bulk window {BULK_CALLS} calls / {BULK_PERIOD:g} s (x25 rows), account {CALLS} calls / "
+        f"{PERIOD:g} s",
+        flush=True,
+    )
+    results = bench_lead_updates(rows, changed)
+    table_rows = []
+    for r in results:
+        calls = ", ".join(f"{name} {count}" for name, count in sorted(r["calls"].items()))
+        floor = max(r["ideal"], 1e-9)
+        share = f"{min(1.0, floor / r['seconds']):.0%}" if r["ideal"] > 0 else "under one window"
+        table_rows.append(
+            [r["mode"], f"{r['sent']:,}", f"{r['unchanged']:,}", calls, f"{r['seconds']:.1f} s",
+             f"{r['ideal']:.1f} s", share]
+        )  # fmt: skip
+    headers = ["mode", "rows sent", "unchanged (no call)", "calls", "time", "ceiling's time", "share"]
+    print(table(table_rows, headers))
+    print(
+        "  Target: 20 bulk calls (upsert) or 500 Lead.Update (update), none for an unchanged row. "
+        "'ceiling's time' is what the rate limit alone imposes (a window's calls are free); when the "
+        "calls fit in one window the time is the warehouse read, the ledger and the calls' latency."
+    )
 
 
 def print_grown_ledger(postgres_rows: int, sqlite_rows: int) -> None:

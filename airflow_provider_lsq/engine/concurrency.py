@@ -31,7 +31,8 @@ def send_rows(
 ) -> Iterator[RegistrationOutcome]:
     """Run ``operation`` on many ``(key, row)`` pairs concurrently; yield one outcome per row as each ends.
 
-    Rows are read lazily (at most two per worker are in flight), and only while the consumer takes
+    Rows are read lazily (at most two calls per worker are in flight: a call takes one row, or up to
+    the operation's ``batch_size`` for a bulk operation), and only while the consumer takes
     outcomes: a consumer that stops reading stops the sending.
 
     Setting the hook's ``stopping`` flag stops the run early: no row is taken from ``rows`` after it,
@@ -48,29 +49,34 @@ def send_rows(
     workers = max_workers or hook.default_max_workers
     operation.prepare(hook)  # fail fast on what no row can survive, before any row is taken
     stopping = hook.stopping
+    size = max(1, operation.batch_size)
 
-    def run_one(key: str, row: Mapping[str, Any]) -> RegistrationOutcome:
+    def run_one(group: list[tuple[str, Mapping[str, Any]]]) -> list[RegistrationOutcome]:
         if stopping.is_set():
-            return RegistrationOutcome.not_sent(key)
-        guard = (lambda: may_send(key)) if may_send is not None else None
-        return operation.run_row(hook, key, row, guard)
+            return [RegistrationOutcome.not_sent(key) for key, _ in group]
+        if size == 1:
+            key, row = group[0]
+            guard = (lambda: may_send(key)) if may_send is not None else None
+            return [operation.run_row(hook, key, row, guard)]
+        return operation.run_batch(hook, group, may_send)
 
     errors: list[BaseException] = []  # what stops the run (a bad login), raised once all is yielded
-    keys: dict[Future[RegistrationOutcome], str] = {}
+    keys: dict[Future[list[RegistrationOutcome]], list[str]] = {}
 
-    def finished(done: set[Future[RegistrationOutcome]]) -> Iterator[RegistrationOutcome]:
+    def finished(done: set[Future[list[RegistrationOutcome]]]) -> Iterator[RegistrationOutcome]:
         for future in done:
-            key = keys.pop(future)
+            group_keys = keys.pop(future)
             if future.cancelled():
-                yield RegistrationOutcome.not_sent(key)
+                for key in group_keys:
+                    yield RegistrationOutcome.not_sent(key)
                 continue
             error = future.exception()
             if error is None:
-                yield future.result()
+                yield from future.result()
             else:
                 errors.append(error)
 
-    def next_done(pending: set[Future[RegistrationOutcome]]) -> set[Future[RegistrationOutcome]]:
+    def next_done(pending: set[Future[list[RegistrationOutcome]]]) -> set[Future[list[RegistrationOutcome]]]:
         while True:
             if stopping.is_set():
                 for future in pending:
@@ -82,16 +88,16 @@ def send_rows(
                 on_idle()
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=operation.thread_prefix) as pool:
-        pending: set[Future[RegistrationOutcome]] = set()
-        for key, row in rows:
+        pending: set[Future[list[RegistrationOutcome]]] = set()
+        for group in _groups(rows, size, stopping):
             if len(pending) >= 2 * workers:
                 done = next_done(pending)
                 pending -= done
                 yield from finished(done)
                 if errors:
                     break
-            future = pool.submit(run_one, key, row)
-            keys[future] = key
+            future = pool.submit(run_one, group)
+            keys[future] = [key for key, _ in group]
             pending.add(future)
             if stopping.is_set():
                 break
@@ -101,3 +107,19 @@ def send_rows(
             yield from finished(done)
     if errors:
         raise errors[0]
+
+
+def _groups(
+    rows: Iterable[tuple[str, Mapping[str, Any]]], size: int, stopping: Any
+) -> Iterator[list[tuple[str, Mapping[str, Any]]]]:
+    """``rows`` in lists of up to ``size`` (one call each); a stop ends the list being filled."""
+    group: list[tuple[str, Mapping[str, Any]]] = []
+    for item in rows:
+        group.append(item)
+        if len(group) >= size or stopping.is_set():
+            yield group
+            group = []
+            if stopping.is_set():
+                return
+    if group:
+        yield group

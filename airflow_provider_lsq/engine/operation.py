@@ -8,7 +8,12 @@ or an exception) and how that result or exception becomes the row's outcome
 operation: concurrency within the account's rate limit, claims, records, stops and the verdict.
 
 Registering portal users is :class:`~airflow_provider_lsq.engine.registration.PortalRegistration`;
-another bulk operation (updating leads, say) is another subclass and a hook call.
+updating leads is :class:`~airflow_provider_lsq.engine.lead_sync.LeadSync`.
+
+An operation whose call takes several rows (a bulk call) sets :attr:`~RowOperation.batch_size` and
+overrides :meth:`~RowOperation.run_batch`: the engine then hands it up to that many rows at once, one
+call, and each row still gets its own outcome. :meth:`~RowOperation.preflight` runs once the run's
+columns are known, before any row is sent (and in a dry run).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_lsq.exceptions import LeadSquaredError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
     from airflow_provider_lsq.outcomes import RegistrationOutcome
@@ -37,6 +42,12 @@ class RowOperation:
 
     #: The name of the engine's worker threads (``lsq-register-0``...): thread dumps say what ran.
     thread_prefix = "lsq-row"
+    #: Rows one call takes: 1 (a call per row, :meth:`run_row`) or more (a bulk call, :meth:`run_batch`).
+    batch_size = 1
+
+    def preflight(self, hook: LeadSquaredHook, columns: Sequence[str]) -> None:
+        """Once the run's columns (the attributes it sends) are known, before any row is checked or
+        sent (a dry run too): raise what no row can get past. Default: nothing."""
 
     def check(self, key: str, row: Mapping[str, Any]) -> RegistrationOutcome | None:
         """The row's ``invalid`` outcome when it cannot be sent, without any call; None when it can."""
@@ -76,3 +87,20 @@ class RowOperation:
         except LeadSquaredError as error:
             return self.failure(hook, key, row, error)
         return self.outcome(key, row, result)
+
+    def run_batch(
+        self,
+        hook: LeadSquaredHook,
+        rows: Sequence[tuple[str, Mapping[str, Any]]],
+        may_send: Callable[[str], bool] | None,
+    ) -> list[RegistrationOutcome]:
+        """Up to :attr:`batch_size` rows, one outcome each (default: :meth:`run_row` for each row).
+
+        ``may_send(key)`` is asked before a row is sent (None: always yes). A bulk operation sends the
+        rows in one call and maps each row's own result to its outcome.
+        """
+        outcomes = []
+        for key, row in rows:
+            guard = (lambda key=key: may_send(key)) if may_send is not None else None
+            outcomes.append(self.run_row(hook, key, row, guard))
+        return outcomes

@@ -17,6 +17,7 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredAuthenticationError,
     LeadSquaredBudgetUnavailableError,
     LeadSquaredConfigError,
+    LeadSquaredError,
     LeadSquaredLeadExistsError,
     LeadSquaredStoppedError,
     LeadSquaredUnconfirmedError,
@@ -30,11 +31,12 @@ from airflow_provider_lsq.hooks.leadsquared import (
 from airflow_provider_lsq.hooks.payload import build_lead_fields
 from airflow_provider_lsq.outcomes import RegistrationOutcome
 from airflow_provider_lsq.passwords import generate_password
+from airflow_provider_lsq.preflight import LeadSquaredPreflightError, Preflight
+from airflow_provider_lsq.version_compat import AirflowFailException
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
-    from airflow_provider_lsq.exceptions import LeadSquaredError
     from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
     from airflow_provider_lsq.outcomes import RegistrationResult
 
@@ -57,6 +59,8 @@ class PortalRegistration(RowOperation):
     :param identifier_attribute: the lead's unique identifier, sent first.
     :param only_new_leads: refuse existing leads (``already_registered``) instead of upgrading them.
     :param password_callable: ``callable(lead) -> password``; default a fresh random one per lead.
+    :param preflight: check the run's columns and values against the account's lead fields first
+        (see :meth:`preflight`).
     """
 
     thread_prefix = "lsq-register"
@@ -67,13 +71,60 @@ class PortalRegistration(RowOperation):
         identifier_attribute: str | None = None,
         only_new_leads: bool = False,
         password_callable: Callable[[Mapping[str, Any]], str] | None = None,
+        preflight: bool = False,
     ) -> None:
         self.identifier_attribute = identifier_attribute
         self.only_new_leads = only_new_leads
         self.make_password = password_callable or (lambda _lead: generate_password())
+        self.use_preflight = preflight
+        self.checks: Preflight | None = None
+        self._unchecked: tuple[LeadSquaredHook, list[str]] | None = None  # columns to check, once
+
+    def preflight(self, hook: LeadSquaredHook, columns: Sequence[str]) -> None:
+        """With ``preflight``: the run's columns, checked against the account's lead fields when the
+        first row that would be sent is checked (:meth:`check`), so before any row is sent, and a run
+        with nothing to send (a rerun) makes no call at all. A column no row could be registered with
+        stops the run; each row's values are checked from then on.
+
+        Registration must work on accounts whose key may not read the fields (``LeadsMetaData.Get``
+        is a lead API the portal's Register does not need): a failed read logs a WARNING and the run
+        goes on unchecked, as before preflight existed.
+        """
+        if self.use_preflight and self.checks is None:
+            self._unchecked = (hook, list(columns))
+
+    def _check_columns(self) -> None:
+        if self._unchecked is None:
+            return
+        hook, columns = self._unchecked
+        self._unchecked = None
+        try:
+            checks = Preflight.from_hook(hook)
+        except LeadSquaredError as error:
+            hook.log.warning(
+                "Preflight skipped: the account's lead fields could not be read (LeadsMetaData.Get, %s). "
+                "Rows are registered unchecked; LeadSquared refuses what does not fit.",
+                error.error_type,
+            )
+            return
+        try:
+            checks.require_columns(
+                columns, identifier_attribute=self.identifier_attribute, creating=True, lead_api=False
+            )
+        except LeadSquaredPreflightError as error:
+            raise AirflowFailException(error.message) from None
+        self.checks = checks
 
     def check(self, key: str, row: Mapping[str, Any]) -> RegistrationOutcome | None:
-        return check_lead(key, row, self.identifier_attribute)
+        invalid = check_lead(key, row, self.identifier_attribute)
+        if invalid is not None:
+            return invalid
+        self._check_columns()  # the first row that would be sent: the columns first, once
+        if self.checks is not None:
+            problem = self.checks.lead_problem(row, creating=True)
+            if problem is not None:
+                return RegistrationOutcome.invalid(key, problem, error_type="PreflightError")
+        return None
 
     def prepare(self, hook: LeadSquaredHook) -> None:
         hook.require_portal_id()

@@ -144,6 +144,9 @@ class RegistrationRun:
             logger=operator.log,
             track_skips=track_skips,
             conn_id=None if operator.is_dry_run else operator.leadsquared_conn_id,
+            label=operator.progress_label,
+            statuses=operator.outcome_statuses,
+            metric=operator.outcome_metric,
         )
         return cls(
             hook=hook,
@@ -274,7 +277,8 @@ class RegistrationRun:
                 raise self._source_error
             return  # nothing to send: no call at all, not even a login
         workers = self.max_workers or self.hook.default_max_workers
-        feed = self._feed(itertools.chain(first, stream), claim_size=2 * workers)
+        claim_size = max(2 * workers, self.operation.batch_size)  # a bulk call's rows claimed together
+        feed = self._feed(itertools.chain(first, stream), claim_size=claim_size)
         try:
             outcomes = send_rows(
                 self.hook,
@@ -479,7 +483,7 @@ class RegistrationRun:
         ``name_rows`` False: the failure's message names no row key (they are lead values).
         """
         summary = {**self.progress.summary(dry_run, duration), **extra}
-        self.log.info("LeadSquared registration summary: %s", summary)
+        self.log.info("%s summary: %s", self.progress.label, summary)
         if on_summary is not None:
             on_summary(summary)
         if not dry_run:

@@ -22,6 +22,7 @@ from airflow_provider_lsq.engine.registration import PortalRegistration
 from airflow_provider_lsq.exceptions import LeadSquaredConfigError
 from airflow_provider_lsq.hooks.leadsquared import LeadSquaredHook
 from airflow_provider_lsq.lineage import prepare_lineage
+from airflow_provider_lsq.outcomes import REGISTRATION_STATUSES
 from airflow_provider_lsq.progress import check_failure_ratio
 from airflow_provider_lsq.version_compat import AirflowFailException, BaseOperator
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from airflow_provider_lsq.engine.operation import RowOperation
     from airflow_provider_lsq.engine.run import RegistrationRun
     from airflow_provider_lsq.lineage import PreparedLineage
+    from airflow_provider_lsq.outcomes import RegistrationStatus
     from airflow_provider_lsq.version_compat import Context
 
 
@@ -49,6 +51,9 @@ class LeadSquaredBaseOperator(BaseOperator):
 
     ui_color = "#e8f4fd"
     progress_interval: float = 10.0  # seconds between progress lines in the task log
+    progress_label = "LeadSquared registration"  # how its progress lines start
+    outcome_statuses: tuple[RegistrationStatus, ...] = REGISTRATION_STATUSES  # its summary's counts
+    outcome_metric: Callable[[str, RegistrationStatus], None] | None = None  # None: registrations'
 
     def __init__(
         self,
@@ -120,6 +125,12 @@ class PortalRegistrationBaseOperator(LeadSquaredBaseOperator):
 
     :param only_new_leads: refuse existing leads (``already_registered``) instead of upgrading them.
     :param password_callable: ``callable(lead) -> password``; default a fresh random password per lead.
+    :param preflight: before the first row (and in a dry run), read the account's lead fields once
+        (``LeadsMetaData.Get``) and check the run's columns (a column no row could be registered with
+        fails the task before any row is sent, naming the closest real field) and each row's values
+        (a value its field cannot hold makes that row ``invalid``). An account whose key may not read
+        the fields logs a WARNING and registers unchecked. Off by default: a registration run makes
+        no call it did not make before (a dry run none at all).
     """
 
     def __init__(
@@ -127,16 +138,20 @@ class PortalRegistrationBaseOperator(LeadSquaredBaseOperator):
         *,
         only_new_leads: bool = False,
         password_callable: Callable[[Mapping[str, Any]], str] | None = None,
+        preflight: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.only_new_leads = only_new_leads
         self.password_callable = password_callable
+        self.preflight = preflight
 
     def row_operation(self) -> PortalRegistration:
-        """Each row registered as a portal user (:mod:`airflow_provider_lsq.engine.registration`)."""
+        """Each row registered as a portal user (:mod:`airflow_provider_lsq.engine.registration`):
+        one operation per ``execute()`` (its preflight's fields are that run's)."""
         return PortalRegistration(
             identifier_attribute=self.identifier_attribute,
             only_new_leads=self.only_new_leads,
             password_callable=self.password_callable,
+            preflight=self.preflight,
         )

@@ -53,6 +53,9 @@ class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
         without it is invalid. It is a value of the lead and is sent with it.
     :param only_new_leads: refuse existing leads (``already_registered``) instead of upgrading them.
     :param password_callable: ``callable(lead) -> password``; default a fresh random password per lead.
+    :param preflight: check the leads' keys and values against the account's lead fields
+        (``LeadsMetaData.Get``, once) before any row is sent, a dry run too; an account whose key may
+        not read them logs a WARNING and registers unchecked (see ``docs/preflight.md``). Off by default.
     :param max_failure_ratio: fail the task when more than this share of rows is invalid or failed.
     :param dry_run: validate and map every row; make no call at all.
     :param max_workers: concurrent calls (default: the hook's choice from the rate limit).
@@ -83,6 +86,7 @@ class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
         key_field: str | None = None,
         only_new_leads: bool = False,
         password_callable: Callable[[Mapping[str, Any]], str] | None = None,
+        preflight: bool = False,
         max_failure_ratio: float = 0.0,
         dry_run: bool = False,
         max_workers: int | None = None,
@@ -94,6 +98,7 @@ class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
             identifier_attribute=identifier_attribute,
             only_new_leads=only_new_leads,
             password_callable=password_callable,
+            preflight=preflight,
             max_failure_ratio=max_failure_ratio,
             dry_run=dry_run,
             max_workers=max_workers,
@@ -139,9 +144,16 @@ class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
             self.leadsquared_conn_id,
         )
         rows = self._keyed(leads, progress)
+        columns = _columns(leads)
+
+        def body() -> None:
+            if columns:
+                run.operation.preflight(run.hook, columns)  # the account's checks, before any row
+            run.dry_run(rows) if self.is_dry_run else run.send(rows)
+
         try:
             with progress:
-                run.execute(lambda: run.dry_run(rows) if self.is_dry_run else run.send(rows))
+                run.execute(body)
         finally:  # a run stopped by a bad login or a kill still shows what it finished
             context["ti"].xcom_push(key="outcomes", value=sink.outcomes)
         return run.finish(
@@ -198,3 +210,12 @@ class RegisterPortalUserOperator(PortalRegistrationBaseOperator):
             if lead is not None:
                 seen.add_lead(lead[1], key)
             yield key, row
+
+
+def _columns(leads: Iterable[Any]) -> list[str]:
+    """Every attribute the leads name, in the order first met (the run's columns)."""
+    names: dict[str, None] = {}
+    for lead in leads:
+        if isinstance(lead, Mapping):
+            names.update((str(name), None) for name in lead)
+    return list(names)

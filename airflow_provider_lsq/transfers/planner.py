@@ -360,6 +360,9 @@ class RowPlanner:
             width = len(columns)
         key_index = self._key_index(columns)
         self._check_columns(columns, key_index)
+        keep_key = self.settings.send_key_column
+        attributes = [column for index, column in enumerate(columns) if index != key_index or keep_key]
+        self.engine.operation.preflight(self.engine.hook, attributes)  # the account's checks, once
         return self._stream(cursor, records, columns, key_index, seen, only=only, skip=skip, width=width)
 
     def _stream(

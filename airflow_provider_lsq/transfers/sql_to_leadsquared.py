@@ -108,6 +108,10 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
     :param identifier_attribute: the lead's unique identifier, sent first.
     :param only_new_leads: refuse existing leads (``already_registered``) instead of upgrading them.
     :param password_callable: ``callable(lead) -> password``; default a fresh random one per lead.
+    :param preflight: check the query's columns and each row's values against the account's lead
+        fields (``LeadsMetaData.Get``, once) before any row is sent, a dry run too; an account whose
+        key may not read them logs a WARNING and registers unchecked (see ``docs/preflight.md``).
+        Off by default.
     :param max_failure_ratio: the share of invalid or failed rows (of those sent) that fails the task.
     :param dry_run: validate and map every row; make no call and write nothing to the ledger (its
         table is still created, so a query that anti-joins it runs).
@@ -155,6 +159,7 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
         identifier_attribute: str | None = "EmailAddress",
         only_new_leads: bool = False,
         password_callable: Callable[[Mapping[str, Any]], str] | None = None,
+        preflight: bool = False,
         max_failure_ratio: float = 0.0,
         dry_run: bool = False,
         max_workers: int | None = None,
@@ -173,6 +178,7 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
             identifier_attribute=identifier_attribute,
             only_new_leads=only_new_leads,
             password_callable=password_callable,
+            preflight=preflight,
             max_failure_ratio=max_failure_ratio,
             dry_run=dry_run,
             max_workers=max_workers,

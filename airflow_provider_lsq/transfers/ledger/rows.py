@@ -54,6 +54,8 @@ class LedgerRow:
     map_index: int | None = None
     execution_id: str | None = None  # the token of that execute() call (see executions.Execution)
     read_at: dt.datetime | None = None  # the ledger database's clock when the row was read
+    # The lead-update ledger's: sha256 of the fields last sent for the key (None elsewhere).
+    fields_fingerprint: str | None = None
 
     @property
     def registered(self) -> bool:

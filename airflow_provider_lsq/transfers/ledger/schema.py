@@ -13,6 +13,8 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from airflow_provider_lsq.transfers.ledger.dialects import Dialect
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
@@ -79,9 +81,9 @@ def create_table(table: str, dialect: Dialect) -> str:
         """
 
 
-def added_column_type(name: str, dialect: Dialect) -> str:
-    """The type of a column of :data:`ADDED_COLUMNS` in ``dialect``."""
-    return dialect.text if ADDED_COLUMNS[name] == "text" else "INTEGER"
+def added_column_type(name: str, dialect: Dialect, added: Mapping[str, str] = ADDED_COLUMNS) -> str:
+    """The type of a column of ``added`` (default :data:`ADDED_COLUMNS`) in ``dialect``."""
+    return dialect.text if added[name] == "text" else "INTEGER"
 
 
 def identifier_index(table: str) -> str:

@@ -177,13 +177,17 @@ class LedgerSink(OutcomeSink):
                 self._claimed_at.pop(key, None)
                 self.identifiers.pop(key, None)
 
+    def _record(self, outcomes: list[RegistrationOutcome], **kwargs: Any) -> None:
+        """One batch into the ledger (:meth:`RegistrationLedger.record`); a subclass adds its columns."""
+        self.ledger.record(outcomes, **kwargs)
+
     def write(self, outcomes: list[RegistrationOutcome]) -> None:
         with self._lock:
             lost = {o.key for o in outcomes if o.key in self.lost}
             held = list(self.claimed)
         mine = [o for o in outcomes if o.key not in lost]
         identifiers = {o.key: self.identifiers[o.key] for o in mine if o.key in self.identifiers}
-        self.ledger.record(
+        self._record(
             mine,
             execution=self.execution,
             identifiers=identifiers,

@@ -75,6 +75,12 @@ class RegistrationLedger:
         :class:`LedgerUnavailableError`.
     """
 
+    #: The table's columns, in order (a subclass's table, e.g. the lead-update ledger's, has its own:
+    #: :meth:`_row` and :meth:`_values` read and write them).
+    columns: tuple[str, ...] = COLUMNS
+    #: Columns added since the table's first release (name: "text" or "integer"): migrated in place.
+    added_columns: Mapping[str, str] = ADDED_COLUMNS
+
     def __init__(
         self, db_hook: DbApiHook, table: str, portal_id: str, *, write_timeout: float = 60.0
     ) -> None:
@@ -238,9 +244,13 @@ class RegistrationLedger:
         # Two runs creating the table at once on PostgreSQL: one may fail on the catalog's unique
         # index; its retry then finds the table.
         self._dialect.before_create(self.conn)
-        ddl = schema.create_table(self.table, self._dialect)
+        ddl = self._create_table_sql()
         with self._transaction() as cursor:
             cursor.execute(ddl)
+
+    def _create_table_sql(self) -> str:
+        """The table's ``CREATE TABLE IF NOT EXISTS`` (:func:`.schema.create_table`)."""
+        return schema.create_table(self.table, self._dialect)
 
     def _columns(self) -> set[str]:
         """The table's column names, lower-cased: from an empty SELECT's description (any DB-API)."""
@@ -251,14 +261,14 @@ class RegistrationLedger:
     def _add_missing_columns(self) -> None:
         """Migrate a table of an earlier release: add each column of :data:`ADDED_COLUMNS` it lacks."""
         present = self._columns()
-        missing = [name for name in ADDED_COLUMNS if name not in present]
+        missing = [name for name in self.added_columns if name not in present]
         if not missing:
             return
         log.info("Ledger %s: adding the columns %s (migration).", self.table, ", ".join(missing))
         with self._transaction() as cursor:
             self._dialect.migration_lock(cursor)
             for name in missing:
-                kind = schema.added_column_type(name, self._dialect)
+                kind = schema.added_column_type(name, self._dialect, self.added_columns)
                 cursor.execute(self._dialect.add_column(self.table, name, kind))
 
     def _create_identifier_index(self) -> None:
@@ -288,7 +298,7 @@ class RegistrationLedger:
     def _select(self, keys: Iterable[str]) -> dict[str, LedgerRow]:
         wanted = list(dict.fromkeys(str(key) for key in keys))
         found: dict[str, LedgerRow] = {}
-        columns = ", ".join(COLUMNS[1:])
+        columns = ", ".join(self.columns[1:])
         cursor = self.conn.cursor()
         try:
             read_at = self._db_now(cursor)
@@ -338,7 +348,7 @@ class RegistrationLedger:
 
         def read() -> dict[str, list[LedgerRow]]:
             found: dict[str, list[LedgerRow]] = {}
-            columns = ", ".join(COLUMNS[1:])
+            columns = ", ".join(self.columns[1:])
             conn = self.conn
             cursor = conn.cursor()
             try:
@@ -382,7 +392,7 @@ class RegistrationLedger:
         size = max(1, (limit - 1 - len(statuses)) // 2)
         p = self._placeholder
         clock = f", {self._dialect.clock_column}" if self._dialect.clock_column else ""
-        select = f"SELECT {', '.join(COLUMNS[1:])}{clock} FROM {self.table} WHERE portal_id = {p} AND "
+        select = f"SELECT {', '.join(self.columns[1:])}{clock} FROM {self.table} WHERE portal_id = {p} AND "
         key_set, print_set, held = set(wanted), set(prints), set(statuses)
 
         def read() -> tuple[dict[str, LedgerRow], dict[str, list[LedgerRow]]]:
@@ -410,7 +420,7 @@ class RegistrationLedger:
                         read_at = local_now
                         if clock:
                             read_at = record[-1].replace(tzinfo=dt.timezone.utc, microsecond=0)
-                        row = self._row(record[: len(COLUMNS) - 1], read_at)
+                        row = self._row(record[: len(self.columns) - 1], read_at)
                         if row.row_key in key_set:
                             by_key[row.row_key] = row
                         if row.lead_identifier in print_set and row.status in held:
@@ -694,7 +704,7 @@ class RegistrationLedger:
         p = self._placeholder
         lock = self._dialect.row_lock
         cursor.execute(
-            f"SELECT {', '.join(COLUMNS[1:])} FROM {self.table} "
+            f"SELECT {', '.join(self.columns[1:])} FROM {self.table} "
             f"WHERE portal_id = {p} AND row_key = {p}{lock}",
             [self.portal_id, row.row_key],
         )
@@ -821,7 +831,7 @@ class RegistrationLedger:
             try:
                 read_at = self._db_now(cursor)
                 cursor.execute(
-                    f"SELECT {', '.join(COLUMNS[1:])} FROM {self.table} "
+                    f"SELECT {', '.join(self.columns[1:])} FROM {self.table} "
                     f"WHERE portal_id = {self._placeholder} AND status = {self._placeholder}",
                     [self.portal_id, PENDING],
                 )
@@ -847,9 +857,8 @@ class RegistrationLedger:
             cursor.close()
             conn.commit()
 
-    @staticmethod
     def _merge(
-        previous: LedgerRow | None, outcome: RegistrationOutcome, now: dt.datetime, execution: Execution
+        self, previous: LedgerRow | None, outcome: RegistrationOutcome, now: dt.datetime, execution: Execution
     ) -> LedgerRow:
         row = LedgerRow(
             row_key=outcome.key,
@@ -887,14 +896,14 @@ class RegistrationLedger:
                 chunk = keys[start : start + LOOKUP_CHUNK]
                 where, params = self._where_keys(chunk)
                 cursor.execute(f"DELETE FROM {self.table} {where}", params)
-            one_row = f"({self._marks(len(COLUMNS))})"
+            one_row = f"({self._marks(len(self.columns))})"
             for start in range(0, len(rows), _INSERT_CHUNK):
                 chunk_rows = rows[start : start + _INSERT_CHUNK]
                 values: list[Any] = []
                 for row in chunk_rows:
                     values.extend(self._values(row))
                 cursor.execute(
-                    f"INSERT INTO {self.table} ({', '.join(COLUMNS)}) "
+                    f"INSERT INTO {self.table} ({', '.join(self.columns)}) "
                     f"VALUES {', '.join([one_row] * len(chunk_rows))}",
                     values,
                 )
