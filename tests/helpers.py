@@ -44,6 +44,29 @@ def sandbox_secrets(sandbox: Sandbox) -> set[str]:
     )
 
 
+def named_sandbox_secrets(sandbox: Sandbox, *passwords: str) -> dict[str, str]:
+    """The sandbox's keys and tokens (and any portal ``passwords``) by name, for ``assert_no_secret``."""
+    named = {
+        "access key": sandbox.access_key,
+        "secret key": sandbox.secret_key,
+        "public auth key": sandbox.public_auth_key,
+        "registration token": sandbox.registration_token,
+    }
+    named.update({f"portal password {i + 1}": password for i, password in enumerate(passwords)})
+    return named
+
+
+def assert_no_secret(text: str, named: dict[str, str], place: str = "the text") -> None:
+    """Fail, naming which secrets (never their values), if any form of one (``secret_forms``) is in
+    ``text``. ``pytest.fail``, not an assertion: pytest's message for an assertion would show the
+    values it compared, and so print the secret it found."""
+    import pytest
+
+    which = sorted(name for name, value in named.items() if any(f in text for f in secret_forms(value)))
+    if which:
+        pytest.fail(f"{', '.join(which)} reached {place}", pytrace=False)
+
+
 class RecordingPasswords:
     """A ``password_callable`` that makes real random passwords and keeps them, for leak checks."""
 
@@ -142,3 +165,67 @@ def silent_server(drop_after: float | None = None) -> Iterator[tuple[int, list[f
         for conn in held:
             conn.close()
         server.close()
+
+
+def write_dag_as_the_processor_would(dag: Any) -> None:
+    """On Airflow 3.0.x, write ``dag`` to the metadata DB (its DagModel, serialized DAG and version) and
+    activate its assets, as 3.0's DAG processor does when it parses the DAG's file; elsewhere nothing.
+
+    A task may only emit events for (or read) an active asset: the task runner asks the API server,
+    and an asset with no ``asset_active`` row fails the task with
+    ``AirflowInactiveAssetInInletOrOutletException``. Airflow 3.1+'s ``dag.test()`` syncs the DAG's
+    bundle to the DB first, and Airflow 2 has no such check; 3.0's ``dag.test()`` does neither, so a
+    DAG no processor has parsed cannot emit its outlets' events there. This is the call 3.0's own
+    ``DagBag.sync_to_db`` (``airflow dags reserialize``) makes, for this one DAG, under the bundle
+    whose folder holds its file (``dags-folder`` otherwise).
+    """
+    from airflow_provider_lsq.version_compat import AIRFLOW_V_3_0_PLUS, AIRFLOW_V_3_1_PLUS
+
+    if not AIRFLOW_V_3_0_PLUS or AIRFLOW_V_3_1_PLUS:
+        return
+    from pathlib import Path
+
+    import airflow.models.dag
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.collection import update_dag_parsing_results_in_db
+    from airflow.serialization.serialized_objects import LazyDeserializedDAG, SerializedDAG
+    from airflow.utils.session import create_session
+
+    manager = DagBundlesManager()
+    with create_session() as session:
+        manager.sync_bundles_to_db(session=session)
+    bundle_name = "dags-folder"
+    fileloc = Path(dag.fileloc).resolve()
+    for bundle in manager.get_all_dag_bundles():
+        with contextlib.suppress(Exception):  # a bundle with no local path (git, before its clone)
+            if fileloc.is_relative_to(Path(bundle.path).resolve()):
+                bundle_name = bundle.name
+                break
+    parsed = (
+        dag
+        if isinstance(dag, airflow.models.dag.DAG)
+        else LazyDeserializedDAG(data=SerializedDAG.to_dict(dag))
+    )
+    errors: dict[str, str] = {}
+    with create_session() as session:
+        update_dag_parsing_results_in_db(bundle_name, None, [parsed], errors, set(), session=session)
+    assert not errors, f"Airflow could not serialize DAG {dag.dag_id}: {errors}"
+
+
+def dag_test(dag: Any, logical_date: Any, **kwargs: Any) -> Any:
+    """``dag.test()`` for one logical date, as each Airflow needs it; the DagRun it returns.
+
+    Airflow 3 calls the date ``logical_date``, 2.x ``execution_date``. On 3.0.x the DAG is first written
+    to the metadata DB as the DAG processor would (``write_dag_as_the_processor_would``), so its assets
+    are active, as 3.1+'s ``dag.test()`` does itself. On Airflow 2, ``dag.test()`` first deletes an
+    earlier run of the same date, which cascades to the run's notes, whose foreign key names FAB's
+    ``ab_user`` table: its model must be loaded (the CLI does so).
+    """
+    from airflow_provider_lsq.version_compat import AIRFLOW_V_3_0_PLUS
+
+    if AIRFLOW_V_3_0_PLUS:
+        write_dag_as_the_processor_would(dag)
+        return dag.test(logical_date=logical_date, **kwargs)
+    import airflow.providers.fab.auth_manager.models  # noqa: F401
+
+    return dag.test(execution_date=logical_date, **kwargs)

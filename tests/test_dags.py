@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from airflow_provider_lsq.sandbox import Sandbox
+from tests.helpers import dag_test
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -47,16 +48,8 @@ def dagbag() -> Any:
 
 
 def run_dag(dag: Any, conf: dict[str, Any] | None = None, logical_date: dt.datetime = LOGICAL_DATE) -> Any:
-    """``dag.test()`` for one logical date: Airflow 3 calls it ``logical_date``, 2.x ``execution_date``.
-
-    ``dag.test()`` first deletes an earlier run of the same date. On Airflow 2 that cascades to the run's
-    notes, whose foreign key names FAB's ``ab_user`` table: its model must be loaded (the CLI does so).
-    """
-    if AIRFLOW_3:
-        return dag.test(logical_date=logical_date, run_conf=conf)
-    import airflow.providers.fab.auth_manager.models  # noqa: F401
-
-    return dag.test(execution_date=logical_date, run_conf=conf)
+    """``dag.test()`` for one logical date, as each Airflow needs it (``tests.helpers.dag_test``)."""
+    return dag_test(dag, logical_date, run_conf=conf)
 
 
 def return_value(dag_run: Any, task_id: str, key: str = "return_value") -> Any:
@@ -361,7 +354,7 @@ def test_manual_run_then_scheduled_run_register_everyone_once(
     forget_runs()
     try:
         triggered = day_end - dt.timedelta(hours=10)
-        manual = dag.test(logical_date=None, run_after=triggered)
+        manual = dag_test(dag, None, run_after=triggered)
         assert str(manual.state) == "success", task_state(manual, "register_new_applicants")
         second = str(seed_warehouse.DUPLICATE_EMAIL_IDS[1])  # may wait a run: one lead with the first
         assert set(wh.ledger()) | {second} == wh.created_between(triggered - DAY, triggered) | {second}

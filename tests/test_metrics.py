@@ -10,29 +10,35 @@ import json
 import re
 import socket
 from collections import defaultdict
-from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from airflow_provider_lsq import metrics
 from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
-from tests.helpers import RecordingPasswords, sandbox_secrets, secret_forms
+from airflow_provider_lsq.version_compat import AIRFLOW_V_3_1_PLUS
+from tests.helpers import (
+    RecordingPasswords,
+    assert_no_secret,
+    named_sandbox_secrets,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from airflow_provider_lsq.sandbox import Sandbox
 
-AIRFLOW_3 = int(version("apache-airflow").split(".")[0]) >= 3
 REGISTER = "/api/Authentication/v2/Register"
 # An InfluxDB-style StatsD line, as Airflow writes it with statsd_influxdb_enabled: name,tags:value|type
 LINE = re.compile(r"^(?P<name>[^,:]+)(?P<tags>(?:,[^,:=]+=[^,:]*)*):(?P<value>[0-9.]+)\|(?P<type>c|ms)$")
 
 
 def _rebuild_stats() -> Callable[[], None]:
-    """Rebuild Airflow's Stats backend from the configuration now in force; return how to undo it."""
-    if AIRFLOW_3:
+    """Rebuild Airflow's Stats backend from the configuration now in force; return how to undo it.
+
+    Airflow 3.1+ keeps it in the Task SDK's shared metrics module; 3.0 and 2.x on the ``_Stats``
+    metaclass in ``airflow.stats``."""
+    if AIRFLOW_V_3_1_PLUS:
         from airflow.sdk._shared.observability.metrics import stats
         from airflow.sdk.observability.metrics import stats_utils
 
@@ -166,8 +172,7 @@ def test_a_run_sends_the_documented_metrics_tagged_by_connection_with_plausible_
     assert {packet[0] for packet in ours} <= documented
     assert all(tags == {"conn_id": "lsq_metrics"} for _, tags, _, _ in ours)
     wire = "\n".join(statsd.raw)
-    secrets = sandbox_secrets(sb) | secret_forms(*passwords.made)
-    assert not [s for s in secrets if s in wire]
+    assert_no_secret(wire, named_sandbox_secrets(sb, *passwords.made), "the StatsD packets")
     assert "example.edu" not in wire and "Metric" not in wire and "NoEmail" not in wire
 
 

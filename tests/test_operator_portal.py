@@ -13,7 +13,12 @@ import pytest
 
 from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
 from airflow_provider_lsq.version_compat import AirflowException
-from tests.helpers import RecordingPasswords, sandbox_secrets, secret_forms
+from tests.helpers import (
+    RecordingPasswords,
+    assert_no_secret,
+    dag_test,
+    named_sandbox_secrets,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -214,14 +219,14 @@ def test_no_secret_in_logs_xcom_or_template_fields_and_progress_is_logged(
     summary, _, ti = run(op)
 
     assert summary["registered"] == 12 and summary["failed"] == 1
-    secrets = sandbox_secrets(sb) | secret_forms(*passwords.made)
+    secrets = named_sandbox_secrets(sb, *passwords.made)
     log = task_log()
     for place, text in {
         "task log": log,
         "XCom": json.dumps([summary, ti.xcom]),
         "template fields": json.dumps({f: getattr(op, f) for f in op.template_fields}),
     }.items():
-        assert not [s for s in secrets if s in text], f"a secret reached the {place}"
+        assert_no_secret(text, secrets, f"the {place}")
     assert "Student7" not in log  # lead data other than the key stays out of the log
     assert "LeadSquared registration: done in" in log
     assert "row student13@example.edu: MXInvalidAttributeException" in log
@@ -262,7 +267,7 @@ def test_leads_from_an_upstream_task_in_a_dag_run(
     monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundles))
     dag = DagBag(dag_folder=str(folder)).dags[dag_id]
     logical_date = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
-    dag_run = dag.test(logical_date=logical_date) if AIRFLOW_3 else dag.test(execution_date=logical_date)
+    dag_run = dag_test(dag, logical_date)
 
     assert str(dag_run.state) == "success"
     ti = dag_run.get_task_instance("register")

@@ -30,7 +30,7 @@ from airflow_provider_lsq.hooks.rate_limit.window import Policy, WindowState
 from airflow_provider_lsq.outcomes import RegistrationStatus
 from airflow_provider_lsq.sandbox import Sandbox
 from airflow_provider_lsq.version_compat import Connection
-from tests.helpers import TaskLog, connect
+from tests.helpers import TaskLog, assert_no_secret, connect, named_sandbox_secrets
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -962,7 +962,7 @@ def test_workers_that_may_be_several_machines_are_warned_before_the_first_call(
         for warning in lines:
             assert "rate_limit_redis_conn_id" in warning and "LSQ_RATE_LIMIT_FILE_SHARED=1" in warning
             assert ("CeleryExecutor" if not pod else "KUBERNETES_SERVICE_HOST") in warning
-            assert sandbox.access_key not in warning and sandbox.secret_key not in warning
+            assert_no_secret(warning, named_sandbox_secrets(sandbox), "the budget warning")
 
 
 @pytest.mark.redis

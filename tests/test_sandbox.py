@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from airflow_provider_lsq.sandbox import CallRecord, Sandbox
+from tests.helpers import assert_no_secret
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -118,7 +119,7 @@ def test_default_keys_hold_characters_that_need_encoding(sb: Sandbox) -> None:
 def test_unencoded_keys_are_refused(sb: Sandbox) -> None:
     raw = f"{sb.url}{PUBLIC_TOKEN}?accessKey={sb.access_key}&secretKey={sb.secret_key}"
     message = assert_envelope(requests.get(raw, timeout=10), 401, "MXUnAuthorisedException")
-    assert sb.secret_key not in message
+    assert_no_secret(message, {"secret key": sb.secret_key}, "the 401 answer")
     assert sb.calls[-1].outcome == "unauthorized"
     assert "?" not in sb.calls[-1].path
 

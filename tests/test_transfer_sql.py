@@ -21,7 +21,13 @@ from airflow_provider_lsq.exceptions import LeadSquaredAuthenticationError
 from airflow_provider_lsq.passwords import generate_password
 from airflow_provider_lsq.transfers.sql_to_leadsquared import SqlToLeadSquaredPortalOperator
 from airflow_provider_lsq.version_compat import AirflowException, AirflowFailException
-from tests.helpers import RecordingPasswords, fetch_all, sandbox_secrets, secret_forms
+from tests.helpers import (
+    RecordingPasswords,
+    assert_no_secret,
+    dag_test,
+    fetch_all,
+    named_sandbox_secrets,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -554,7 +560,7 @@ def test_no_secret_or_lead_data_in_logs_return_value_template_fields_or_ledger(
     summary = op.execute(context())
 
     assert len(passwords.made) == 29  # the invalid row is refused before any password is made
-    secrets = sandbox_secrets(sb) | secret_forms(*passwords.made)
+    secrets = named_sandbox_secrets(sb, *passwords.made)
     personal = {email(i) for i in range(1, 31)} | {first_name(i) for i in range(1, 31)}
     log = task_log()
     places = {
@@ -564,8 +570,7 @@ def test_no_secret_or_lead_data_in_logs_return_value_template_fields_or_ledger(
         "ledger": "\n".join(sqlite_warehouse.ledger_cells()),
     }
     for place, text in places.items():
-        leaked = [s for s in secrets if s in text]
-        assert not leaked, f"a secret reached the {place}"
+        assert_no_secret(text, secrets, f"the {place}")
         if place != "template fields":  # the SQL names columns, not values
             assert not [p for p in personal if p in text], f"lead data reached the {place}"
     # Progress lines: periodic ones while registering, and the final one.
@@ -578,9 +583,7 @@ def test_no_secret_or_lead_data_in_logs_return_value_template_fields_or_ledger(
 
 
 def run_dag(dag: Any, logical_date: dt.datetime) -> Any:
-    if AIRFLOW_3:
-        return dag.test(logical_date=logical_date)
-    return dag.test(execution_date=logical_date)
+    return dag_test(dag, logical_date)
 
 
 def stored_run_data(dag_run: Any, task_id: str) -> tuple[Any, Any]:
@@ -677,7 +680,7 @@ def test_dag_test_runs_the_transfer_end_to_end(
     assert value["total"] == value["skipped"] == 0  # all registered: left out by the database
 
     stored = json.dumps(value) + json.dumps(rendered, default=str) + task_log()
-    assert not [s for s in sandbox_secrets(sb) if s in stored]
+    assert_no_secret(stored, named_sandbox_secrets(sb), "the stored run data or the task log")
     assert email(1) not in json.dumps(value)
 
 
