@@ -16,6 +16,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from airflow_provider_lsq.engine.duplicates import SeenRows
 from airflow_provider_lsq.engine.lead_sync import LeadRow
 from airflow_provider_lsq.engine.rows import PlannedRow
 from airflow_provider_lsq.hooks.payload import is_missing
@@ -23,8 +24,7 @@ from airflow_provider_lsq.log_caps import LogCap
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.transfers.ledger.lead_sync import SENT_STATUSES, fields_fingerprint
 from airflow_provider_lsq.transfers.ledger.store import RegistrationLedger
-from airflow_provider_lsq.version_compat import AirflowFailException
-from airflow_provider_lsq.warehouse import WarehouseQuery
+from airflow_provider_lsq.warehouse import WarehouseQuery, key_column_index
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -169,7 +169,7 @@ class LeadPlanner:
         if not records:
             return iter(())
         columns = [str(column[0]) for column in cursor.description]
-        key_index = self._key_index(columns)
+        key_index = key_column_index(columns, self.settings.key_column)
         attributes = [
             column
             for index, column in enumerate(columns)
@@ -181,7 +181,12 @@ class LeadPlanner:
     def _stream(
         self, cursor: Any, records: Sequence[Any], columns: list[str], key_index: int
     ) -> Iterator[Row]:
-        seen: set[str] = set()
+        with contextlib.closing(SeenRows()) as seen:  # on disk: memory stays flat however many rows
+            yield from self._read(cursor, records, columns, key_index, seen)
+
+    def _read(
+        self, cursor: Any, records: Sequence[Any], columns: list[str], key_index: int, seen: SeenRows
+    ) -> Iterator[Row]:
         position = 0
         while records:
             batch: list[tuple[str, LeadRow]] = []
@@ -265,31 +270,19 @@ class LeadPlanner:
         else:
             self.would["would_upsert"] += 1  # created or updated: LeadSquared decides
 
-    def _key_index(self, columns: list[str]) -> int:
-        wanted = self.settings.key_column
-        if wanted in columns:
-            return columns.index(wanted)
-        folded = [index for index, name in enumerate(columns) if name.lower() == wanted.lower()]
-        if len(folded) == 1:
-            return folded[0]
-        raise AirflowFailException(
-            f"key_column {wanted!r} is not a column of the query's result (columns: {', '.join(columns)})."
-        )
-
-    def _key(self, position: int, value: Any, seen: set[str]) -> str | None:
+    def _key(self, position: int, value: Any, seen: SeenRows) -> str | None:
         if is_missing(value) or not str(value).strip():
             message = f"column {self.settings.key_column!r}: the row key is NULL or empty"
             self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
             self.null_keys += 1
             return None
         key = str(value)
-        if key in seen:
-            self.progress.add_duplicate()
-            if self.reported_duplicates.take():
-                self.log.warning("Row key %s appears more than once in the query: sent once.", key)
-            return None
-        seen.add(key)
-        return key
+        if seen.add(key):
+            return key
+        self.progress.add_duplicate()
+        if seen.first_report(key) and self.reported_duplicates.take():
+            self.log.warning("Row key %s appears more than once in the query: sent once.", key)
+        return None
 
     def _log_counts(self) -> None:
         if self.unchanged:
