@@ -10,12 +10,15 @@ reported without the database's message (it may quote a row's values).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.sql.hooks.sql import DbApiHook
 
 from airflow_provider_lsq.exceptions import WarehouseReadError
 from airflow_provider_lsq.version_compat import AirflowFailException, BaseHook
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def get_db_hook(conn_id: str, parameter: str) -> DbApiHook:
@@ -119,3 +122,19 @@ class WarehouseQuery:
             f"{kind}. The database's message is in the task log (it may quote a row's values, so "
             "it is not repeated here)."
         )
+
+
+def key_column_index(columns: Sequence[str], key_column: str) -> int:
+    """The position of ``key_column`` in a query result's ``columns``: exact, else the one column equal
+    to it but for case (PostgreSQL folds unquoted aliases to lower case).
+
+    :raises AirflowFailException: no such column, naming the columns there are.
+    """
+    if key_column in columns:
+        return list(columns).index(key_column)
+    folded = [index for index, name in enumerate(columns) if name.lower() == key_column.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    raise AirflowFailException(
+        f"key_column {key_column!r} is not a column of the query's result (columns: {', '.join(columns)})."
+    )

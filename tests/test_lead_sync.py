@@ -266,6 +266,28 @@ def test_update_only_never_creates_a_lead(warehouse: Warehouse, lsq: Callable[..
     assert ledger["2"]["lead_id"] is None
 
 
+def test_two_rows_of_one_lead_make_one_update_and_the_other_is_a_duplicate(
+    warehouse: Warehouse, lsq: Callable[..., Sandbox]
+) -> None:
+    """Two applicants sharing an email are one lead: the first row's fields are sent, the second is
+    counted a duplicate and not sent, so it does not overwrite the first one's fields on that lead."""
+    sb = lsq()
+    sb.add_lead({"EmailAddress": email(1), "FirstName": "Old"})
+    rows = people(2)
+    rows[1] = (2, email(1), "Other", "MBA", "Mumbai", None)  # applicant 2 shares applicant 1's email
+    seed(warehouse, rows)
+    summary = sync(warehouse, mode="update").execute(context())
+    assert summary["updated"] == 1 and summary["duplicates"] == 1 and summary["duplicate_leads"] == 1
+    assert calls(sb, UPDATE) == 1
+    lead = sb.find_lead("EmailAddress", email(1))
+    assert lead is not None and lead.fields["FirstName"] == "First1"
+    assert set(lead_ledger(warehouse)) == {"1"}  # the duplicate row is not recorded this run
+    again = sync(warehouse, mode="update").execute(context())  # row 1 unchanged still holds the lead
+    assert again["unchanged"] == 1 and again["duplicate_leads"] == 1 and calls(sb, UPDATE) == 1
+    lead = sb.find_lead("EmailAddress", email(1))
+    assert lead is not None and lead.fields["FirstName"] == "First1"
+
+
 def test_upsert_sends_bulk_calls_and_a_record_refused_reaches_only_its_row(
     warehouse: Warehouse, lsq: Callable[..., Sandbox]
 ) -> None:

@@ -35,10 +35,12 @@ def test_sync_registers_then_updates_leads_without_touching_passwords(
     first = return_value(dag_run, "update_applicant_leads")
     assert registered > 100
     # Every lead is sent once (the lead-update ledger was empty): the applicant without an e-mail is
-    # invalid; the second application sharing an e-mail (not registered this run: one lead, one
-    # registration) updates that lead, found by e-mail; none is created.
+    # invalid; the second application sharing an e-mail is the same lead as the first (one lead, one
+    # update per run: it would overwrite the first applicant's fields), a duplicate, not sent; none is
+    # created.
     assert first["invalid"] == 1 and first["not_found"] == 0 and first["created"] == 0
-    assert first["updated"] == 150 - 1
+    assert first["duplicates"] == 1 and first["duplicate_leads"] == 1
+    assert first["updated"] == 150 - 1 - 1
     hashes = {lead.lead_id: (lead.password_sha256, lead.registrations) for lead in sandbox.leads}
     register_calls = sandbox.register_calls
 
@@ -47,7 +49,8 @@ def test_sync_registers_then_updates_leads_without_touching_passwords(
     dag_run = run_dag(dag)
     assert str(dag_run.state) == "success"
     second = return_value(dag_run, "update_applicant_leads")
-    assert second["updated"] == 2 and second["unchanged"] == 150 - 1 - 2
+    assert second["updated"] == 2 and second["unchanged"] == 150 - 1 - 1 - 2
+    assert second["duplicate_leads"] == 1  # not recorded, so met again, and again not sent
     update_calls = [c for c in sandbox.calls if "Lead.Update" in c.path]
     assert len(update_calls) == 2  # none for the unchanged rows
     assert sandbox.register_calls == 0 and register_calls > 0

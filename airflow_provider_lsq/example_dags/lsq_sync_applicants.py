@@ -29,7 +29,8 @@ from airflow_provider_lsq.version_compat import DAG, Param
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$"
 CONN_ID = r"^[A-Za-z0-9_.-]+$"
 
-# New applicants: the transfer leaves out those its ledger holds as registered (an anti-join).
+# New applicants: the transfer leaves out those its ledger holds as registered (it wraps the query
+# in an anti-join against its ledger itself).
 REGISTER_SQL = """
 SELECT
     CAST(a.applicant_id AS TEXT) AS applicant_id,

@@ -16,6 +16,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from airflow_provider_lsq.engine.duplicates import SeenRows, lead_identity
 from airflow_provider_lsq.engine.lead_sync import LeadRow
 from airflow_provider_lsq.engine.rows import PlannedRow
 from airflow_provider_lsq.hooks.payload import is_missing
@@ -23,8 +24,7 @@ from airflow_provider_lsq.log_caps import LogCap
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.transfers.ledger.lead_sync import SENT_STATUSES, fields_fingerprint
 from airflow_provider_lsq.transfers.ledger.store import RegistrationLedger
-from airflow_provider_lsq.version_compat import AirflowFailException
-from airflow_provider_lsq.warehouse import WarehouseQuery
+from airflow_provider_lsq.warehouse import WarehouseQuery, key_column_index
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -94,6 +94,8 @@ class LeadPlanner:
         self.ids_from_registrations = 0
         self.would = {"would_update": 0, "would_create": 0, "would_upsert": 0}
         self.reported_duplicates = LogCap(MAX_LOGGED_KEYS)
+        self.duplicate_leads = 0  # rows of a lead an earlier row of this run took: not sent
+        self.reported_duplicate_leads = LogCap(MAX_LOGGED_KEYS)
 
     # -- the whole run (in the engine's thread) --------------------------------------------------------
 
@@ -169,7 +171,7 @@ class LeadPlanner:
         if not records:
             return iter(())
         columns = [str(column[0]) for column in cursor.description]
-        key_index = self._key_index(columns)
+        key_index = key_column_index(columns, self.settings.key_column)
         attributes = [
             column
             for index, column in enumerate(columns)
@@ -181,7 +183,12 @@ class LeadPlanner:
     def _stream(
         self, cursor: Any, records: Sequence[Any], columns: list[str], key_index: int
     ) -> Iterator[Row]:
-        seen: set[str] = set()
+        with contextlib.closing(SeenRows()) as seen:  # on disk: memory stays flat however many rows
+            yield from self._read(cursor, records, columns, key_index, seen)
+
+    def _read(
+        self, cursor: Any, records: Sequence[Any], columns: list[str], key_index: int, seen: SeenRows
+    ) -> Iterator[Row]:
         position = 0
         while records:
             batch: list[tuple[str, LeadRow]] = []
@@ -200,6 +207,8 @@ class LeadPlanner:
             known = self.ledger.lookup(key for key, _ in batch)
             registered = self._registered_ids([key for key, _ in batch if key not in known])
             for key, lead in batch:
+                if not self._first_of_its_lead(key, lead, seen):
+                    continue
                 planned = self._plan(key, lead, known.get(key), registered.get(key))
                 if planned is not None:
                     yield planned
@@ -207,6 +216,30 @@ class LeadPlanner:
                 records = cursor.fetchmany(self.settings.batch_size)
             except Exception as error:
                 raise self.warehouse.read_failed(error, position) from None
+
+    def _first_of_its_lead(self, key: str, lead: LeadRow, seen: SeenRows) -> bool:
+        """One lead, one update per run: a valid row whose lead (its first unique identifier) an
+        earlier valid row of this run took, sent or unchanged, is a duplicate, not sent (two applicants
+        sharing an email would otherwise overwrite each other's fields on one lead, in turn)."""
+        if self.operation.check(key, lead) is not None:
+            return True  # invalid: it takes no lead, and _plan records why
+        identity = lead_identity(lead, self.operation.identifier_attribute)
+        if identity is None:
+            return True
+        first = seen.add_lead(identity[1], key)
+        if first is None:
+            return True
+        self.duplicate_leads += 1
+        self.progress.add_duplicate()
+        if self.reported_duplicate_leads.take():
+            self.log.warning(
+                "Row key %s is the same lead as row key %s of this run (same %s): not sent, so the "
+                "fields of one row do not overwrite the other's on one lead.",
+                key,
+                first,
+                identity[0],
+            )
+        return False
 
     def _registered_ids(self, keys: list[str]) -> dict[str, str]:
         """Lead ids the registration ledger holds for ``keys`` (registered or already registered)."""
@@ -265,31 +298,19 @@ class LeadPlanner:
         else:
             self.would["would_upsert"] += 1  # created or updated: LeadSquared decides
 
-    def _key_index(self, columns: list[str]) -> int:
-        wanted = self.settings.key_column
-        if wanted in columns:
-            return columns.index(wanted)
-        folded = [index for index, name in enumerate(columns) if name.lower() == wanted.lower()]
-        if len(folded) == 1:
-            return folded[0]
-        raise AirflowFailException(
-            f"key_column {wanted!r} is not a column of the query's result (columns: {', '.join(columns)})."
-        )
-
-    def _key(self, position: int, value: Any, seen: set[str]) -> str | None:
+    def _key(self, position: int, value: Any, seen: SeenRows) -> str | None:
         if is_missing(value) or not str(value).strip():
             message = f"column {self.settings.key_column!r}: the row key is NULL or empty"
             self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
             self.null_keys += 1
             return None
         key = str(value)
-        if key in seen:
-            self.progress.add_duplicate()
-            if self.reported_duplicates.take():
-                self.log.warning("Row key %s appears more than once in the query: sent once.", key)
-            return None
-        seen.add(key)
-        return key
+        if seen.add(key):
+            return key
+        self.progress.add_duplicate()
+        if seen.first_report(key) and self.reported_duplicates.take():
+            self.log.warning("Row key %s appears more than once in the query: sent once.", key)
+        return None
 
     def _log_counts(self) -> None:
         if self.unchanged:
@@ -318,7 +339,10 @@ class LeadPlanner:
 
     def extra_counts(self) -> dict[str, Any]:
         """The summary's counts of this planner (besides the statuses'): dry-run previews too."""
-        counts: dict[str, Any] = {"skipped_failed": self.skipped_failed}
+        counts: dict[str, Any] = {
+            "skipped_failed": self.skipped_failed,
+            "duplicate_leads": self.duplicate_leads,
+        }
         if self.settings.is_dry_run:
             counts.update(self.would)
         return counts

@@ -26,7 +26,7 @@ from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatu
 from airflow_provider_lsq.transfers.ledger import POSITION_COLUMN, UNCONFIRMED, LedgerRow
 from airflow_provider_lsq.transfers.ledger.sink import LedgerState
 from airflow_provider_lsq.version_compat import AirflowFailException
-from airflow_provider_lsq.warehouse import WarehouseQuery
+from airflow_provider_lsq.warehouse import WarehouseQuery, key_column_index
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -358,7 +358,7 @@ class RowPlanner:
         if self.positioned and columns[-1].lower() == POSITION_COLUMN:
             columns = columns[:-1]  # the anti-join's numbering: not a lead attribute
             width = len(columns)
-        key_index = self._key_index(columns)
+        key_index = key_column_index(columns, self.settings.key_column)
         self._check_columns(columns, key_index)
         keep_key = self.settings.send_key_column
         attributes = [column for index, column in enumerate(columns) if index != key_index or keep_key]
@@ -622,17 +622,6 @@ class RowPlanner:
                 key,
                 why,
             )
-
-    def _key_index(self, columns: list[str]) -> int:
-        wanted = self.settings.key_column
-        if wanted in columns:
-            return columns.index(wanted)
-        folded = [index for index, name in enumerate(columns) if name.lower() == wanted.lower()]
-        if len(folded) == 1:
-            return folded[0]
-        raise AirflowFailException(
-            f"key_column {wanted!r} is not a column of the query's result (columns: {', '.join(columns)})."
-        )
 
     def _check_columns(self, columns: list[str], key_index: int) -> None:
         """Fail before any call on a column that names a LeadSquared attribute in the wrong case."""
