@@ -25,6 +25,7 @@ __all__ = [
     "DAG",
     "AirflowException",
     "AirflowFailException",
+    "AirflowNotFoundException",
     "BaseHook",
     "BaseOperator",
     "Connection",
@@ -46,6 +47,7 @@ AIRFLOW_V_3_2_PLUS = Version("3.2.0") <= _BASE_VERSION
 _CANDIDATES: dict[str, tuple[str, ...]] = {
     "AirflowException": ("airflow.sdk.exceptions", "airflow.exceptions"),
     "AirflowFailException": ("airflow.sdk.exceptions", "airflow.exceptions"),
+    "AirflowNotFoundException": ("airflow.sdk.exceptions", "airflow.exceptions"),
     "BaseHook": ("airflow.sdk", "airflow.hooks.base"),
     "BaseOperator": ("airflow.sdk", "airflow.models.baseoperator"),
     "Connection": ("airflow.sdk", "airflow.models.connection"),
@@ -95,6 +97,7 @@ if TYPE_CHECKING:
         DAG,
         AirflowException,
         AirflowFailException,
+        AirflowNotFoundException,
         BaseHook,
         BaseOperator,
         Connection,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import inspect
 import json
 import socketserver
 import sqlite3
@@ -161,14 +162,17 @@ def _sync_and_unpause(bag: Any, dag_id: str) -> None:
         DagBag(folder, bundle_path=folder, include_examples=False).sync_to_db("dags-folder", None)
     elif AIRFLOW_3:
         from airflow.dag_processing.bundles.manager import DagBundlesManager
-        from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+
+        try:  # 3.2+ moved the DAG processor's bag out of airflow.models (3.1)
+            from airflow.dag_processing.dagbag import BundleDagBag, DagBag, sync_bag_to_db
+        except ModuleNotFoundError:
+            from airflow.models.dagbag import BundleDagBag, DagBag, sync_bag_to_db  # type: ignore[no-redef]
 
         DagBundlesManager().sync_bundles_to_db()
-        sync_bag_to_db(
-            BundleDagBag(dag_folder=folder, bundle_path=folder, bundle_name="dags-folder"),
-            "dags-folder",
-            None,
-        )
+        # 3.2+ bags know their bundle's name; 3.1's take only its path
+        named = "bundle_name" in inspect.signature(DagBag.__init__).parameters
+        extra = {"bundle_name": "dags-folder"} if named else {}
+        sync_bag_to_db(BundleDagBag(dag_folder=folder, bundle_path=folder, **extra), "dags-folder", None)
     else:
         bag.sync_to_db()
     with create_session() as session:

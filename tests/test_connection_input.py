@@ -22,6 +22,7 @@ from tests.helpers import calls_to, connect
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
 PASSWORD = "Samplepassword@123"
 KEYS = {"login": "u$r-access-key", "password": "s3cr3t-secret-key"}
@@ -398,6 +399,88 @@ def test_an_extra_that_is_not_json_is_refused_naming_the_field_and_connection(ex
     ) as err:
         LeadSquaredConfig.from_connection(conn)
     assert err.value.field == "extra" and "p1" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"extra": '{"portal_id": "p1", "rate_limit_calls": 10,}'}, "extra"),
+        ({"extra": "{not json"}, "extra"),
+        ('{"conn_type": "leadsquared", "login": "ak-1", "password": "s3cr3t-secret-key",}', None),
+    ],
+)
+def test_an_environment_connection_that_is_not_json_is_refused_naming_the_variable_on_every_airflow(
+    monkeypatch: pytest.MonkeyPatch, value: dict[str, str] | str, field: str | None
+) -> None:
+    """Airflow 3.0 and 3.1 read an AIRFLOW_CONN_ variable whose JSON (or extra) does not parse as no
+    connection: the task said "isn't defined" and was retried. 3.2+ hands it over and the reader names
+    the field. Either way the error names the connection and the field, never the text."""
+    variable = "AIRFLOW_CONN_LSQ_ENV_JSON"
+    if isinstance(value, dict):
+        value = json.dumps(
+            {"conn_type": "leadsquared", "login": "ak-1", "password": KEYS["password"], **value}
+        )
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(
+        LeadSquaredConfigError, match=r"'lsq_env_json': (field 'extra'|the value of AIRFLOW_CONN)"
+    ) as err:
+        LeadSquaredHook("lsq_env_json").config  # noqa: B018
+    message = str(err.value)
+    assert "is not valid JSON" in message and "p1" not in message and KEYS["password"] not in message
+    assert err.value.field == (field or variable)
+    if field is None:  # no Airflow reads it: the variable is named
+        assert variable in message
+
+
+@pytest.mark.airflow_db
+def test_an_unreadable_environment_connection_never_falls_through_to_a_stored_one(
+    airflow_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Airflow 3.0 and 3.1 answered an unreadable AIRFLOW_CONN_ variable with the metadata database's
+    connection of the same id: the run took another portal's settings, and said nothing."""
+    from airflow.models import Connection as StoredConnection
+    from airflow.utils.session import create_session
+
+    conn_id = "lsq_env_and_stored"
+    with create_session() as session:
+        session.query(StoredConnection).filter(StoredConnection.conn_id == conn_id).delete()
+        session.add(
+            StoredConnection(
+                conn_id=conn_id,
+                conn_type="leadsquared",
+                login="stored-ak",
+                password="stored-sk",
+                extra=json.dumps({"portal_id": "stored-portal"}),
+            )
+        )
+    try:
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_{conn_id.upper()}",
+            json.dumps({"conn_type": "leadsquared", "login": "ak-1", "extra": '{"portal_id": "p1",}'}),
+        )
+        with pytest.raises(LeadSquaredConfigError, match=f"'{conn_id}': field 'extra' is not valid JSON"):
+            LeadSquaredHook(conn_id).config  # noqa: B018
+        monkeypatch.delenv(f"AIRFLOW_CONN_{conn_id.upper()}")
+        from airflow_provider_lsq.version_compat import AirflowNotFoundException
+
+        try:  # alone, the stored one is what Airflow answers with (where this process reads the DB)
+            stored = LeadSquaredHook(conn_id).config.portal_id
+        except AirflowNotFoundException:  # 3.1+ outside a task: only a task's supervisor reads the DB
+            stored = None
+        assert stored in {None, "stored-portal"}
+    finally:
+        with create_session() as session:
+            session.query(StoredConnection).filter(StoredConnection.conn_id == conn_id).delete()
+
+
+def test_a_connection_that_is_not_defined_anywhere_is_airflows_own_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from airflow_provider_lsq.version_compat import AirflowNotFoundException
+
+    monkeypatch.delenv("AIRFLOW_CONN_LSQ_NOWHERE", raising=False)
+    with pytest.raises(AirflowNotFoundException, match="lsq_nowhere"):
+        LeadSquaredHook("lsq_nowhere").config  # noqa: B018
 
 
 @pytest.mark.parametrize("redis_conn", [None, {"conn_type": "redis", "host": "127.0.0.1", "port": 9}])

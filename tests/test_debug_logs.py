@@ -27,14 +27,12 @@ import subprocess
 import sys
 import textwrap
 import uuid
-import warnings
 from typing import TYPE_CHECKING
 
 import pytest
 
 from airflow_provider_lsq.sandbox import Sandbox
-from airflow_provider_lsq.version_compat import AIRFLOW_V_3_0_PLUS
-from tests.helpers import sandbox_secrets, secret_forms
+from tests.helpers import sandbox_secrets, secret_forms, without_airflow_mask_lines
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -104,20 +102,7 @@ def test_no_secret_in_a_dag_test_run_logged_at_debug(airflow_db: Path, tmp_path:
     secrets |= secret_forms(*made)
     # DEBUG was on: Airflow's own debug lines are there (structlog's "[debug" on 3, "DEBUG -" on 2).
     assert "[debug" in output.lower() or " DEBUG - " in output, output[-4000:]
-    airflow_own = f"msg=MaskSecret(value='{named['secret key']}'"
-
-    def airflow_line(line: str) -> bool:
-        return "[debug" in line and "Sending request " in line and airflow_own in line
-
-    known = [line for line in output.splitlines() if airflow_line(line)]
-    if AIRFLOW_V_3_0_PLUS and known:
-        # Airflow's lines are the only place: drop them, and look for every secret in the rest.
-        output = "\n".join(line for line in output.splitlines() if not airflow_line(line))
-        warnings.warn(
-            f"Airflow's in-process supervisor logged the connection's password at DEBUG in {len(known)} "
-            "'Sending request msg=MaskSecret' lines (Airflow's own mask of it, before any provider code).",
-            stacklevel=1,
-        )
+    output = without_airflow_mask_lines(output, named["secret key"])
     leaked = sorted({secret for secret in secrets if secret in output}, key=len, reverse=True)
     lines = []
     for line in output.splitlines():

@@ -57,18 +57,23 @@ import datetime as dt, json, os, sys
 from airflow.models import Connection, DagBag
 from airflow.utils.session import create_session
 # Connections stored in the metadata database (the UI's and the CLI's), not in environment variables.
+stored = json.loads(os.environ.get("LSQ_STORED_CONNECTIONS", "{{}}"))
 with create_session() as session:
-    for conn_id, fields in json.loads(os.environ.get("LSQ_STORED_CONNECTIONS", "{{}}")).items():
+    for conn_id, fields in stored.items():
         session.query(Connection).filter(Connection.conn_id == conn_id).delete()
         session.add(Connection(conn_id=conn_id, **fields))
-bag = DagBag(dag_folder=sys.argv[1])
-assert not bag.import_errors, bag.import_errors
-dag = bag.dags[sys.argv[2]]
-date = dt.datetime.fromisoformat(sys.argv[3])
-sys.path.insert(0, {root!r})
-from tests.helpers import dag_test
-run = dag_test(dag, date)
-print("STATE", run.state)
+try:
+    bag = DagBag(dag_folder=sys.argv[1])
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.dags[sys.argv[2]]
+    date = dt.datetime.fromisoformat(sys.argv[3])
+    sys.path.insert(0, {root!r})
+    from tests.helpers import dag_test
+    run = dag_test(dag, date)
+    print("STATE", run.state)
+finally:  # the metadata DB is shared by the session's tests: a stored leadsquared_default would answer theirs
+    with create_session() as session:
+        session.query(Connection).filter(Connection.conn_id.in_(list(stored))).delete()
 """
 
 

@@ -16,7 +16,6 @@ import pytest
 
 from airflow_provider_lsq import metrics
 from airflow_provider_lsq.operators.portal import RegisterPortalUserOperator
-from airflow_provider_lsq.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.helpers import (
     RecordingPasswords,
     assert_no_secret,
@@ -36,9 +35,14 @@ LINE = re.compile(r"^(?P<name>[^,:]+)(?P<tags>(?:,[^,:=]+=[^,:]*)*):(?P<value>[0
 def _rebuild_stats() -> Callable[[], None]:
     """Rebuild Airflow's Stats backend from the configuration now in force; return how to undo it.
 
-    Airflow 3.1+ keeps it in the Task SDK's shared metrics module; 3.0 and 2.x on the ``_Stats``
-    metaclass in ``airflow.stats``."""
-    if AIRFLOW_V_3_1_PLUS:
+    Where the backend lives is told by the ``Stats`` the provider sends through, not by a version
+    number: Airflow 3.3 keeps it in module state of the Task SDK's shared ``stats`` module (its
+    ``initialize()``); 3.2 on that module's ``_Stats`` metaclass (``Stats.initialize()``); 3.0, 3.1 and
+    2.x on the ``_Stats`` metaclass in ``airflow.stats``, which picks its factory once at import."""
+    from airflow_provider_lsq.version_compat import Stats
+
+    meta = type(Stats)
+    if meta is type:  # 3.3+: a plain class over module-level state
         from airflow.sdk._shared.observability.metrics import stats
         from airflow.sdk.observability.metrics import stats_utils
 
@@ -50,16 +54,27 @@ def _rebuild_stats() -> Callable[[], None]:
             stats.initialize(factory=factory, export_legacy_names=saved[1])
 
         return undo
+    if hasattr(meta, "initialize"):  # 3.2: the Task SDK's metaclass, rebuilt by initialize()
+        from airflow.sdk.observability.metrics import stats_utils as sdk_stats_utils
+
+        saved_factory = type.__getattribute__(Stats, "factory")
+        Stats.initialize(factory=sdk_stats_utils.get_stats_factory(Stats))
+
+        def undo_32() -> None:
+            from airflow.sdk._shared.observability.metrics.base_stats_logger import NoStatsLogger
+
+            Stats.initialize(factory=saved_factory or NoStatsLogger)
+
+        return undo_32
     from airflow.metrics import statsd_logger
-    from airflow.stats import Stats, _Stats
 
     # The metaclass picked its factory when Airflow was imported; the backend is cached on ``Stats``.
-    factory = _Stats.factory
-    _Stats.factory = statsd_logger.get_statsd_logger
+    factory = meta.factory
+    meta.factory = statsd_logger.get_statsd_logger
     Stats.instance = None
 
     def undo_2() -> None:
-        _Stats.factory = factory
+        meta.factory = factory
         Stats.instance = None
 
     return undo_2

@@ -12,6 +12,7 @@ a real scheduler (PostgreSQL, Airflow's own retries) are in ``test_scheduler.py`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -52,7 +53,7 @@ try:
 except ImportError:
     from airflow import DAG
 
-with DAG(dag_id="lsq_stop_test", schedule=None, start_date=dt.datetime(2025, 1, 1), catchup=False) as dag:
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=dt.datetime(2025, 1, 1), catchup=False) as dag:
     SqlToLeadSquaredPortalOperator(
         task_id="register",
         sql={sql!r},
@@ -186,6 +187,12 @@ def stop_sandbox(airflow_db: Path) -> Iterator[Sandbox]:
         yield sb
 
 
+def _dag_id(tmp_path: Path) -> str:
+    """The test's own DAG id: a DAG id met again in one metadata DB with other tasks keeps its first
+    serialized version on Airflow 3.1 (``dag.test()`` then finds no ``register_list``)."""
+    return f"lsq_stop_{hashlib.sha1(str(tmp_path).encode()).hexdigest()[:10]}"
+
+
 def _start_task(
     tmp_path: Path, sb: Sandbox, workers: int, list_rows: int = 0
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -200,7 +207,11 @@ def _start_task(
     }
     dag_file = tmp_path / "lsq_stop_dag.py"
     dag_file.write_text(
-        textwrap.dedent(CHILD.format(sql=SQL, ledger=LEDGER, workers=workers, list_rows=list_rows))
+        textwrap.dedent(
+            CHILD.format(
+                dag_id=_dag_id(tmp_path), sql=SQL, ledger=LEDGER, workers=workers, list_rows=list_rows
+            )
+        )
     )
     log = tmp_path / "task.log"
     with log.open("wb") as out:
@@ -234,7 +245,7 @@ def _retry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sb: Sandbox, run_id:
         leadsquared_conn_id="lsq_stop",
         batch_size=500,
     )
-    return op.execute(context(run_id, dag_id="lsq_stop_test"))  # the killed try's task instance
+    return op.execute(context(run_id, dag_id=_dag_id(tmp_path)))  # the killed try's task instance
 
 
 # Each transfer stop runs on one warehouse: the stop path is the same on both, and each dialect's
@@ -334,8 +345,9 @@ def test_sigterm_on_the_list_operator_pushes_every_outcome_made(
     db = sqlite3.connect(airflow_db / "airflow.db")
     try:
         (value,) = db.execute(
-            "SELECT value FROM xcom WHERE dag_id = 'lsq_stop_test' AND task_id = 'register_list' "
-            "AND key = 'outcomes' ORDER BY timestamp DESC LIMIT 1"
+            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = 'register_list' "
+            "AND key = 'outcomes' ORDER BY timestamp DESC LIMIT 1",
+            (_dag_id(tmp_path),),
         ).fetchone()
     finally:
         db.close()

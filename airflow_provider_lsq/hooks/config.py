@@ -114,6 +114,51 @@ def lead_api_url(portal_url: str, api_host: str | None = None) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def unreadable_env_connection(conn_id: str) -> LeadSquaredConfigError | None:
+    """The error for an ``AIRFLOW_CONN_<CONN_ID>`` variable whose JSON (or whose ``extra``) does not
+    parse, or None (no such variable, a URI, or JSON that parses).
+
+    Airflow 3.0 and 3.1 read such a variable as no connection at all: the parse error goes to a DEBUG
+    line, and the task gets the next secrets backend's connection of that id (one stored in the
+    metadata database) or "The conn_id ... isn't defined", which Airflow retries. 3.2+ hands the
+    connection over and :class:`_ConnectionReader` names the field. Read first, this gives every
+    version one answer: the variable and the field at fault, where in it (line and column), never its
+    text (it holds the keys). Airflow's own URI parsing is left to Airflow.
+    """
+    import os
+
+    variable = f"AIRFLOW_CONN_{conn_id.upper()}"
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        return None
+
+    def refused(what: str, field: str, error: json.JSONDecodeError) -> LeadSquaredConfigError:
+        return LeadSquaredConfigError(
+            f"Connection {conn_id!r}: {what} is not valid JSON ({_where(error)}), so Airflow read the "
+            f"environment variable {variable} as no connection. Fix the variable: no retry can help.",
+            field=field,
+            conn_id=conn_id,
+        )
+
+    if not value.startswith("{"):  # a URI: Airflow parsed it or refused it with its own message
+        return None
+    try:
+        document = json.loads(value)
+    except json.JSONDecodeError as error:
+        return refused(f"the value of {variable}", variable, error)
+    extra = document.get("extra") if isinstance(document, dict) else None
+    if isinstance(extra, str) and extra.strip():
+        try:
+            json.loads(extra)
+        except json.JSONDecodeError as error:
+            return refused("field 'extra'", "extra", error)
+    return None
+
+
+def _where(error: json.JSONDecodeError) -> str:
+    return f"{error.msg} at line {error.lineno} column {error.colno}"
+
+
 class _ConnectionReader:
     """Reads each value of one connection once, with errors that name the field and the connection.
 
@@ -133,8 +178,7 @@ class _ConnectionReader:
             try:
                 json.loads(raw)
             except json.JSONDecodeError as error:
-                where = f"{error.msg} at line {error.lineno} column {error.colno}"
-                raise self.error("extra", f"is not valid JSON ({where})") from None
+                raise self.error("extra", f"is not valid JSON ({_where(error)})") from None
         extras = conn.extra_dejson
         if not isinstance(extras, dict):
             raise self.error("extra", "must be a JSON object")

@@ -31,7 +31,12 @@ from airflow_provider_lsq.exceptions import (
     LeadSquaredTransientError,
     LeadSquaredUnconfirmedError,
 )
-from airflow_provider_lsq.hooks.config import LeadSquaredConfig, base_url, is_redis_uri
+from airflow_provider_lsq.hooks.config import (
+    LeadSquaredConfig,
+    base_url,
+    is_redis_uri,
+    unreadable_env_connection,
+)
 from airflow_provider_lsq.hooks.lead_api import LeadApiMixin
 from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, build_lead_fields
 from airflow_provider_lsq.hooks.rate_limit import AccountRateLimiter, placement
@@ -234,6 +239,12 @@ class LeadSquaredHook(LeadApiMixin, BaseHook):
     @cached_property
     def config(self) -> LeadSquaredConfig:
         """The connection, read once; its secrets are registered with Airflow's masker."""
+        # Before Airflow reads it: Airflow 3.0 and 3.1 take an AIRFLOW_CONN_ variable that does not parse
+        # for no connection, and answer from the next secrets backend (a stored connection of the same
+        # id) or "isn't defined", which Airflow retries.
+        refusal = unreadable_env_connection(self.leadsquared_conn_id)
+        if refusal is not None:
+            raise refusal
         config = LeadSquaredConfig.from_connection(self.get_connection(self.leadsquared_conn_id))
         self._add_secrets(config.access_key, config.secret_key)
         storage = config.rate_limit_storage
