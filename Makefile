@@ -34,13 +34,14 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 		$(if $(CONSTRAINTS),-c '$(CONSTRAINTS)') -e '.[dev]' '$(AIRFLOW_SPEC)'
 	touch $@
 
+# Caches per venv: mypy's results depend on the Airflow installed, and CI runs venvs side by side.
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	$(BIN)/ruff check --cache-dir $(VENV)/.ruff_cache .
+	$(BIN)/ruff format --check --cache-dir $(VENV)/.ruff_cache .
+	$(BIN)/mypy --cache-dir $(VENV)/.mypy_cache
 
 test: lint
-	$(BIN)/python -m pytest $(TESTS)
+	$(BIN)/python -m pytest -o cache_dir=$(VENV)/.pytest_cache $(TESTS)
 
 demo: install
 	$(BIN)/python -m airflow_provider_lsq.example_dags.demo

@@ -606,7 +606,8 @@ def test_redis_lost_mid_run_loses_no_outcome_of_a_call_made(
                 pytest.fail(f"the test's own redis-server on port {port} did not start")
             time.sleep(0.05)
         monkeypatch.setenv(
-            "AIRFLOW_CONN_LSQ_TEST_REDIS_DOWN", json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": port})
+            "AIRFLOW_CONN_LSQ_TEST_REDIS_DOWN",
+            json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": port}),
         )
         with Sandbox(rate_limit_calls=20, rate_limit_period=1.0, latency=0.05) as sandbox:
             hook = LeadSquaredHook(

@@ -23,6 +23,10 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 @functools.cache
@@ -91,6 +95,22 @@ class Execution:
     task_id: str | None = None
     map_index: int = -1
     token: str = field(default_factory=new_token)
+
+    @classmethod
+    def of_task(cls, context: Mapping[str, Any], dag_id: str, task_id: str) -> Execution:
+        """This ``execute()`` call of the task instance in ``context`` (Airflow's task context), with a
+        fresh token; ``dag_id`` and ``task_id`` (the operator's) stand in where the context has no
+        task instance, and the run id is ``manual`` where it has no run."""
+        dag_run = context.get("dag_run")
+        ti = context.get("ti")
+        run_id = context.get("run_id") or getattr(dag_run, "run_id", None) or "manual"
+        map_index = getattr(ti, "map_index", None)
+        return cls(
+            dag_id=str(getattr(ti, "dag_id", None) or dag_id),
+            run_id=str(run_id),
+            task_id=str(getattr(ti, "task_id", None) or task_id),
+            map_index=map_index if isinstance(map_index, int) else -1,
+        )
 
     def same_task_instance(
         self, dag_id: str | None, run_id: str | None, task_id: str | None, map_index: int | None

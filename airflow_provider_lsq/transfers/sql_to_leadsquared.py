@@ -219,7 +219,7 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
         ledger_hook = get_db_hook(self.ledger_conn_id or self.sql_conn_id, "ledger_conn_id")
         lsq_hook = LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id)
         portal_id = self.require_portal_id(lsq_hook, needed_by="the ledger and the registration need it")
-        execution = self._execution(context)
+        execution = Execution.of_task(context, self.dag_id, self.task_id)
         ledger = RegistrationLedger(
             ledger_hook, self.ledger_table, portal_id, write_timeout=self.ledger_write_timeout
         )
@@ -276,19 +276,4 @@ class SqlToLeadSquaredPortalOperator(PortalRegistrationBaseOperator):
             retry_failed=self.retry_failed,
             resend_unconfirmed=self.resend_unconfirmed,
             pending_timeout=self.pending_timeout,
-        )
-
-    def _execution(self, context: Context) -> Execution:
-        """This ``execute()`` call: its task instance's names and a fresh token (see Execution)."""
-        dag_run = context.get("dag_run")
-        ti = context.get("ti")
-        run_id = context.get("run_id") or getattr(dag_run, "run_id", None) or "manual"
-        dag_id = getattr(ti, "dag_id", None) or self.dag_id
-        task_id = getattr(ti, "task_id", None) or self.task_id
-        map_index = getattr(ti, "map_index", None)
-        return Execution(
-            dag_id=str(dag_id),
-            run_id=str(run_id),
-            task_id=str(task_id),
-            map_index=map_index if isinstance(map_index, int) else -1,
         )

@@ -192,7 +192,7 @@ class SqlToLeadSquaredLeadOperator(LeadSquaredBaseOperator):
         # The ledger's account: the portal when the connection names one (the registration
         # ledger's key too), else the lead API host (one account per connection).
         account = portal_id or config.lead_api_url
-        execution = _execution(self, context)
+        execution = Execution.of_task(context, self.dag_id, self.task_id)
         ledger = LeadSyncLedger(
             ledger_hook, self.ledger_table, account, write_timeout=self.ledger_write_timeout
         )
@@ -243,17 +243,3 @@ class SqlToLeadSquaredLeadOperator(LeadSquaredBaseOperator):
             retry_failed=self.retry_failed,
             pending_timeout=self.pending_timeout,
         )
-
-
-def _execution(operator: LeadSquaredBaseOperator, context: Context) -> Execution:
-    """This ``execute()`` call: its task instance's names and a fresh token (see Execution)."""
-    dag_run = context.get("dag_run")
-    ti = context.get("ti")
-    run_id = context.get("run_id") or getattr(dag_run, "run_id", None) or "manual"
-    map_index = getattr(ti, "map_index", None)
-    return Execution(
-        dag_id=str(getattr(ti, "dag_id", None) or operator.dag_id),
-        run_id=str(run_id),
-        task_id=str(getattr(ti, "task_id", None) or operator.task_id),
-        map_index=map_index if isinstance(map_index, int) else -1,
-    )
