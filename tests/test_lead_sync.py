@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from airflow_provider_lsq.sandbox import Sandbox
+    from tests.helpers import TaskLog
 
 LEAD_API = "/v2/LeadManagement.svc/"
 UPDATE = LEAD_API + "Lead.Update"
@@ -225,6 +226,28 @@ def test_a_value_its_field_cannot_hold_makes_only_its_row_invalid(
     ledger = lead_ledger(sqlite_warehouse)
     assert ledger["2"]["status"] == "invalid"
     assert sb.find_lead("EmailAddress", email(2)).fields["FirstName"] == "Old"  # type: ignore[union-attr]
+
+
+def test_a_keyless_row_is_invalid_and_a_repeated_key_is_sent_once_naming_the_row(
+    sqlite_warehouse: Warehouse, lsq: Callable[..., Sandbox], task_log: TaskLog
+) -> None:
+    """The same key rules as registration (one reader for both transfers): a row with no key cannot be
+    recorded, so it is invalid and named by its position; a key twice is one row, sent once."""
+    sb = lsq()
+    for i in (1, 2):
+        sb.add_lead({"EmailAddress": email(i), "FirstName": "Old"})
+    rows = people(2)
+    rows.insert(1, (None, email(3), "NoKey", "BSc", "Pune", None))  # the query's row #2
+    rows.append((2, email(2), "Again", "BSc", "Pune", None))
+    seed(sqlite_warehouse, rows)
+    sql = f"{SELECT} FROM {sqlite_warehouse.table('applicants')}"  # in the order seeded
+    summary = sync(sqlite_warehouse, sql=sql, mode="update", max_failure_ratio=0.5).execute(context())
+    assert summary["updated"] == 2 and summary["invalid"] == 1 and summary["duplicates"] == 1
+    log = task_log()
+    assert "Row #2 of the query has no applicant_id: not sent." in log
+    assert "Row key 2 appears more than once in the query: sent once." in log
+    assert sb.find_lead("EmailAddress", email(2)).fields["FirstName"] == "First2"  # type: ignore[union-attr]
+    assert sb.find_lead("EmailAddress", email(3)) is None
 
 
 # -- NULLs ---------------------------------------------------------------------------------------------

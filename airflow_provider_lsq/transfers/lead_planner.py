@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from airflow_provider_lsq.engine.duplicates import SeenRows, lead_identity
 from airflow_provider_lsq.engine.lead_sync import LeadRow
 from airflow_provider_lsq.engine.rows import PlannedRow
-from airflow_provider_lsq.hooks.payload import is_missing
 from airflow_provider_lsq.log_caps import LogCap
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.transfers.ledger.lead_sync import SENT_STATUSES, fields_fingerprint
 from airflow_provider_lsq.transfers.ledger.store import RegistrationLedger
+from airflow_provider_lsq.transfers.row_keys import RowKeys
 from airflow_provider_lsq.warehouse import WarehouseQuery, key_column_index
 
 if TYPE_CHECKING:
@@ -90,10 +90,9 @@ class LeadPlanner:
         self.warehouse = WarehouseQuery(settings.sql_conn_id, settings.parameters, log)
         self.registrations: RegistrationLedger | None = None
         self.unchanged = self.skipped_failed = self.skipped_settled = self.pending_elsewhere = 0
-        self.null_keys = 0
+        self.keys = RowKeys(settings.key_column, self.progress, log, MAX_LOGGED_KEYS)
         self.ids_from_registrations = 0
         self.would = {"would_update": 0, "would_create": 0, "would_upsert": 0}
-        self.reported_duplicates = LogCap(MAX_LOGGED_KEYS)
         self.duplicate_leads = 0  # rows of a lead an earlier row of this run took: not sent
         self.reported_duplicate_leads = LogCap(MAX_LOGGED_KEYS)
 
@@ -195,7 +194,7 @@ class LeadPlanner:
             for record in records:
                 position += 1
                 values = tuple(record.values()) if isinstance(record, dict) else tuple(record)
-                key = self._key(position, values[key_index], seen)
+                key = self.keys.key(position, values[key_index], seen)
                 if key is None:
                     continue
                 lead = LeadRow(
@@ -297,20 +296,6 @@ class LeadPlanner:
             self.would["would_create"] += 1
         else:
             self.would["would_upsert"] += 1  # created or updated: LeadSquared decides
-
-    def _key(self, position: int, value: Any, seen: SeenRows) -> str | None:
-        if is_missing(value) or not str(value).strip():
-            message = f"column {self.settings.key_column!r}: the row key is NULL or empty"
-            self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
-            self.null_keys += 1
-            return None
-        key = str(value)
-        if seen.add(key):
-            return key
-        self.progress.add_duplicate()
-        if seen.first_report(key) and self.reported_duplicates.take():
-            self.log.warning("Row key %s appears more than once in the query: sent once.", key)
-        return None
 
     def _log_counts(self) -> None:
         if self.unchanged:

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from airflow_provider_lsq.engine.duplicates import SeenRows, lead_identity
 from airflow_provider_lsq.engine.registration import check_lead
 from airflow_provider_lsq.engine.rows import PlannedRow
-from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS, is_missing
+from airflow_provider_lsq.hooks.payload import UNIQUE_IDENTIFIERS
 from airflow_provider_lsq.log_caps import LogCap, log_first
 from airflow_provider_lsq.outcomes import RegistrationOutcome, RegistrationStatus
 from airflow_provider_lsq.transfers.ledger import POSITION_COLUMN, UNCONFIRMED, LedgerRow
 from airflow_provider_lsq.transfers.ledger.sink import LedgerState
+from airflow_provider_lsq.transfers.row_keys import RowKeys
 from airflow_provider_lsq.version_compat import AirflowFailException
 from airflow_provider_lsq.warehouse import WarehouseQuery, key_column_index
 
@@ -116,10 +117,9 @@ class RowPlanner:
         self.unconfirmed: int | None = None  # unconfirmed rows of the whole task instance
         self.skipped_unconfirmed = self.resent_unconfirmed = 0
         self.reported_unconfirmed = LogCap(MAX_LOGGED_KEYS)
-        self.null_keys = 0
+        self.keys = RowKeys(settings.key_column, self.progress, log, MAX_LOGGED_KEYS)
         self.skipped_done = self.skipped_failed = self.earlier_tries = 0
         self.resent_pending = self.pending_elsewhere = self.pending_not_returned = 0
-        self.reported_duplicates, self.reported_null = LogCap(MAX_LOGGED_KEYS), LogCap(MAX_LOGGED_KEYS)
         self.duplicate_leads = self.same_lead = 0  # rows of a lead met earlier in this run / held by a key
         self.reported_duplicate_leads, self.reported_same_lead = (
             LogCap(MAX_LOGGED_KEYS),
@@ -241,7 +241,7 @@ class RowPlanner:
         the rows registered by then (an anti-join on the ledger). Rows without a key count too.
         """
         counts = self.ledger.run_counts(execution=self.execution)
-        failures = counts.get("invalid", 0) + counts.get("failed", 0) + self.null_keys
+        failures = counts.get("invalid", 0) + counts.get("failed", 0) + self.keys.null_keys
         unconfirmed = counts.get(UNCONFIRMED, 0)
         done = counts.get("registered", 0) + counts.get("already_registered", 0)
         considered = failures + unconfirmed + done
@@ -397,7 +397,7 @@ class RowPlanner:
                     elif text in skip:
                         skip.discard(text)  # met by the first pass; a second row of it is a duplicate
                         continue
-                key = self._key(position, value, seen)
+                key = self.keys.key(position, value, seen)
                 if key is not None:
                     keyed.append(self._keyed(key, self._lead(columns, key_index, record)))
             # One ledger read per batch: the rows' keys, and the leads other keys hold.
@@ -639,25 +639,6 @@ class RowPlanner:
                     "names to lower case). Nothing was sent."
                 )
 
-    def _key(self, position: int, value: Any, seen: SeenRows) -> str | None:
-        """The row's key, or None for a row not to send (NULL key, or a duplicate)."""
-        if is_missing(value) or not str(value).strip():  # NaN too: no value, not the key 'NaN'
-            message = f"column {self.settings.key_column!r}: the row key is NULL or empty"
-            self.progress.add(RegistrationOutcome.invalid(f"#{position}", message))
-            self.null_keys += 1
-            if self.reported_null.take():
-                self.log.warning(
-                    "Row #%d of the query has no %s: not sent.", position, self.settings.key_column
-                )
-            return None
-        key = str(value)
-        if seen.add(key):
-            return key
-        self.progress.add_duplicate()
-        if seen.first_report(key) and self.reported_duplicates.take():
-            self.log.warning("Row key %s appears more than once in the query: sent once.", key)
-        return None
-
     def _lead(self, columns: list[str], key_index: int, record: Sequence[Any]) -> dict[str, Any]:
         return {
             column: value
@@ -719,7 +700,7 @@ class RowPlanner:
                 "registering them at the same time.",
                 self.pending_elsewhere + self.engine.not_claimed,
             )
-        if self.reported_duplicates.full:
+        if self.keys.reported_duplicates.full:
             self.log.warning("More duplicate keys were counted but not logged.")
         if self.filled_identifiers:
             self.log.info(
