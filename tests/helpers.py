@@ -77,8 +77,8 @@ def airflow_mask_line(line: str, secret_key: str) -> bool:
     Airflow 3's in-process supervisor (``dags test``, ``dag.test()``) logs ``Sending request
     msg=MaskSecret(value='...')`` at DEBUG for each mask its task runner registers, among them the one
     Airflow's ``_get_connection`` registers for the connection's password (the LeadSquared secret key)
-    before any provider code runs (docs/hook.md, "Secrets"). A pytest process logs at DEBUG (its log
-    capture), so Airflow 3.0's ``dag.test()`` writes those lines there too."""
+    before any provider code runs (docs/hook.md). Inside pytest, Airflow 3.0's ``dag.test()`` writes
+    those lines at any logging level."""
     return "[debug" in line and "Sending request " in line and f"msg=MaskSecret(value='{secret_key}'" in line
 
 
