@@ -664,3 +664,27 @@ def test_a_client_that_hangs_up_before_its_answer_is_processed_quietly(
     lead = sb.find_lead("EmailAddress", "gone@example.edu")
     assert lead is not None and lead.portal_user
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_demo_sandbox_takes_any_free_port_when_its_own_is_taken_after_the_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two demos starting at once (CI's lanes) both found 8765 free; the second sandbox could not bind
+    it and the demo stopped. It now starts on any free port instead."""
+    import socket
+
+    from airflow_provider_lsq.example_dags import demo
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(demo, "SANDBOX_PORT", port)
+        monkeypatch.setattr(demo, "port_is_free", lambda _port: True)  # free when checked, taken at bind
+        sandbox = demo.SandboxProcess().start(timeout=30)
+        try:
+            assert sandbox.url.startswith("http://127.0.0.1:")
+            assert not sandbox.url.endswith(f":{port}")
+            assert sandbox.state()  # it answers
+        finally:
+            sandbox.stop()

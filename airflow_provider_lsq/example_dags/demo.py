@@ -153,6 +153,17 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The first line ``proc`` prints within ``timeout`` seconds ("" if none, or if it exits first)."""
+    line: list[str] = []
+    stdout = proc.stdout
+    assert stdout is not None
+    reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return line[0] if line else ""
+
+
 class SandboxProcess:
     """The sandbox CLI as a subprocess: it prints the Airflow connection as one JSON line."""
 
@@ -161,21 +172,28 @@ class SandboxProcess:
         self.connection: dict[str, Any] = {}
 
     def start(self, timeout: float = 30.0) -> SandboxProcess:
-        port = SANDBOX_PORT if port_is_free(SANDBOX_PORT) else 0
-        command = [sys.executable, "-m", "airflow_provider_lsq.sandbox", "--port", str(port), *SANDBOX_ARGS]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line: list[str] = []
-        stdout = self.proc.stdout
-        assert stdout is not None
-        reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not line or not line[0].strip():
+        # The usual port when free; any free port when it is taken, or when another process took it
+        # between the check and the sandbox's bind (two demos starting at once).
+        ports = [SANDBOX_PORT, 0] if port_is_free(SANDBOX_PORT) else [0]
+        for port in ports:
+            command = [
+                sys.executable,
+                "-m",
+                "airflow_provider_lsq.sandbox",
+                "--port",
+                str(port),
+                *SANDBOX_ARGS,
+            ]
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            first = _first_line(self.proc, timeout)
+            if first.strip():
+                self.connection = json.loads(first)
+                return self
             self.stop()
             errors = self.proc.stderr.read() if self.proc.stderr else ""
-            raise SystemExit(f"The sandbox did not start within {timeout:.0f} s:\n{errors}")
-        self.connection = json.loads(line[0])
-        return self
+            if port == 0:
+                raise SystemExit(f"The sandbox did not start within {timeout:.0f} s:\n{errors}")
+        raise AssertionError("unreachable: the last port tried is 0")
 
     @property
     def url(self) -> str:
