@@ -83,20 +83,27 @@ def airflow_mask_line(line: str, secret_key: str) -> bool:
 
 
 def without_airflow_mask_lines(text: str, secret_key: str | None) -> str:
-    """``text`` less Airflow 3's own mask lines for ``secret_key`` (:func:`airflow_mask_line`), with a
-    warning that says how many; every other line, and every other secret, is still looked at."""
+    """``text`` with the secret key taken out of Airflow 3's own mask lines for it
+    (:func:`airflow_mask_line`), with a warning that says how many: only the ``MaskSecret(value=...)``
+    part goes, so the rest of each line, and every other secret anywhere, is still looked at."""
     from airflow_provider_lsq.version_compat import AIRFLOW_V_3_0_PLUS
 
     if not (AIRFLOW_V_3_0_PLUS and secret_key):
         return text
+    own = f"msg=MaskSecret(value='{secret_key}'"
     lines = text.splitlines()
-    kept = [line for line in lines if not airflow_mask_line(line, secret_key)]
-    if len(kept) == len(lines):
+    kept = [
+        line.replace(own, "msg=MaskSecret(value=<Airflow's own>")
+        if airflow_mask_line(line, secret_key)
+        else line
+        for line in lines
+    ]
+    dropped = sum(1 for line in lines if airflow_mask_line(line, secret_key))
+    if not dropped:
         return text
     warnings.warn(
-        f"Airflow's in-process supervisor logged the connection's password at DEBUG in "
-        f"{len(lines) - len(kept)} 'Sending request msg=MaskSecret' lines (Airflow's own mask of it, "
-        "before any provider code).",
+        f"Airflow's in-process supervisor logged the connection's password at DEBUG in {dropped} "
+        "'Sending request msg=MaskSecret' lines (Airflow's own mask of it, before any provider code).",
         stacklevel=3,
     )
     return "\n".join(kept)

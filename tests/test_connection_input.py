@@ -407,6 +407,9 @@ def test_an_extra_that_is_not_json_is_refused_naming_the_field_and_connection(ex
         ({"extra": '{"portal_id": "p1", "rate_limit_calls": 10,}'}, "extra"),
         ({"extra": "{not json"}, "extra"),
         ('{"conn_type": "leadsquared", "login": "ak-1", "password": "s3cr3t-secret-key",}', None),
+        ({"port": "80a"}, None),  # Airflow's own read of the variable fails: a port that is no number
+        ({"pasword": "s3cr3t-secret-key"}, None),  # a misspelt key
+        ("leadsquared://ak-1:s3cr3t-secret-key@portal.example:80a/?portal_id=p1", None),
     ],
 )
 def test_an_environment_connection_that_is_not_json_is_refused_naming_the_variable_on_every_airflow(
@@ -426,7 +429,8 @@ def test_an_environment_connection_that_is_not_json_is_refused_naming_the_variab
     ) as err:
         LeadSquaredHook("lsq_env_json").config  # noqa: B018
     message = str(err.value)
-    assert "is not valid JSON" in message and "p1" not in message and KEYS["password"] not in message
+    assert "is not valid JSON" in message or "cannot be read as a connection" in message
+    assert "p1" not in message and KEYS["password"] not in message and "80a" not in message
     assert err.value.field == (field or variable)
     if field is None:  # no Airflow reads it: the variable is named
         assert variable in message
@@ -471,6 +475,23 @@ def test_an_unreadable_environment_connection_never_falls_through_to_a_stored_on
     finally:
         with create_session() as session:
             session.query(StoredConnection).filter(StoredConnection.conn_id == conn_id).delete()
+
+
+def test_an_environment_variable_behind_a_configured_secrets_backend_is_left_to_airflow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With [secrets] backend set (Vault, AWS, ...), Airflow asks that backend first and reads the
+    variable only if it has no such connection: a stale variable beside it is not the provider's to
+    refuse."""
+    from airflow_provider_lsq.hooks.config import unreadable_env_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_LSQ_BEHIND_VAULT", '{"conn_type": "leadsquared", "extra": "{,"}')
+    assert unreadable_env_connection("lsq_behind_vault") is not None
+    monkeypatch.setenv("AIRFLOW__SECRETS__BACKEND", "some.vault.Backend")
+    assert unreadable_env_connection("lsq_behind_vault") is None
+    monkeypatch.delenv("AIRFLOW__SECRETS__BACKEND")
+    monkeypatch.setenv("AIRFLOW__WORKERS__SECRETS_BACKEND", "some.vault.Backend")
+    assert unreadable_env_connection("lsq_behind_vault") is None
 
 
 def test_a_connection_that_is_not_defined_anywhere_is_airflows_own_error(

@@ -250,6 +250,21 @@ def test_a_keyless_row_is_invalid_and_a_repeated_key_is_sent_once_naming_the_row
     assert sb.find_lead("EmailAddress", email(3)) is None
 
 
+def test_a_connection_refused_when_read_fails_the_lead_update_without_airflow_retries(
+    sqlite_warehouse: Warehouse, lsq: Callable[..., Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for registration: a connection value no retry can fix is AirflowFailException, not a
+    LeadSquaredConfigError that Airflow retried."""
+    sb = lsq()
+    seed(sqlite_warehouse, people(2))
+    conn = json.loads(sb.connection_json())
+    for extra in ('{"portal_id": "sandbox-portal",}', {**conn["extra"], "portal_id": "sandbox portal"}):
+        monkeypatch.setenv("AIRFLOW_CONN_LEADSQUARED_DEFAULT", json.dumps({**conn, "extra": extra}))
+        with pytest.raises(AirflowFailException, match=r"'leadsquared_default': field '(extra|portal_id)'"):
+            sync(sqlite_warehouse).execute(context())
+    assert sb.calls == []
+
+
 # -- NULLs ---------------------------------------------------------------------------------------------
 
 

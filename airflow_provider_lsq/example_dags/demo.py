@@ -67,12 +67,24 @@ SANDBOX_ARGS = [
 # failures) and errors; everything goes to the log file. Formats: Airflow 3 (structlog) and 2.
 AIRFLOW3_LINE = re.compile(r"^\S+Z \[(?P<level>\w+)\s*\] (?P<msg>.*?)(?: \[(?P<logger>[\w.]+)\].*)?$")
 AIRFLOW2_LINE = re.compile(r"^\[[^\]]+\] \{(?P<logger>[\w.]+):\d+\} (?P<level>\w+) - (?P<msg>.*)$")
+# Where the provider's lines come from: its logger names (Airflow 3.1+), or the source files Airflow
+# 2.x and 3.0 name instead (every module that logs to the task, since the layout split).
 PROVIDER_SOURCES = (
     "airflow_provider_lsq",
     "sql_to_leadsquared.py",
+    "sql_to_leadsquared_leads.py",
+    "planner.py",
+    "lead_planner.py",
+    "row_keys.py",
+    "run.py",
     "progress.py",
     "leadsquared.py",
+    "lead_api.py",
     "ledger.py",
+    "store.py",
+    "sink.py",
+    "limiter.py",
+    "warehouse.py",
 )
 SUMMARY = re.compile(r"LeadSquared registration summary: (\{.*\})")
 # The line of a traceback that names the exception and holds its message, e.g.

@@ -115,44 +115,71 @@ def lead_api_url(portal_url: str, api_host: str | None = None) -> str:
 
 
 def unreadable_env_connection(conn_id: str) -> LeadSquaredConfigError | None:
-    """The error for an ``AIRFLOW_CONN_<CONN_ID>`` variable whose JSON (or whose ``extra``) does not
-    parse, or None (no such variable, a URI, or JSON that parses).
+    """The error for an ``AIRFLOW_CONN_<CONN_ID>`` variable Airflow cannot read as a connection, or
+    None (no such variable, one Airflow reads, or a secrets backend configured ahead of it).
 
-    Airflow 3.0 and 3.1 read such a variable as no connection at all: the parse error goes to a DEBUG
-    line, and the task gets the next secrets backend's connection of that id (one stored in the
-    metadata database) or "The conn_id ... isn't defined", which Airflow retries. 3.2+ hands the
-    connection over and :class:`_ConnectionReader` names the field. Read first, this gives every
-    version one answer: the variable and the field at fault, where in it (line and column), never its
-    text (it holds the keys). Airflow's own URI parsing is left to Airflow.
+    Airflow's lookup (every 3.x) passes over a backend that raises: a variable whose JSON or ``extra``
+    does not parse, with a misspelt key or a port that is not a number, is taken for no connection,
+    and the task gets the next backend's connection of that id (one stored in the metadata database:
+    another portal's settings, silently) or "The conn_id ... isn't defined", which Airflow retries.
+    The test is Airflow's own: its ``EnvironmentVariablesBackend`` reads the variable. The error names
+    the variable, the field (``extra``, or the variable) and, for JSON, where in it (line and column);
+    for anything else only the error's type: never the text, which holds the keys. Where ``[secrets]
+    backend`` (or ``[workers] secrets_backend``) is set, that backend answers before the variable is
+    read, so nothing is checked here.
     """
     import os
 
     variable = f"AIRFLOW_CONN_{conn_id.upper()}"
     value = os.environ.get(variable, "").strip()
-    if not value:
+    if not value or _custom_secrets_backend():
         return None
 
-    def refused(what: str, field: str, error: json.JSONDecodeError) -> LeadSquaredConfigError:
+    def refused(what: str, field: str, problem: str) -> LeadSquaredConfigError:
         return LeadSquaredConfigError(
-            f"Connection {conn_id!r}: {what} is not valid JSON ({_where(error)}), so Airflow read the "
-            f"environment variable {variable} as no connection. Fix the variable: no retry can help.",
+            f"Connection {conn_id!r}: {what} {problem}, so Airflow reads the environment variable "
+            f"{variable} as no connection (and takes another secrets backend's connection of that id, "
+            "if any). Fix the variable: no retry can help.",
             field=field,
             conn_id=conn_id,
         )
 
-    if not value.startswith("{"):  # a URI: Airflow parsed it or refused it with its own message
-        return None
-    try:
-        document = json.loads(value)
-    except json.JSONDecodeError as error:
-        return refused(f"the value of {variable}", variable, error)
-    extra = document.get("extra") if isinstance(document, dict) else None
-    if isinstance(extra, str) and extra.strip():
+    if value.startswith("{"):
         try:
-            json.loads(extra)
+            document = json.loads(value)
         except json.JSONDecodeError as error:
-            return refused("field 'extra'", "extra", error)
+            return refused(f"the value of {variable}", variable, f"is not valid JSON ({_where(error)})")
+        except RecursionError:
+            return refused(f"the value of {variable}", variable, "is nested too deeply to read")
+        extra = document.get("extra") if isinstance(document, dict) else None
+        if isinstance(extra, str) and extra.strip():
+            try:
+                json.loads(extra)
+            except json.JSONDecodeError as error:
+                return refused("field 'extra'", "extra", f"is not valid JSON ({_where(error)})")
+            except RecursionError:
+                return refused("field 'extra'", "extra", "is nested too deeply to read")
+    try:
+        from airflow.secrets.environment_variables import EnvironmentVariablesBackend
+
+        EnvironmentVariablesBackend().get_connection(conn_id)
+    except ImportError:  # no such backend here: Airflow reads the variable its own way
+        return None
+    except Exception as error:  # its text may quote the value: only its type is shown
+        return refused(
+            f"the value of {variable}", variable, f"cannot be read as a connection ({type(error).__name__})"
+        )
     return None
+
+
+def _custom_secrets_backend() -> bool:
+    """Whether a secrets backend is configured ahead of the environment variables (Vault, AWS, ...)."""
+    from airflow_provider_lsq.version_compat import conf
+
+    return any(
+        str(conf.get(section, key, fallback="") or "").strip()
+        for section, key in (("secrets", "backend"), ("workers", "secrets_backend"))
+    )
 
 
 def _where(error: json.JSONDecodeError) -> str:

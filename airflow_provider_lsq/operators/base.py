@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from airflow_provider_lsq.engine.operation import RowOperation
     from airflow_provider_lsq.engine.run import RegistrationRun
+    from airflow_provider_lsq.hooks.config import LeadSquaredConfig
     from airflow_provider_lsq.lineage import PreparedLineage
     from airflow_provider_lsq.outcomes import RegistrationStatus
     from airflow_provider_lsq.version_compat import Context
@@ -87,6 +88,14 @@ class LeadSquaredBaseOperator(BaseOperator):
     def row_operation(self) -> RowOperation:
         """What the engine does with each row (see :mod:`airflow_provider_lsq.engine.operation`)."""
         raise NotImplementedError
+
+    def connection_config(self, hook: LeadSquaredHook) -> LeadSquaredConfig:
+        """The hook's connection, read; a connection value refused when read (``LeadSquaredConfigError``)
+        is ``AirflowFailException``: no retry fixes a connection."""
+        try:
+            return hook.config
+        except LeadSquaredConfigError as error:
+            raise AirflowFailException(error.message) from error
 
     def require_portal_id(self, hook: LeadSquaredHook, *, needed_by: str) -> str:
         """The connection's portal id, or ``AirflowFailException`` (no retry fixes a connection)."""

@@ -187,7 +187,7 @@ class SqlToLeadSquaredLeadOperator(LeadSquaredBaseOperator):
         sql_hook = get_db_hook(self.sql_conn_id, "sql_conn_id")
         ledger_hook = get_db_hook(self.ledger_conn_id or self.sql_conn_id, "ledger_conn_id")
         lsq_hook = LeadSquaredHook(leadsquared_conn_id=self.leadsquared_conn_id)
-        config = lsq_hook.config
+        config = self.connection_config(lsq_hook)
         portal_id = config.portal_id or None
         # The ledger's account: the portal when the connection names one (the registration
         # ledger's key too), else the lead API host (one account per connection).
