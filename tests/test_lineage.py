@@ -70,7 +70,7 @@ try:
     sys.path.insert(0, {root!r})
     from tests.helpers import dag_test
     run = dag_test(dag, date)
-    print("STATE", run.state)
+    print(f"STATE {{run.state}}", flush=True)  # one write: a thread's log line cannot split it
 finally:  # the metadata DB is shared by the session's tests: a stored leadsquared_default would answer theirs
     with create_session() as session:
         session.query(Connection).filter(Connection.conn_id.in_(list(stored))).delete()
